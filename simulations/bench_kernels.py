@@ -1,0 +1,155 @@
+"""Benchmark of the wire codecs: error, bytes per element and encode/decode speed, one table.
+
+Run as `python -m simulations.bench_kernels [--size 4096]`; compares with bitsandbytes and
+hivemind.compression where installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import kernels
+
+OURS = [
+    "int8-row",
+    "int8-block64",
+    "int8-block256",
+    "int8-block2048",
+    "dynamic8-block64",
+    "dynamic8-block256",
+    "dynamic8-block2048",
+    "dynamic8-block4096",
+    "fp16",
+    "bf16",
+]
+
+
+def make_data(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The three test distributions of the issue, [size, size] float32."""
+    g = torch.Generator().manual_seed(seed)
+    gauss = torch.randn(size, size, generator=g)
+    outl = torch.randn(size, size, generator=g)
+    cols = torch.randperm(size, generator=g)[:6]
+    outl[:, cols] *= 20.0
+    t3 = torch.distributions.StudentT(3.0).sample((size, size))
+    return {"gauss": gauss, "outlier": outl, "student-t3": t3}
+
+
+def _timed(fn, repeat: int) -> tuple[object, float]:
+    out = fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    return out, (time.perf_counter() - start) / repeat
+
+
+def errors(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Relative L2 error, and relative L2 error on the smaller half of values by magnitude."""
+    flat, err = x.reshape(-1), (y.float() - x).reshape(-1)
+    small = flat.abs() <= flat.abs().median()
+    return (err.norm() / flat.norm()).item(), (err[small].norm() / flat[small].norm()).item()
+
+
+def our_codec(codec: str):
+    def run(x):
+        return kernels.quantize(x, codec), lambda q: kernels.dequantize(q), None
+
+    return run
+
+
+def bnb_blockwise(x):
+    import bitsandbytes.functional as F
+
+    q, state = F.quantize_blockwise(x, blocksize=4096)
+    return (
+        (q, state),
+        lambda qs: F.dequantize_blockwise(qs[0], qs[1]),
+        q.numel() + 4 * (-(-x.numel() // 4096)),
+    )
+
+
+def hivemind_codec(name: str):
+    def run(x):
+        from hivemind.compression import serialize_torch_tensor
+        from hivemind.compression.serialization import deserialize_torch_tensor
+        from hivemind.proto import runtime_pb2
+
+        kind = getattr(runtime_pb2.CompressionType, name)
+        msg = serialize_torch_tensor(x, kind)
+        return msg, deserialize_torch_tensor, len(msg.buffer)
+
+    return run
+
+
+def measure(name: str, run, x: torch.Tensor, repeat: int) -> list[str]:
+    try:
+        (q, decode, nbytes), enc_s = _timed(lambda: run(x), repeat)
+        y, dec_s = _timed(lambda: decode(q), repeat)
+    except Exception as e:  # report any failure of a third-party codec as n/a
+        reason = f"{type(e).__name__}: {e}".replace("\n", " ")[:60]
+        return [name, f"n/a ({reason})"]
+    nbytes = q.nbytes if nbytes is None else nbytes
+    rel, small = errors(x, y)
+    gbps = x.numel() * x.element_size() / 1e9
+    return [
+        name,
+        f"{100 * rel:.3f}%",
+        f"{100 * small:.3f}%",
+        f"{nbytes / x.numel():.4f}",
+        f"{gbps / enc_s:.2f}",
+        f"{gbps / dec_s:.2f}",
+    ]
+
+
+def gpu_throughput(size: int) -> str:
+    if not torch.cuda.is_available():
+        return "GPU throughput: skipped (torch.cuda.is_available() is False)"
+    lines = ["GPU throughput (GB/s of input, float32):"]
+    x = torch.randn(size, size, device="cuda")
+    for codec in OURS:
+        q = kernels.quantize(x, codec)
+        kernels.dequantize(q)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            q = kernels.quantize(x, codec)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for _ in range(10):
+            kernels.dequantize(q)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        gb = x.numel() * 4 / 1e9
+        lines.append(
+            f"  {codec:20s} encode {gb * 10 / (t1 - t0):8.1f}  decode {gb * 10 / (t2 - t1):8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096, help="tensors are [size, size]")
+    parser.add_argument("--repeat", type=int, default=1, help="timed repetitions per codec")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    runs = [(c, our_codec(c)) for c in OURS]
+    runs.append(("bnb blockwise-4096", bnb_blockwise))
+    for name in ["UNIFORM_8BIT", "BLOCKWISE_8BIT", "FLOAT16"]:
+        runs.append((f"hivemind {name}", hivemind_codec(name)))
+    header = ["codec", "relL2", "relL2 small half", "B/elem", "enc GB/s", "dec GB/s"]
+    print(f"[{args.size}x{args.size}] float32, CPU, {torch.get_num_threads()} threads")
+    for dist, x in make_data(args.size).items():
+        print(f"\n== {dist}")
+        print(" | ".join(f"{h:>18s}" if i == 0 else f"{h:>10s}" for i, h in enumerate(header)))
+        for name, run in runs:
+            row = measure(name, run, x, args.repeat)
+            print(" | ".join(f"{c:>18s}" if i == 0 else f"{c:>10s}" for i, c in enumerate(row)))
+    print()
+    print(gpu_throughput(args.size))
+
+
+if __name__ == "__main__":
+    main()
