@@ -1,0 +1,301 @@
+"""PeerClient: calls one peer's RPCs (info, forward, backward, inference) with typed errors.
+
+Used by the petals_like client (routing, failover), the SWARM trainer, status tools and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
+
+from proto import peer_pb2
+from swarm.errors import BadRequest, PeerUnavailable, SwarmError
+from swarm.peer import wire
+from swarm.peer.handler import PeerHandler
+
+logger = logging.getLogger(__name__)
+
+
+def as_peer_id(peer_id: PeerID | str) -> PeerID:
+    return peer_id if isinstance(peer_id, PeerID) else PeerID.from_base58(peer_id)
+
+
+def _transport_error(e: BaseException, peer: PeerID, what: str) -> SwarmError:
+    """A hivemind/transport failure as a typed error (protobuf garbage is the caller's fault)."""
+    if isinstance(e, SwarmError):
+        return e
+    if isinstance(e, asyncio.TimeoutError):
+        return PeerUnavailable(f"peer {peer}: {what} timed out")
+    if isinstance(e, P2PHandlerError) and "DecodeError" in str(e):
+        return BadRequest(f"peer {peer} could not parse the {what} request: {e}")
+    return PeerUnavailable(f"peer {peer}: {what} failed: {type(e).__name__}: {e}")
+
+
+TRANSPORT_ERRORS = (
+    P2PHandlerError,
+    P2PDaemonError,
+    ConnectionError,
+    OSError,
+    EOFError,
+    asyncio.IncompleteReadError,
+    asyncio.TimeoutError,
+)
+
+
+class PeerClient:
+    """RPCs to peers through a hivemind P2P (e.g. `await dht.replicate_p2p()`).
+
+    `compression` is the codec of what we send and what we ask peers to reply with.
+    """
+
+    def __init__(self, p2p: P2P, compression: str = "none"):
+        self.p2p = p2p
+        self.compression = compression
+
+    def _stub(self, peer: PeerID):
+        return PeerHandler.get_stub(self.p2p, peer)
+
+    async def info(self, peer_id: PeerID | str, timeout: float = 10.0) -> peer_pb2.InfoResponse:
+        """The peer's model, span, state, codecs and free cache."""
+        peer = as_peer_id(peer_id)
+        try:
+            return await self._stub(peer).rpc_info(peer_pb2.InfoRequest(), timeout=timeout)
+        except TRANSPORT_ERRORS as e:
+            raise _transport_error(e, peer, "info") from None
+
+    async def forward(
+        self,
+        peer_id: PeerID | str,
+        hidden: torch.Tensor,
+        first: int,
+        last: int,
+        timeout: float = 30.0,
+    ) -> torch.Tensor:
+        """Blocks [first, last) of the peer applied to `hidden` [B, T, H] from position 0."""
+        request = peer_pb2.ForwardRequest(
+            hidden=wire.encode(hidden, self.compression),
+            first=first,
+            last=last,
+            reply_codec=self.compression,
+        )
+        reply = await self._call(
+            peer_id, "rpc_forward", "rpc_forward_stream", request, peer_pb2.ForwardResponse, timeout
+        )
+        return _decoded(reply.hidden, hidden)
+
+    async def backward(
+        self,
+        peer_id: PeerID | str,
+        hidden: torch.Tensor,
+        grad_out: torch.Tensor,
+        first: int,
+        last: int,
+        timeout: float = 75.0,
+    ) -> torch.Tensor:
+        """Gradient w.r.t. `hidden` of (blocks [first, last)(hidden) * grad_out).sum()."""
+        request = peer_pb2.BackwardRequest(
+            hidden=wire.encode(hidden, self.compression),
+            grad_output=wire.encode(grad_out, self.compression),
+            first=first,
+            last=last,
+            reply_codec=self.compression,
+        )
+        reply = await self._call(
+            peer_id,
+            "rpc_backward",
+            "rpc_backward_stream",
+            request,
+            peer_pb2.BackwardResponse,
+            timeout,
+        )
+        return _decoded(reply.grad_input, hidden)
+
+    async def _call(self, peer_id, unary: str, stream: str, request, reply_type, timeout: float):
+        peer = as_peer_id(peer_id)
+        stub = self._stub(peer)
+        try:
+            if request.ByteSize() <= wire.UNARY_LIMIT_BYTES:
+                reply = await getattr(stub, unary)(request, timeout=timeout)
+            else:
+                reply = await asyncio.wait_for(
+                    _stream_call(getattr(stub, stream), request, reply_type), timeout
+                )
+        except TRANSPORT_ERRORS as e:
+            raise _transport_error(e, peer, unary.removeprefix("rpc_")) from None
+        if reply.HasField("error"):
+            raise wire.error_from_wire(reply.error, str(peer))
+        return reply
+
+    async def open_inference(
+        self,
+        peer_id: PeerID | str,
+        first: int,
+        last: int,
+        max_length: int,
+        batch_size: int = 1,
+        timeout: float = 10.0,
+    ) -> InferenceStream:
+        """Open a session holding up to `max_length` positions of blocks [first, last).
+
+        Raises CacheFull at once if the peer's cache budget cannot hold batch_size * max_length.
+        """
+        stream = InferenceStream(self, as_peer_id(peer_id), first, last, max_length, batch_size)
+        await stream._open(timeout)
+        return stream
+
+
+async def _stream_call(method, request, reply_type):
+    """One request and one reply over a stream, keeping our side open until every part arrived."""
+    done = asyncio.Event()
+
+    async def parts() -> AsyncIterator[peer_pb2.Part]:
+        for part in wire.split(request):
+            yield part
+        await done.wait()  # closing early can lose the reply's last part
+
+    responses = await method(parts())
+    try:
+        reply = await wire.join(responses, reply_type)
+        if reply is None:
+            raise PeerUnavailable("the peer closed the stream without replying")
+        return reply
+    finally:
+        done.set()
+        await asyncio.sleep(0)
+        with contextlib.suppress(Exception):
+            await responses.aclose()
+
+
+def _decoded(msg, like: torch.Tensor) -> torch.Tensor:
+    from kernels import deserialize
+
+    try:
+        x = deserialize(msg, max_elements=like.numel())
+    except ValueError as e:
+        raise PeerUnavailable(f"the peer replied with a bad tensor: {e}") from None
+    if x.shape != like.shape:
+        raise PeerUnavailable(
+            f"the peer replied with shape {list(x.shape)}, not {list(like.shape)}"
+        )
+    return x.to(like.dtype)
+
+
+class InferenceStream:
+    """An open inference session on one peer. Steps run in order; close() frees the session.
+
+    After any error the session is gone on the peer: open a new one (and replay) to go on.
+    """
+
+    def __init__(
+        self, client: PeerClient, peer: PeerID, first: int, last: int, max_length: int, batch: int
+    ):
+        self.client, self.peer = client, peer
+        self.first, self.last, self.max_length, self.batch_size = first, last, max_length, batch
+        self.session_id = uuid.uuid4().hex
+        self.length = 0  # positions the peer's cache holds
+        self.closed = False
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._responses = None
+        self._step_ids = itertools.count()
+        self._lock = asyncio.Lock()
+
+    async def _requests(self) -> AsyncIterator[peer_pb2.Part]:
+        while (msg := await self._queue.get()) is not None:
+            for part in wire.split(msg):
+                yield part
+
+    async def _exchange(self, request: peer_pb2.InferenceRequest, timeout: float):
+        if self.closed:
+            raise PeerUnavailable(f"the session on peer {self.peer} is closed")
+        self._queue.put_nowait(request)
+        try:
+            reply = await asyncio.wait_for(
+                wire.join(self._responses, peer_pb2.InferenceResponse), timeout
+            )
+        except (BadRequest, *TRANSPORT_ERRORS) as e:
+            await self._shutdown()
+            raise _transport_error(e, self.peer, "inference") from None
+        if reply is None:
+            await self._shutdown()
+            raise PeerUnavailable(f"peer {self.peer} closed the inference stream")
+        if reply.HasField("error"):
+            await self._shutdown()
+            raise wire.error_from_wire(reply.error, str(self.peer))
+        return reply
+
+    async def _open(self, timeout: float) -> None:
+        stub = self.client._stub(self.peer)
+        try:
+            self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
+        except TRANSPORT_ERRORS as e:
+            self.closed = True
+            raise _transport_error(e, self.peer, "open inference") from None
+        open_msg = peer_pb2.OpenSession(
+            session_id=self.session_id,
+            first=self.first,
+            last=self.last,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            reply_codec=self.client.compression,
+        )
+        await self._exchange(peer_pb2.InferenceRequest(open=open_msg), timeout)
+
+    async def step(
+        self, hidden: torch.Tensor, position: int, timeout: float = 30.0
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] for positions [position, position + T) through the span.
+
+        `position` may be below `self.length` to replay after a failure; never above it.
+        """
+        async with self._lock:
+            step_id = next(self._step_ids)
+            msg = peer_pb2.InferenceStep(
+                session_id=self.session_id,
+                hidden=wire.encode(hidden, self.client.compression),
+                position=position,
+                step_id=step_id,
+            )
+            reply = await self._exchange(peer_pb2.InferenceRequest(step=msg), timeout)
+            if reply.step_id != step_id:
+                await self._shutdown()
+                raise PeerUnavailable(
+                    f"peer {self.peer} answered step {reply.step_id}, not {step_id}"
+                )
+            self.length = reply.length
+            return _decoded(reply.hidden, hidden)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Free the session on the peer; never raises (the peer frees it on timeout anyway)."""
+        if self.closed:
+            return
+        async with self._lock:
+            t0 = time.monotonic()
+            with contextlib.suppress(SwarmError):
+                close = peer_pb2.CloseSession(session_id=self.session_id)
+                await self._exchange(peer_pb2.InferenceRequest(close=close), timeout)
+            logger.debug("closed session on %s in %.3f s", self.peer, time.monotonic() - t0)
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.put_nowait(None)  # ends our request stream after the peer has replied
+        await asyncio.sleep(0)
+        if self._responses is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._responses.aclose(), 1.0)
+
+    async def __aenter__(self) -> InferenceStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

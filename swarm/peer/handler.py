@@ -1,0 +1,330 @@
+"""The peer's RPC handlers over hivemind P2P: info, forward, backward and inference sessions.
+
+Registered by `swarm.peer.server.Peer`; called through `swarm.peer.client.PeerClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import AsyncIterator  # noqa: UP035 - hivemind reads typing.AsyncIterator hints
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+
+import kernels
+from proto import peer_pb2
+from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
+from swarm.peer import wire
+from swarm.peer.backend import Session, SpanBackend, StepItem
+from swarm.peer.config import PeerConfig
+from swarm.peer.memory import CacheBudget
+from swarm.peer.worker import ComputeWorker
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT = 5.0  # how long we read a finished stream's leftovers before dropping it
+ENCODE_IN_THREAD = 1 << 16  # replies with more elements are encoded off the event loop
+
+
+class PeerHandler(ServicerBase):
+    """Serves the span held in `self.backend`; the server swaps it when rebalancing."""
+
+    # ServicerBase caches handlers per class: reset them so every rpc_* here is collected.
+    _rpc_handlers = None
+    _stub_type = None
+
+    def __init__(
+        self,
+        backend: SpanBackend,
+        worker: ComputeWorker,
+        budget: CacheBudget,
+        config: PeerConfig,
+        model_prefix: str,
+    ):
+        self.backend = backend
+        self.worker = worker
+        self.budget = budget
+        self.config = config
+        self.model_prefix = model_prefix
+        self.hidden_size = backend.config.hidden_size
+        self.state = "joining"
+        self.throughput = 0.0
+        self.draining = False
+        self.sessions: dict[str, Session] = {}
+        self.inflight = 0
+        self.codecs = sorted(kernels.CODECS) if hasattr(kernels, "CODECS") else ["none"]
+
+    # ---- info -------------------------------------------------------------------------------
+    async def rpc_info(
+        self, request: peer_pb2.InfoRequest, context: P2PContext
+    ) -> peer_pb2.InfoResponse:
+        b = self.backend
+        return peer_pb2.InfoResponse(
+            model=self.model_prefix,
+            start=b.start,
+            end=b.end,
+            version=self.config.version,
+            codecs=self.codecs,
+            cache_tokens_left=self.budget.left,
+            cache_tokens_total=self.budget.total,
+            state="offline" if self.draining else self.state,
+            quant=self.config.quant,
+            hidden_size=self.hidden_size,
+            num_blocks=b.config.num_layers,
+            throughput=self.throughput,
+            max_request_tokens=self.config.max_request_tokens,
+            dtype=str(b.dtype).removeprefix("torch."),
+        )
+
+    # ---- forward / backward -------------------------------------------------------------------
+    async def rpc_forward(
+        self, request: peer_pb2.ForwardRequest, context: P2PContext
+    ) -> peer_pb2.ForwardResponse:
+        try:
+            return peer_pb2.ForwardResponse(hidden=await self._forward(request))
+        except Exception as e:
+            return peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
+    ) -> AsyncIterator[peer_pb2.Part]:
+        try:
+            request = await self._read_one(requests, peer_pb2.ForwardRequest)
+            reply = peer_pb2.ForwardResponse(hidden=await self._forward(request))
+        except Exception as e:
+            reply = peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
+        for part in wire.split(reply):
+            yield part
+        await _drain(requests)
+
+    async def rpc_backward(
+        self, request: peer_pb2.BackwardRequest, context: P2PContext
+    ) -> peer_pb2.BackwardResponse:
+        try:
+            return peer_pb2.BackwardResponse(grad_input=await self._backward(request))
+        except Exception as e:
+            return peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
+    ) -> AsyncIterator[peer_pb2.Part]:
+        try:
+            request = await self._read_one(requests, peer_pb2.BackwardRequest)
+            reply = peer_pb2.BackwardResponse(grad_input=await self._backward(request))
+        except Exception as e:
+            reply = peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
+        for part in wire.split(reply):
+            yield part
+        await _drain(requests)
+
+    async def _read_one(self, requests: AsyncIterator[peer_pb2.Part], msg_type):
+        try:
+            msg = await asyncio.wait_for(wire.join(requests, msg_type), self.config.request_timeout)
+        except asyncio.TimeoutError:
+            raise BadRequest("the request did not arrive in time") from None
+        if msg is None:
+            raise BadRequest("the stream ended before a request arrived")
+        return msg
+
+    async def _forward(self, request: peer_pb2.ForwardRequest):
+        backend = self.backend
+        first, last = self._check_range(backend, request.first, request.last)
+        hidden = self._decode(request.hidden, "hidden")
+        codec = self._reply_codec(request.reply_codec)
+        self.inflight += 1
+        try:
+            out = await asyncio.wait_for(
+                self.worker.call(lambda: backend.forward(hidden, first, last)),
+                self.config.request_timeout,
+            )
+        finally:
+            self.inflight -= 1
+        return await self._encode(out, codec)
+
+    async def _backward(self, request: peer_pb2.BackwardRequest):
+        backend = self.backend
+        first, last = self._check_range(backend, request.first, request.last)
+        hidden = self._decode(request.hidden, "hidden")
+        grad = self._decode(request.grad_output, "grad_output")
+        if grad.shape != hidden.shape:
+            raise BadRequest(f"grad_output {list(grad.shape)} != hidden {list(hidden.shape)}")
+        codec = self._reply_codec(request.reply_codec)
+        self.inflight += 1
+        try:
+            out = await asyncio.wait_for(
+                self.worker.call(lambda: backend.backward(hidden, grad, first, last)),
+                self.config.request_timeout,
+            )
+        finally:
+            self.inflight -= 1
+        return await self._encode(out, codec)
+
+    # ---- inference sessions -------------------------------------------------------------------
+    async def rpc_inference(
+        self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
+    ) -> AsyncIterator[peer_pb2.Part]:
+        """One stream = one session: open, steps (possibly rewinding), close."""
+        session: Session | None = None
+        try:
+            while True:
+                request = await self._next_request(requests, session)
+                if request is None:
+                    return  # the client went away without closing: `finally` frees the session
+                kind = request.WhichOneof("kind")
+                if kind == "open" and session is None:
+                    session = await self._open(request.open)
+                    reply = peer_pb2.InferenceResponse(opened=True, length=0)
+                elif kind == "open":
+                    raise BadRequest("this stream already has a session open")
+                elif kind == "step":
+                    session = self._check_session(session, request.step.session_id)
+                    reply = await self._step(session, request.step)
+                elif kind == "close":
+                    self._check_session(session, request.close.session_id)
+                    reply = peer_pb2.InferenceResponse(closed=True, length=session.length)
+                    for part in wire.split(reply):
+                        yield part
+                    break
+                else:
+                    raise BadRequest("an inference request must hold open, step or close")
+                for part in wire.split(reply):
+                    yield part
+        except Exception as e:
+            reply = peer_pb2.InferenceResponse(error=self._report(e, "inference", context))
+            for part in wire.split(reply):
+                yield part
+        finally:
+            self._free(session)
+        await _drain(requests)
+
+    async def _next_request(self, requests, session: Session | None):
+        timeout = self.config.session_timeout if session else self.config.request_timeout
+        try:
+            return await asyncio.wait_for(wire.join(requests, peer_pb2.InferenceRequest), timeout)
+        except asyncio.TimeoutError:
+            raise SessionExpired(f"no request for {timeout:.0f} s: the session was freed") from None
+
+    def _check_session(self, session: Session | None, session_id: str) -> Session:
+        if session is None or session.session_id != session_id:
+            raise SessionExpired(
+                f"unknown session {session_id!r}: open one first (sessions live on one stream)"
+            )
+        return session
+
+    async def _open(self, req: peer_pb2.OpenSession) -> Session:
+        if self.draining:
+            raise PeerUnavailable("the peer is shutting down and takes no new sessions")
+        backend = self.backend
+        first, last = self._check_range(backend, req.first, req.last)
+        max_pos = backend.config.max_position_embeddings
+        if not 0 < req.max_length <= max_pos:
+            raise BadRequest(f"max_length must be in 1..{max_pos}, got {req.max_length}")
+        if not 0 < req.batch_size <= self.config.max_request_tokens:
+            raise BadRequest(f"batch_size must be in 1..{self.config.max_request_tokens}")
+        session_id = req.session_id or uuid.uuid4().hex
+        if session_id in self.sessions:
+            raise BadRequest(f"session {session_id!r} is already open")
+        tokens = self.budget.allocate(req.batch_size * req.max_length)
+        try:
+            caches = await self.worker.call(
+                lambda: backend.new_caches(req.batch_size, req.max_length, first, last)
+            )
+        except BaseException:
+            self.budget.free(tokens)
+            raise
+        session = Session(
+            session_id, first, last, req.max_length, req.batch_size, caches, backend, tokens=tokens
+        )
+        session.reply_codec = self._reply_codec(req.reply_codec)
+        session.last_used = time.monotonic()
+        self.sessions[session_id] = session
+        return session
+
+    async def _step(self, session: Session, step: peer_pb2.InferenceStep):
+        hidden = self._decode(step.hidden, "hidden", batch_size=session.batch_size)
+        t = hidden.shape[1]
+        if step.position > session.length:
+            raise BadRequest(
+                f"position {step.position} skips ahead: the session holds {session.length} "
+                "positions (send from at most there; earlier positions replay)"
+            )
+        if step.position + t > session.max_length:
+            raise BadRequest(
+                f"positions {step.position}..{step.position + t} exceed the session's "
+                f"max_length {session.max_length}"
+            )
+        self.inflight += 1
+        try:
+            out = await asyncio.wait_for(
+                self.worker.step(StepItem(session, hidden, step.position)),
+                self.config.request_timeout,
+            )
+        finally:
+            self.inflight -= 1
+        session.length = step.position + t
+        session.last_used = time.monotonic()
+        encoded = await self._encode(out, session.reply_codec)
+        return peer_pb2.InferenceResponse(
+            hidden=encoded, step_id=step.step_id, length=session.length
+        )
+
+    def _free(self, session: Session | None) -> None:
+        if session is None:
+            return
+        if self.sessions.get(session.session_id) is session:
+            del self.sessions[session.session_id]
+        self.budget.free(session.tokens)
+        session.tokens = 0
+        session.caches = []
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _check_range(self, backend: SpanBackend, first: int, last: int) -> tuple[int, int]:
+        if not backend.start <= first < last <= backend.end:
+            raise BadRequest(
+                f"blocks {first}:{last} are not inside this peer's span "
+                f"{backend.start}:{backend.end}"
+            )
+        return first, last
+
+    def _decode(self, msg, what: str, batch_size: int | None = None) -> torch.Tensor:
+        return wire.decode(msg, what, self.hidden_size, self.config.max_request_tokens, batch_size)
+
+    def _reply_codec(self, codec: str) -> str:
+        codec = codec or self.config.compression
+        if hasattr(kernels, "is_valid_codec") and not kernels.is_valid_codec(codec):
+            raise BadRequest(f"unknown reply codec {codec!r}; this peer knows {self.codecs}")
+        return codec
+
+    async def _encode(self, x: torch.Tensor, codec: str):
+        if x.numel() > ENCODE_IN_THREAD:
+            return await asyncio.to_thread(wire.encode, x, codec)
+        return wire.encode(x, codec)
+
+    def _report(self, e: Exception, what: str, context: P2PContext):
+        if isinstance(e, asyncio.TimeoutError):
+            e = PeerUnavailable(f"{what} took longer than {self.config.request_timeout:.0f} s")
+        err = wire.error_to_wire(e)
+        if err.kind == "Internal":
+            logger.exception("%s from %s failed", what, context.remote_id)
+        else:
+            logger.info("%s from %s refused: %s", what, context.remote_id, e)
+        return err
+
+    async def close_all_sessions(self) -> None:
+        for session in list(self.sessions.values()):
+            self._free(session)
+
+
+async def _drain(requests: AsyncIterator) -> None:
+    """Read what the client still sends, so our last reply is not lost (DESIGN: streams)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(_consume(requests), DRAIN_TIMEOUT)
+
+
+async def _consume(requests: AsyncIterator) -> None:
+    async for _ in requests:
+        pass

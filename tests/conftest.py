@@ -1,0 +1,222 @@
+"""Shared fixtures: a tiny random Llama checkpoint and helpers that run real peer processes.
+
+Used by every test package; peers started here are killed by process group (DHT child and p2pd).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+
+
+def write_tiny_checkpoint(folder: Path, config: dict | None = None, seed: int = 0) -> Path:
+    """A Hugging Face-style folder (config.json + model.safetensors) of a random Llama."""
+    from safetensors.torch import save_file
+
+    from swarm.model.config import ModelConfig
+    from swarm.model.llama import LlamaModel
+
+    config = dict(config or TINY_CONFIG)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = LlamaModel(ModelConfig.from_hf(config))
+    with torch.no_grad():
+        for p in model.parameters():
+            # Larger than nn.Linear's init so blocks change their input visibly.
+            p.normal_(0, 0.08)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+    tensors = {}
+    for name, t in model.span.blocks.state_dict().items():
+        tensors[f"model.layers.{name}"] = t
+    tensors["model.embed_tokens.weight"] = model.client.embed_tokens.weight
+    tensors["model.norm.weight"] = model.client.norm.weight
+    tensors["lm_head.weight"] = model.client.lm_head.weight
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in tensors.items()},
+        folder / "model.safetensors",
+    )
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 6-block Llama with hidden size 64 (no tokenizer), written once per test session."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def throughput_cache(tmp_path_factory) -> Path:
+    """A throughput cache file private to this test session (peers measure once)."""
+    return tmp_path_factory.mktemp("cache") / "throughput.json"
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float, interval: float = 0.2, what: str = ""
+):
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def _children(pid: int) -> list[int]:
+    """Descendants of `pid`, read from /proc (no psutil)."""
+    by_parent: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        by_parent.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in by_parent.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class PeerProcess:
+    """A `swarm-peer` subprocess in its own session; its multiaddrs are read from stdout."""
+
+    def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None):
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarm.cli.peer", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=full_env,
+            cwd=REPO,
+            start_new_session=True,  # one process group: the DHT's fork and p2pd die with it
+        )
+        self.pid = self.proc.pid
+        self.maddrs: list[str] = []
+        self.stdout_lines: list[str] = []
+        self._got_maddr = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._descendants: set[int] = set()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            self.stdout_lines.append(line)
+            if line.startswith(("/ip4/", "/ip6/")):
+                self.maddrs.append(line)
+                self._got_maddr.set()
+
+    def wait_maddrs(self, timeout: float = 60.0) -> list[str]:
+        """The printed multiaddrs; fails the test if none come in time."""
+        deadline = time.monotonic() + timeout
+        while not self._got_maddr.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                break
+        if not self._got_maddr.is_set():
+            self.kill()
+            pytest.fail(f"peer {self.args} printed no multiaddr in {timeout} s:\n{self.log_tail()}")
+        time.sleep(0.1)  # the remaining lines follow at once
+        self._descendants.update(_children(self.pid))
+        return list(self.maddrs)
+
+    @property
+    def peer_id(self) -> str:
+        return self.wait_maddrs()[0].rsplit("/p2p/", 1)[1]
+
+    def log_tail(self, n: int = 40) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def terminate(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (graceful drain), then SIGKILL of the group if it does not exit in time."""
+        if self.proc.poll() is None:
+            self._descendants.update(_children(self.pid))
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the process group and every descendant seen, by pid (no orphans left)."""
+        if self.proc.poll() is None:
+            self._descendants.update(_children(self.pid))
+        with_group = [self.pid]
+        for pid in with_group:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in self._descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+@pytest.fixture
+def peer_factory(tmp_path, throughput_cache) -> Iterator[Callable[..., PeerProcess]]:
+    """Start `swarm-peer` subprocesses (args after `swarm-peer`); all are killed at teardown."""
+    started: list[PeerProcess] = []
+
+    def start(*args: str, env: dict | None = None) -> PeerProcess:
+        env = {"SWARM_MESH_CACHE": str(throughput_cache.parent), **(env or {})}
+        proc = PeerProcess(list(args), env=env, log_path=tmp_path / f"peer{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

@@ -1,0 +1,85 @@
+"""The span backend, compute worker and cache budget, in one process (no network).
+
+Tests swarm/peer/backend.py, swarm/peer/worker.py and swarm/peer/memory.py.
+"""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from swarm.errors import CacheFull
+from swarm.model.loading import load_span
+from swarm.peer.backend import Session, SpanBackend, StepItem
+from swarm.peer.memory import CacheBudget
+from swarm.peer.worker import ComputeWorker
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir) -> SpanBackend:
+    return SpanBackend(load_span(tiny_model_dir, 1, 5, progress=False))
+
+
+def _session(backend, sid, first=1, last=5, batch=1, max_length=16) -> Session:
+    caches = backend.new_caches(batch, max_length, first, last)
+    return Session(sid, first, last, max_length, batch, caches, backend)
+
+
+def test_backward_matches_autograd(backend):
+    x = torch.randn(2, 3, 64)
+    g = torch.randn(2, 3, 64)
+    grad = backend.backward(x, g, 2, 4)
+    xr = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        backend.span(xr, 0, None, 2, 4).backward(g)
+    torch.testing.assert_close(grad, xr.grad)
+
+
+def test_batched_steps_equal_sequential_ones(backend):
+    torch.manual_seed(0)
+    sessions = [_session(backend, f"s{i}", batch=1 + i % 2) for i in range(3)]
+    refs = [backend.span.new_caches(s.batch_size, 16) for s in sessions]
+    # Sessions at different positions: prefill lengths 1, 2, 3.
+    for s, caches in zip(sessions, refs, strict=False):
+        n = int(s.session_id[1:]) + 1
+        x = torch.randn(s.batch_size, n, 64)
+        backend.inference_step([StepItem(s, x, 0)])
+        backend.span(x, 0, caches)
+        s.length = n
+    xs = [torch.randn(s.batch_size, 1, 64) for s in sessions]
+    outs = backend.inference_step(
+        [StepItem(s, x, s.length) for s, x in zip(sessions, xs, strict=False)]
+    )
+    for s, x, out, caches in zip(sessions, xs, outs, refs, strict=False):
+        torch.testing.assert_close(out, backend.span(x, s.length, caches), atol=1e-5, rtol=1e-5)
+
+
+async def test_worker_batches_concurrent_steps(backend):
+    worker = ComputeWorker()
+    try:
+        sessions = [_session(backend, f"s{i}") for i in range(4)]
+        xs = [torch.randn(1, 1, 64) for _ in sessions]
+        hold = asyncio.ensure_future(worker.call(lambda: time.sleep(0.3)))
+        await asyncio.sleep(0.05)  # the worker is busy: the steps below queue up together
+        outs = await asyncio.gather(
+            *(worker.step(StepItem(s, x, 0)) for s, x in zip(sessions, xs, strict=False))
+        )
+        await hold
+        assert worker.max_batch_seen == 4
+        for x, out in zip(xs, outs, strict=False):
+            torch.testing.assert_close(out, backend.forward(x, 1, 5), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ZeroDivisionError):
+            await worker.call(lambda: 1 / 0)
+        assert await worker.call(lambda: 7) == 7  # still serving after a failure
+    finally:
+        worker.stop()
+
+
+def test_cache_budget_refuses_at_once():
+    budget = CacheBudget(100)
+    budget.allocate(60)
+    with pytest.raises(CacheFull, match="40 of 100"):
+        budget.allocate(50)
+    budget.free(60)
+    assert budget.left == 100

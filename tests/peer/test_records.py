@@ -1,0 +1,75 @@
+"""Span records and model entries: wire round trip, tolerance of new fields, rejection of bad ones.
+
+Tests swarm/peer/records.py and the merge rule of swarm/peer/dht_view.py.
+"""
+
+import pytest
+
+from swarm.peer.dht_view import _merge
+from swarm.peer.records import ModelEntry, SpanRecord, block_key
+
+
+def _record(**kw) -> SpanRecord:
+    base = dict(
+        peer_id="Qm1",
+        start=2,
+        end=5,
+        state="online",
+        throughput=12.5,
+        cache_tokens_left=100,
+        codecs=("none", "int8-block64"),
+        quant="int8",
+        version="0.1.0",
+    )
+    return SpanRecord(**{**base, **kw})
+
+
+def test_round_trip():
+    r = _record()
+    assert SpanRecord.from_wire("Qm1", r.to_wire()) == r
+
+
+def test_unknown_fields_are_tolerated_and_kept():
+    version, state, tp, info = _record().to_wire()
+    wire = (version + 1, state, tp, {**info, "next_pings": {"x": 0.1}}, "future field")
+    r = SpanRecord.from_wire("Qm1", wire)
+    assert (r.start, r.end, r.throughput) == (2, 5, 12.5)
+    assert r.extra == {"next_pings": {"x": 0.1}}
+    assert r.to_wire()[3]["next_pings"] == {"x": 0.1}
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda w: (w[0], "dancing", w[2], w[3]),
+        lambda w: (w[0], w[1], float("nan"), w[3]),
+        lambda w: (w[0], w[1], -1.0, w[3]),
+        lambda w: (w[0], w[1], w[2], {**w[3], "start": 5, "end": 5}),
+        lambda w: (w[0], w[1], w[2], {**w[3], "start": "0"}),
+        lambda w: (w[0], w[1], w[2], {**w[3], "cache_tokens_left": -3}),
+        lambda w: (w[0], w[1], w[2], "not a dict"),
+        lambda w: (w[0], w[1]),
+        lambda w: ("1", w[1], w[2], w[3]),
+    ],
+)
+def test_bad_fields_are_rejected(mutate):
+    with pytest.raises(ValueError):
+        SpanRecord.from_wire("Qm1", mutate(_record().to_wire()))
+
+
+def test_merge_prefers_the_live_span_over_tombstones():
+    live = _record(start=3, end=5)
+    tomb = _record(start=0, end=3, state="offline")
+    found = {
+        block_key("m", 0): {"Qm1": (tomb.to_wire(), 200.0), "Qm2": ("garbage", 100.0)},
+        block_key("m", 3): {"Qm1": (live.to_wire(), 150.0)},
+    }
+    records = _merge(found, "m", 6)
+    assert records == [live]
+
+
+def test_model_entry_round_trip():
+    e = ModelEntry("tiny", 6, 64)
+    assert ModelEntry.from_wire("tiny", e.to_wire()) == e
+    with pytest.raises(ValueError):
+        ModelEntry.from_wire("tiny", (1, 0, 64))
