@@ -1,0 +1,292 @@
+"""What every simulated strategy shares: peers that compute, links, churn, microbatches in flight.
+
+Used by simulations/sim/strategies.py; subclasses decide where each hop of a microbatch goes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time as wallclock
+from dataclasses import asdict, dataclass, field
+
+from simulations.sim.engine import EventQueue
+from simulations.sim.model import SimConfig, auto_microbatch, stage_costs
+from simulations.sim.network import SOURCE, Network
+
+# Event kinds: (time, seq, kind, a, b); a is a microbatch or a peer, b an attempt or an epoch.
+ARRIVE, DONE, FAIL, RETRY, PREEMPT, REJOIN, READY, REFRESH, REBALANCE = range(9)
+OFFLINE, LOADING, ONLINE = 0, 1, 2
+
+
+@dataclass
+class SimResult:
+    """One run's figures; `throughput` is samples per virtual second."""
+
+    strategy: str
+    throughput: float
+    utilisation: float
+    lost_samples: int
+    wasted_fraction: float  # compute thrown away / compute done
+    redone_samples: int  # samples whose work was restarted (retried hop or whole pipeline)
+    retries: int
+    preemptions: int
+    moves: int
+    samples: int
+    compute_bound: float  # samples/s if every live peer computed usefully all the time
+    network_bound: float  # samples/s the median links allow with all peers up
+    microbatch: int
+    events: int
+    wall_s: float
+    timeline: list = field(default_factory=list)  # [(hour, samples/s)]
+
+    def to_dict(self, timeline: bool = False) -> dict:
+        data = asdict(self)
+        if not timeline:
+            data.pop("timeline")
+        return data
+
+
+class BaseSim:
+    """Peers with FIFO compute queues and links, a Poisson preemption process, and microbatches.
+
+    A microbatch makes 2 * stages hops (forward through every stage, backward in reverse); each
+    hop is a transfer into the chosen peer (ARRIVE) and its compute (DONE). Subclasses implement
+    `dispatch` (where the next hop goes) and the on_* hooks for peers dying and joining.
+    """
+
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.costs = stage_costs(cfg)
+        self.B = auto_microbatch(cfg, self.costs)
+        self.S = S = cfg.stages
+        self.N = N = cfg.peers
+        # Separate streams: the preemption times are the same whatever the strategy does.
+        self.rng = random.Random(cfg.seed)
+        self.churn_rng = random.Random(cfg.seed * 7919 + 1)
+        self.speed_rng = random.Random(cfg.seed * 7919 + 2)
+        self.q = EventQueue()
+        self.net = Network(N, cfg.bandwidth_mbps, cfg.latency_ms)
+        mu = math.log(self.costs.median_speed)
+        self.speed = [self.speed_rng.lognormvariate(mu, cfg.speed_sigma) for _ in range(N)]
+        self.state = [ONLINE] * N
+        self.epoch = [0] * N
+        self.cfree = [0.0] * N  # when each peer's compute queue empties
+        self.inflight: list[set[int]] = [set() for _ in range(N)]
+
+        # Per hop h: which stage, FLOPs for B samples, and the trainer's task size.
+        self.stage_of = [h if h < S else 2 * S - 1 - h for h in range(2 * S)]
+        self.hop_flops = [
+            self.B * (self.costs.fwd_flops[s] if h < S else self.costs.bwd_flops[s])
+            for h, s in enumerate(self.stage_of)
+        ]
+        self.bytes_in = [self.B * b for b in self.hop_bytes()]
+
+        self.alive_speed = sum(self.speed)
+        self.cap_flops = 0.0  # integral of live peers' FLOP/s over time
+        self.cap_t = 0.0
+        self.samples = 0
+        self.lost_samples = 0
+        self.redone_samples = 0
+        self.retries = 0
+        self.preemptions = 0
+        self.moves = 0
+        self.wasted_flops = 0.0
+        self.horizon = cfg.hours * 3600.0
+        self.bin_s = self.horizon / max(1, cfg.bins)
+        self.bins = [0] * (max(1, cfg.bins) + 1)
+
+    # Subclass interface
+
+    def hop_bytes(self) -> list[float]:
+        """Bytes per sample each hop receives (from the previous hop's peer)."""
+        raise NotImplementedError
+
+    def dispatch(self, t: float, m: int) -> None:
+        raise NotImplementedError
+
+    def on_kill(self, t: float, p: int, tasks: list[int]) -> None:
+        raise NotImplementedError
+
+    def on_rejoin(self, t: float, p: int) -> None:
+        raise NotImplementedError
+
+    def on_ready(self, t: float, p: int) -> None:
+        raise NotImplementedError
+
+    def handlers(self) -> dict:
+        return {
+            ARRIVE: self.arrive,
+            DONE: self.done,
+            PREEMPT: self.preempt,
+            REJOIN: self.rejoin,
+            READY: self.ready,
+        }
+
+    # Microbatches
+
+    def init_microbatches(self, count: int) -> None:
+        self.M = count
+        self.pos = [0] * count
+        self.attempt = [0] * count
+        self.mb_peer = [-1] * count
+        self.src = [SOURCE] * count
+        self.tries = [0] * count
+        self.work = [0.0] * count  # FLOPs done on this microbatch's completed hops
+        self.c_start = [-1.0] * count  # compute start of the current hop, -1 before arrival
+        self.c_end = [0.0] * count
+        self.sent_at = [0.0] * count
+
+    def send(self, t: float, m: int, p: int) -> None:
+        """Start hop pos[m] of microbatch m on peer p: transfer its input, then queue compute."""
+        self.mb_peer[m] = p
+        self.inflight[p].add(m)
+        self.c_start[m] = -1.0
+        self.sent_at[m] = t
+        src = self.src[m]
+        if src != SOURCE and self.state[src] == OFFLINE:
+            src = SOURCE  # the trainer kept a copy of what a dead peer had sent
+        arrival = self.net.transfer(src, p, self.bytes_in[self.pos[m]], t)
+        self.q.push(arrival, ARRIVE, m, self.attempt[m])
+
+    def arrive(self, t: float, m: int, att: int) -> None:
+        if att != self.attempt[m]:
+            return
+        p = self.mb_peer[m]
+        start = self.cfree[p] if self.cfree[p] > t else t
+        end = start + self.hop_flops[self.pos[m]] / self.speed[p]
+        self.cfree[p] = end
+        self.c_start[m] = start
+        self.c_end[m] = end
+        self.q.push(end, DONE, m, att)
+
+    def done(self, t: float, m: int, att: int) -> None:
+        if att != self.attempt[m]:
+            return
+        p = self.mb_peer[m]
+        self.inflight[p].discard(m)
+        h = self.pos[m]
+        self.work[m] += self.hop_flops[h]
+        self.on_done(t, m, p, h)
+        h += 1
+        self.tries[m] = 0
+        if h == 2 * self.S:
+            self.samples += self.B
+            self.bins[int(t / self.bin_s)] += self.B
+            self.restart(m)
+        else:
+            self.pos[m] = h
+            self.src[m] = p
+        self.dispatch(t, m)
+
+    def on_done(self, t: float, m: int, p: int, h: int) -> None:
+        """Hook: hop h of m finished on p (the SWARM trainer measures the peer here)."""
+
+    def restart(self, m: int) -> None:
+        """Microbatch slot m starts a fresh microbatch (or redoes its own) from stage 0."""
+        self.pos[m] = 0
+        self.src[m] = SOURCE
+        self.work[m] = 0.0
+        self.tries[m] = 0
+
+    # Churn
+
+    def account(self, t: float) -> None:
+        self.cap_flops += self.alive_speed * (t - self.cap_t)
+        self.cap_t = t
+
+    def preempt(self, t: float, _a: int, _b: int) -> None:
+        rate = self.cfg.preempt_per_hour / 3600.0
+        self.q.push(t + self.churn_rng.expovariate(rate), PREEMPT)
+        for _ in range(64):  # bounded: rejection sampling of a live victim
+            p = self.churn_rng.randrange(self.N)
+            if self.state[p] != OFFLINE:
+                self.kill(t, p)
+                return
+
+    def kill(self, t: float, p: int) -> None:
+        self.account(t)
+        self.alive_speed -= self.speed[p]
+        self.preemptions += 1
+        tasks = sorted(self.inflight[p])
+        for m in tasks:
+            start = self.c_start[m]
+            if 0.0 <= start < t:
+                self.wasted_flops += (min(t, self.c_end[m]) - start) * self.speed[p]
+        self.on_kill(t, p, tasks)
+        self.state[p] = OFFLINE
+        self.epoch[p] += 1
+        self.inflight[p] = set()
+        self.cfree[p] = t
+        self.net.reset(p, t)
+        self.q.push(t + self.churn_rng.expovariate(1.0 / self.cfg.rejoin_delay_s), REJOIN, p)
+
+    def rejoin(self, t: float, p: int, _b: int) -> None:
+        self.account(t)
+        # A preempted VM comes back as a fresh machine, maybe of another speed.
+        self.speed[p] = self.speed_rng.lognormvariate(
+            math.log(self.costs.median_speed), self.cfg.speed_sigma
+        )
+        self.alive_speed += self.speed[p]
+        self.state[p] = LOADING
+        self.cfree[p] = t
+        self.net.reset(p, t)
+        self.on_rejoin(t, p)
+
+    def ready(self, t: float, p: int, epoch: int) -> None:
+        if epoch != self.epoch[p] or self.state[p] == OFFLINE:
+            return  # died while loading
+        self.state[p] = ONLINE
+        self.cfree[p] = max(self.cfree[p], t)
+        self.on_ready(t, p)
+
+    def load_s(self, stage: int) -> float:
+        """Downloading a stage's parameters and optimizer state from a replica."""
+        return self.costs.state_bytes[stage] / self.net.bytes_per_s
+
+    def network_bound(self) -> float:
+        """Samples/s the links allow with every peer up, each stage's peers sharing its traffic."""
+        down, up = [0.0] * self.S, [0.0] * self.S
+        for h, nbytes in enumerate(self.hop_bytes()):
+            down[self.stage_of[h]] += nbytes
+            if h > 0 and self.stage_of[h - 1] != self.stage_of[h]:
+                up[self.stage_of[h - 1]] += nbytes
+        per_stage = self.N / self.S
+        return min(
+            per_stage * self.net.bytes_per_s / max(d, u, 1e-12)
+            for d, u in zip(down, up, strict=True)
+        )
+
+    # Run
+
+    def run(self) -> SimResult:
+        started = wallclock.perf_counter()
+        for m in range(self.M):
+            self.dispatch(0.0, m)
+        if self.cfg.preempt_per_hour > 0:
+            rate = self.cfg.preempt_per_hour / 3600.0
+            self.q.push(self.churn_rng.expovariate(rate), PREEMPT)
+        events = self.q.run(self.handlers(), until=self.horizon)
+        self.account(self.horizon)
+        useful = self.samples * self.costs.flops_per_sample
+        return SimResult(
+            strategy=self.cfg.strategy,
+            throughput=self.samples / self.horizon,
+            utilisation=useful / self.cap_flops if self.cap_flops else 0.0,
+            lost_samples=self.lost_samples,
+            wasted_fraction=self.wasted_flops / (useful + self.wasted_flops) if useful else 0.0,
+            redone_samples=self.redone_samples,
+            retries=self.retries,
+            preemptions=self.preemptions,
+            moves=self.moves,
+            samples=self.samples,
+            compute_bound=self.cap_flops / self.horizon / self.costs.flops_per_sample,
+            network_bound=self.network_bound(),
+            microbatch=self.B,
+            events=events,
+            wall_s=wallclock.perf_counter() - started,
+            timeline=[
+                ((i + 0.5) * self.bin_s / 3600.0, n / self.bin_s)
+                for i, n in enumerate(self.bins[:-1])
+            ],
+        )

@@ -1,0 +1,100 @@
+"""SWARM adaptive rebalancing: when a training peer should leave its stage for the bottleneck.
+
+Used by training peers (from the stage loads on the DHT) and by the churn simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """What a peer knows of one stage.
+
+    demand: work the stage must do, in any unit shared by every stage (samples/s asked of it,
+        queued samples, or cost per sample relative to other stages).
+    throughput: the summed throughput of its replicas, in demand units per second.
+    replicas: how many peers serve it (joining ones included, so movers are counted once).
+    """
+
+    demand: float
+    throughput: float
+    replicas: int
+
+    def __post_init__(self) -> None:
+        if self.demand < 0 or self.throughput < 0 or self.replicas < 0:
+            raise ValueError(f"stage stats must be >= 0, got {self}")
+
+    @property
+    def capacity(self) -> float:
+        """Throughput relative to demand: the higher, the more spare the stage has."""
+        if self.demand == 0:
+            return math.inf
+        return self.throughput / self.demand
+
+
+def least_loaded(stage_stats: Sequence[StageStats]) -> int:
+    """Index of the stage with the most spare throughput (lowest index among ties)."""
+    if not stage_stats:
+        raise ValueError("no stages")
+    return max(range(len(stage_stats)), key=lambda s: (stage_stats[s].capacity, -s))
+
+
+def most_loaded(stage_stats: Sequence[StageStats]) -> int:
+    """Index of the bottleneck stage (lowest index among ties)."""
+    if not stage_stats:
+        raise ValueError("no stages")
+    return min(range(len(stage_stats)), key=lambda s: (stage_stats[s].capacity, s))
+
+
+def choose_join_stage(stage_stats: Sequence[StageStats]) -> int:
+    """The stage a newly joining peer should serve: today's bottleneck."""
+    return most_loaded(stage_stats)
+
+
+def _my(my_throughput: float | Sequence[float] | Mapping[int, float], stage: int) -> float:
+    if isinstance(my_throughput, (int, float)):
+        return float(my_throughput)
+    return float(my_throughput[stage])
+
+
+def choose_move(
+    stage_stats: Sequence[StageStats],
+    my_stage: int,
+    my_throughput: float | Sequence[float] | Mapping[int, float],
+    min_gain: float = 0.2,
+) -> int | None:
+    """The stage this peer should move to, or None to stay.
+
+    `my_throughput` is this peer's throughput in demand units per second, one number or one per
+    stage (a stage's cost may differ). It moves from the least to the most loaded stage only if
+    it serves the least loaded one, that stage keeps at least one replica, and after the move the
+    stage it left still has more capacity than the bottleneck had, by min_gain times what the
+    peer adds there. Each move thus lifts the sorted capacities, so peers never swap back and
+    forth. Pure and deterministic.
+    """
+    if min_gain < 0:
+        raise ValueError(f"min_gain must be >= 0, got {min_gain}")
+    if not 0 <= my_stage < len(stage_stats):
+        raise ValueError(f"my_stage {my_stage} is not one of {len(stage_stats)} stages")
+    source, target = least_loaded(stage_stats), most_loaded(stage_stats)
+    mine = stage_stats[my_stage]
+    if my_stage == target or mine.capacity != stage_stats[source].capacity:
+        return None  # only peers of the (possibly tied) least loaded stage move
+    if mine.replicas < 2:
+        return None  # a stage must keep a replica
+    dst = stage_stats[target]
+    gained = _my(my_throughput, target)
+    if gained <= 0:
+        return None
+    source_after = StageStats(
+        mine.demand, max(mine.throughput - _my(my_throughput, my_stage), 0.0), mine.replicas - 1
+    )
+    if dst.demand == 0:
+        return None  # the bottleneck needs nothing: there is nothing to gain
+    if source_after.capacity >= dst.capacity + min_gain * gained / dst.demand:
+        return target
+    return None
