@@ -48,4 +48,44 @@ def codebook_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
     return _on_device(torch.device(device))[1]
 
 
+@functools.cache
+def _bucket_table_cpu() -> torch.Tensor:
+    midpoints = _codebook_cpu()[1]
+    keys = torch.arange(1 << 16, dtype=torch.int64)
+    negative = keys >= 1 << 15
+    # a bucket is every float32 sharing the top 16 bits (sign, exponent, 7 mantissa bits)
+    first = (keys << 16).to(torch.int32).view(torch.float32)
+    last = ((keys << 16) | 0xFFFF).to(torch.int32).view(torch.float32)
+    low, high = torch.where(negative, last, first), torch.where(negative, first, last)
+    # the +-inf buckets are otherwise NaN; NaN never reaches the table (inputs are checked finite)
+    low, high = torch.where(low.isnan(), high, low), torch.where(high.isnan(), low, high)
+    code_low = torch.searchsorted(midpoints, low.nan_to_num(0.0, float("inf"), float("-inf")))
+    code_high = torch.searchsorted(midpoints, high.nan_to_num(0.0, float("inf"), float("-inf")))
+    if int((code_high - code_low).max()) > 1:
+        raise RuntimeError("a 16-bit bucket holds two codebook midpoints; the table cannot work")
+    split = code_high > code_low
+    # low 16 bits of the splitting midpoint, mirrored for negatives so they grow with the value
+    mid_bits = midpoints[code_low.clamp(max=254)].view(torch.int32).to(torch.int64) & 0xFFFF
+    mid_bits = torch.where(negative, mid_bits ^ 0xFFFF, mid_bits)
+    entry = (code_low << 16) + torch.where(split, 0xFFFF - mid_bits, 0)
+    return entry.to(torch.int32)
+
+
+@functools.cache
+def _bucket_table_on(device: torch.device) -> torch.Tensor:
+    return _bucket_table_cpu().to(device)
+
+
+def bucket_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A 65536-entry int32 table giving the same codes as the midpoint search, without a search.
+
+    For y = fp32(x / scale) with bits b: key = (b >> 16) & 0xFFFF, low = (b ^ (b >> 31)) & 0xFFFF
+    (the low half, mirrored for negatives so it grows with y); code = (table[key] + low) >> 16.
+    Each bucket holds at most one midpoint (checked when built), so its entry is
+    code_at_bucket_bottom << 16, plus 0xFFFF - the midpoint's low half when the bucket is split:
+    adding `low` then carries into bit 16 exactly when y is above the midpoint.
+    """
+    return _bucket_table_on(torch.device(device))
+
+
 ZERO_CODE = 127

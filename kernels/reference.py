@@ -7,23 +7,23 @@ The rules, shared bit for bit with kernels.triton_kernels:
   scale travels in two bytes; groups with absmax < 2**-120 get scale 0 and decode to zeros.
 - linear int8: inv = fp32(127 / scale); code = round_half_even(fp32(x * inv)), clamped to +-127;
   decode = code * fp32(scale / 127).
-- dynamic8: inv = fp32(1 / scale); code = number of codebook midpoints < fp32(x * inv);
+- dynamic8: inv = fp32(1 / scale); code = number of codebook midpoints < fp32(x * inv), found
+  by one lookup in a 65536-entry table (dynamic_codebook.bucket_table) rather than a search;
   decode = codebook[code] * scale.
 - A group holding NaN or inf raises QuantizationError (its absmax is not finite).
-Work runs in chunks of rows so the float32 scratch stays in cache (a loop over chunks of ~256K
-values, never over blocks).
+Work runs in chunks of rows (~4M values, never a loop over blocks) so the scratch stays bounded.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.dynamic_codebook import codebook_midpoints, dynamic_codebook
+from kernels.dynamic_codebook import bucket_table, dynamic_codebook
 
 # Groups whose absmax is below this decode to zero; keeps 127 / scale finite in float32.
 TINY_ABSMAX = 2.0**-120
 _BF16_MAX_BITS = 0x7F7F0000
-_CHUNK_VALUES = 1 << 20
+_CHUNK_VALUES = 1 << 22  # few big chunks: each torch op is an OpenMP region, costly when loaded
 
 
 class QuantizationError(ValueError):
@@ -62,24 +62,45 @@ def encode_rows(x2d: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
     codes = torch.empty((rows, length), dtype=code_dtype, device=x2d.device)
     if rows == 0 or length == 0:
         return codes, torch.zeros(rows, dtype=torch.float32, device=x2d.device)
-    # max and -min separately: much faster on CPU than abs().amax(), and NaN propagates
-    absmax = torch.maximum(x2d.amax(dim=1), -x2d.amin(dim=1)).to(torch.float32)
+    # one pass for both extremes: faster on CPU than abs().amax(), and NaN propagates
+    lo, hi = torch.aminmax(x2d, dim=1)
+    absmax = torch.maximum(hi, -lo).to(torch.float32)
     _check_finite(absmax)
     scales = round_up_to_bf16(absmax)
     numerator = 127.0 if kind == "linear" else 1.0
     inv = torch.where(scales > 0, numerator / scales, torch.zeros_like(scales))[:, None]
     step = _rows_per_chunk(length)
-    buf = torch.empty(min(rows, step) * length, dtype=torch.float32, device=x2d.device)
-    midpoints = codebook_midpoints(x2d.device) if kind == "dynamic" else None
+    scratch = min(rows, step) * length
+    buf = torch.empty(scratch, dtype=torch.float32, device=x2d.device)
+    if kind == "dynamic":
+        table = bucket_table(x2d.device)
+        keys = torch.empty(scratch, dtype=torch.int32, device=x2d.device)
+        lows = torch.empty(scratch, dtype=torch.int32, device=x2d.device)
     for r0 in range(0, rows, step):
         xc = x2d[r0 : r0 + step]
-        y = torch.mul(xc, inv[r0 : r0 + step], out=buf[: xc.numel()].view(xc.shape))
+        n = xc.numel()
+        y = torch.mul(xc, inv[r0 : r0 + step], out=buf[:n].view(xc.shape))
+        out = codes[r0 : r0 + xc.shape[0]].view(-1)
         if kind == "linear":
-            y.round_().clamp_(-127.0, 127.0)
-            codes[r0 : r0 + xc.shape[0]].copy_(y)
+            # no clamp: |x| <= scale, so |fp32(x * fp32(127 / scale))| < 127.5 rounds to <= 127
+            out.copy_(y.round_().view(-1))
         else:
-            codes[r0 : r0 + xc.shape[0]].copy_(torch.searchsorted(midpoints, y, out_int32=True))
+            _dynamic_codes(y.view(-1), table, keys[:n], lows[:n], out)
     return codes, scales
+
+
+def _dynamic_codes(
+    y: torch.Tensor, table: torch.Tensor, keys: torch.Tensor, lows: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Codebook codes of normalized values y (1-D float32, overwritten) into out (uint8).
+
+    Equal to counting midpoints < y, via the 65536-entry bucket table (see bucket_table).
+    """
+    bits = y.view(torch.int32)
+    torch.bitwise_right_shift(bits, 16, out=keys).bitwise_and_(0xFFFF)
+    torch.bitwise_right_shift(bits, 31, out=lows).bitwise_xor_(bits).bitwise_and_(0xFFFF)
+    torch.index_select(table, 0, keys, out=bits)  # y is spent: reuse its buffer
+    out.copy_(bits.add_(lows).bitwise_right_shift_(16))
 
 
 def decode_rows(
@@ -91,16 +112,32 @@ def decode_rows(
     if rows == 0 or length == 0:
         return out
     scales = scales.to(torch.float32)
+    if kind == "linear":
+        scales = scales / 127.0
     table = dynamic_codebook(codes2d.device) if kind == "dynamic" else None
     step = _rows_per_chunk(length)
+    scratch = min(rows, step) * length
+    # float32 results go straight to out; half types are computed in float32, then rounded once
+    buf = None if dtype == torch.float32 else torch.empty(scratch, device=codes2d.device)
+    index = (
+        torch.empty(scratch, dtype=torch.int32, device=codes2d.device)
+        if table is not None
+        else None
+    )
     for r0 in range(0, rows, step):
         cc = codes2d[r0 : r0 + step]
-        sc = scales[r0 : r0 + cc.shape[0], None]
+        n, shape = cc.numel(), cc.shape
+        sc = scales[r0 : r0 + shape[0], None]
+        dest = out[r0 : r0 + shape[0]] if buf is None else buf[:n].view(shape)
         if kind == "linear":
-            y = cc * (sc / 127.0)
+            torch.mul(cc, sc, out=dest)
         else:
-            y = table[cc.to(torch.int32)] * sc
-        out[r0 : r0 + cc.shape[0]].copy_(y)
+            idx = index[:n].view(shape)
+            idx.copy_(cc)
+            torch.index_select(table, 0, idx.view(-1), out=dest.view(-1))
+            dest.mul_(sc)
+        if buf is not None:
+            out[r0 : r0 + shape[0]].copy_(dest)
     return out
 
 

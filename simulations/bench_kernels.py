@@ -1,12 +1,14 @@
 """Benchmark of the wire codecs: error, bytes per element and encode/decode speed, one table.
 
-Run as `python -m simulations.bench_kernels [--size 4096]`; compares with bitsandbytes and
-hivemind.compression where installed.
+Run as `python -m simulations.bench_kernels [--size 4096] [--repeat 3]`; compares with
+bitsandbytes (block-wise 8-bit, CPU) and hivemind.compression where installed. Speeds are the
+median of --repeat timed runs, in GB/s of float32 input.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -38,12 +40,18 @@ def make_data(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"gauss": gauss, "outlier": outl, "student-t3": t3}
 
 
+BNB_BLOCKS = (4096, 2048, 256, 64)
+
+
 def _timed(fn, repeat: int) -> tuple[object, float]:
+    """fn's result and the median seconds of `repeat` calls after one untimed warm-up."""
     out = fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        start = time.perf_counter()
         out = fn()
-    return out, (time.perf_counter() - start) / repeat
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
 
 
 def errors(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -60,15 +68,17 @@ def our_codec(codec: str):
     return run
 
 
-def bnb_blockwise(x):
-    import bitsandbytes.functional as F
+def bnb_blockwise(block: int):
+    """bitsandbytes' dynamic 8-bit block-wise codec; it keeps one float32 absmax per block."""
 
-    q, state = F.quantize_blockwise(x, blocksize=4096)
-    return (
-        (q, state),
-        lambda qs: F.dequantize_blockwise(qs[0], qs[1]),
-        q.numel() + 4 * (-(-x.numel() // 4096)),
-    )
+    def run(x):
+        import bitsandbytes.functional as F
+
+        q, state = F.quantize_blockwise(x, blocksize=block)
+        nbytes = q.numel() * q.element_size() + state.absmax.numel() * 4
+        return (q, state), lambda qs: F.dequantize_blockwise(qs[0], qs[1]), nbytes
+
+    return run
 
 
 def hivemind_codec(name: str):
@@ -132,15 +142,16 @@ def gpu_throughput(size: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="tensors are [size, size]")
-    parser.add_argument("--repeat", type=int, default=1, help="timed repetitions per codec")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per codec (median)")
     args = parser.parse_args()
     torch.manual_seed(0)
     runs = [(c, our_codec(c)) for c in OURS]
-    runs.append(("bnb blockwise-4096", bnb_blockwise))
+    runs += [(f"bnb blockwise-{n}", bnb_blockwise(n)) for n in BNB_BLOCKS]
     for name in ["UNIFORM_8BIT", "BLOCKWISE_8BIT", "FLOAT16"]:
         runs.append((f"hivemind {name}", hivemind_codec(name)))
     header = ["codec", "relL2", "relL2 small half", "B/elem", "enc GB/s", "dec GB/s"]
-    print(f"[{args.size}x{args.size}] float32, CPU, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(f"[{args.size}x{args.size}] float32, CPU, {threads} threads, median of {args.repeat}")
     for dist, x in make_data(args.size).items():
         print(f"\n== {dist}")
         print(" | ".join(f"{h:>18s}" if i == 0 else f"{h:>10s}" for i, h in enumerate(header)))
