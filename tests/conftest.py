@@ -166,6 +166,18 @@ class PeerProcess:
     def peer_id(self) -> str:
         return self.wait_maddrs()[0].rsplit("/p2p/", 1)[1]
 
+    def wait_log(self, text: str, timeout: float = 120.0) -> None:
+        """Wait until the peer's log holds `text` ("serving blocks"); fail if it exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.log_path and self.log_path.exists():
+                if text in self.log_path.read_text(errors="replace"):
+                    return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"peer {self.args} never logged {text!r}:\n{self.log_tail()}")
+            time.sleep(0.2)
+
     def log_tail(self, n: int = 40) -> str:
         if not self.log_path or not self.log_path.exists():
             return ""

@@ -31,6 +31,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in LIST_FIELDS:
             parser.add_argument(flag, nargs="*", default=default, help=HELP[f.name])
             continue
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=HELP[f.name])
+            continue
         kind = TYPES.get(f.name) or (float if isinstance(default, float) else str)
         parser.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} ({default})")
 
@@ -65,7 +68,12 @@ def join(args: argparse.Namespace) -> int:
 
     config = PeerConfig(**{f.name: getattr(args, f.name) for f in fields(PeerConfig)})
     try:
-        peer = Peer(config, on_maddrs=_print_maddrs)
+        if config.train:
+            from swarm.training.peer import TrainingPeer
+
+            peer = TrainingPeer(config, on_maddrs=_print_maddrs)
+        else:
+            peer = Peer(config, on_maddrs=_print_maddrs)
     except ValueError as e:
         print(f"swarm-peer: {e}", file=sys.stderr)
         return 2

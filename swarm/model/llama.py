@@ -30,7 +30,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of RoPE, with linear or Llama-3 scaling applied."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    # An explicit CPU device: under a meta-device context arange would import torch._dynamo (10 s).
+    exponents = torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":

@@ -71,6 +71,19 @@ class PeerClient:
         except TRANSPORT_ERRORS as e:
             raise _transport_error(e, peer, "info") from None
 
+    async def ping(self, peer_id: PeerID | str, timeout: float = 2.0) -> float:
+        """Seconds of one small round trip (an `info` call) to the peer, for routing.
+
+        Raises PeerUnavailable if it does not answer within `timeout` seconds.
+        """
+        peer = as_peer_id(peer_id)
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.info(peer, timeout=timeout), timeout)
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"peer {peer}: ping timed out after {timeout:.1f} s") from None
+        return time.perf_counter() - t0
+
     async def forward(
         self,
         peer_id: PeerID | str,

@@ -37,6 +37,9 @@ class PeerConfig:
     dtype: str = "float32"  # compute dtype of the blocks
     throughput_cache: str | None = None  # file of measured throughputs; None: ~/.cache/...
     seed: int | None = None  # seeds the start delay and the rebalancing jitter (tests)
+    train: bool = False  # SWARM training: fp32 trainable span, replicas average (swarm.training)
+    run_id: str = "swarm"  # the training run this peer's stage belongs to (with --train)
+    optim_8bit: bool = False  # with --train: AdamW moments in 8-bit block-wise dynamic codes
 
     @property
     def version(self) -> str:
@@ -94,6 +97,9 @@ HELP = {
     "dtype": "compute dtype: float32, float16 or bfloat16",
     "throughput_cache": "file caching measured throughput (default ~/.cache/swarm_mesh/...)",
     "seed": "random seed for start delay and rebalancing jitter",
+    "train": "serve the span for SWARM training (trainable fp32 weights, replicas average)",
+    "run_id": "name of the training run (with --train; letters, digits, - and _)",
+    "optim_8bit": "with --train: keep optimizer moments in 8 bits",
 }
 
 assert set(HELP) == {f.name for f in fields(PeerConfig)}, "every PeerConfig field needs help"

@@ -13,6 +13,7 @@ WIRE_VERSION = 1
 STATES = ("joining", "online", "offline")
 # Where peers list the models they serve: key MODELS_KEY, subkey = model prefix.
 MODELS_KEY = "swarm_mesh.models"
+MAX_NEXT_PINGS = 32  # most next-hop round trips kept from one record (advisory, for routing)
 
 
 def block_key(prefix: str, block: int) -> str:
@@ -53,6 +54,8 @@ class SpanRecord:
     inference_rps: float = 0.0  # single-token steps/s through the whole span (batch 1)
     forward_tps: float = 0.0  # tokens/s of large forward batches through the whole span
     addrs: tuple[str, ...] = ()  # multiaddrs to dial, when announced
+    # Round trips (s) to peers serving block `end`: the router's server->server edges.
+    next_pings: dict[str, float] = field(default_factory=dict, hash=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown fields, kept
 
     def __post_init__(self) -> None:
@@ -67,6 +70,9 @@ class SpanRecord:
         _need(all(isinstance(c, str) for c in self.codecs), "codecs must be strings")
         _need(all(isinstance(a, str) for a in self.addrs), "addrs must be strings")
         _need(isinstance(self.quant, str) and isinstance(self.version, str), "bad quant/version")
+        _need(isinstance(self.next_pings, dict), "next_pings must be a dict")
+        for peer, rtt in self.next_pings.items():
+            _need(isinstance(peer, str) and _num(rtt) and rtt >= 0, f"bad next_pings[{peer!r}]")
 
     def to_wire(self) -> tuple:
         """(wire version, state, throughput, info dict): msgpack-able, as Petals' ServerInfo."""
@@ -81,6 +87,7 @@ class SpanRecord:
             "inference_rps": float(self.inference_rps),
             "forward_tps": float(self.forward_tps),
             "addrs": list(self.addrs),
+            "next_pings": {k: float(v) for k, v in self.next_pings.items()},
         }
         return (WIRE_VERSION, self.state, float(self.throughput), info)
 
@@ -101,6 +108,7 @@ class SpanRecord:
             "inference_rps",
             "forward_tps",
             "addrs",
+            "next_pings",
         }
         codecs, addrs = info.get("codecs", []), info.get("addrs", [])
         _need(isinstance(codecs, (list, tuple)) and isinstance(addrs, (list, tuple)), "bad lists")
@@ -117,6 +125,7 @@ class SpanRecord:
             inference_rps=info.get("inference_rps", 0.0),
             forward_tps=info.get("forward_tps", 0.0),
             addrs=tuple(addrs),
+            next_pings=_pings(info.get("next_pings")),
             extra={k: v for k, v in info.items() if k not in known},
         )
 
@@ -127,6 +136,14 @@ class SpanRecord:
     @property
     def serving(self) -> bool:
         return self.state in ("joining", "online")
+
+
+def _pings(value: Any) -> dict[str, float]:
+    """next_pings from the wire: advisory, so bad entries are dropped rather than the record."""
+    if not isinstance(value, dict):
+        return {}
+    good = {k: float(v) for k, v in value.items() if isinstance(k, str) and _num(v) and v >= 0}
+    return dict(sorted(good.items(), key=lambda kv: kv[1])[:MAX_NEXT_PINGS])
 
 
 @dataclass(frozen=True)

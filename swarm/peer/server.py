@@ -19,8 +19,9 @@ import torch
 
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
-from swarm.peer import balancer
+from swarm.peer import balancer, pings
 from swarm.peer.backend import SpanBackend
+from swarm.peer.client import PeerClient
 from swarm.peer.config import PeerConfig
 from swarm.peer.dht_view import (
     dht_time,
@@ -99,6 +100,7 @@ class Peer:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.moves = 0
+        self.next_pings: dict[str, float] = {}  # RTTs to next-hop peers, announced for routing
         self._cooldown_until = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -138,6 +140,7 @@ class Peer:
             await self._announce("online")
             logger.info("serving blocks %d:%d of %s as %s", start, end, self.prefix, self.peer_id)
             tasks.append(asyncio.create_task(self._announce_loop()))
+            tasks.append(asyncio.create_task(self._ping_loop(PeerClient(p2p))))
             if self.config.span() is None:
                 tasks.append(asyncio.create_task(self._rebalance_loop()))
             await self._stop.wait()
@@ -227,6 +230,7 @@ class Peer:
             inference_rps=self.block_speed.inference_rps / n,
             forward_tps=self.block_speed.forward_tps / n,
             addrs=tuple(self.maddrs),
+            next_pings=dict(self.next_pings),
         )
 
     async def _announce(self, state: str, blocks: range | None = None, record=None) -> bool:
@@ -252,6 +256,21 @@ class Peer:
                 await self._announce(self.handler.state)
             except Exception:
                 logger.exception("announce failed; retrying next period")
+
+    async def _ping_loop(self, client: PeerClient) -> None:
+        """Each announce period, time the peers serving block `end` (Petals' next-hop pings)."""
+        while True:
+            try:
+                end = self.end
+                measured = {}
+                if end < self.num_layers:  # the last span has no next hop
+                    peers = pings.next_hop_peers(await self._fetch(), end, self.peer_id)
+                    measured = await pings.measure_next_pings(client, peers)
+                if end == self.end:  # a move meanwhile makes these the wrong next hops
+                    self.next_pings = measured
+            except Exception:
+                logger.exception("measuring next-hop pings failed; retrying next period")
+            await asyncio.sleep(self.config.announce_period)
 
     async def _fetch(self) -> list[SpanRecord]:
         return await fetch_swarm_async(
@@ -296,6 +315,7 @@ class Peer:
         # Sessions opened on the old span keep their backend and finish there.
         self.handler.backend = backend
         self.start, self.end = start, end
+        self.next_pings = {}  # pings to the old span's next hops; refreshed next period
         self.handler.throughput = self._throughput()
         await self._announce("online")
         gone = [b for b in range(old_start, old_end) if not start <= b < end]

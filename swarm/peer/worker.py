@@ -99,36 +99,49 @@ class ComputeWorker:
                     self.max_batch_seen = max(self.max_batch_seen, len(batch))
                 else:
                     results = [batch[0].fn()]
-                for task, result in zip(batch, results, strict=True):
-                    task.loop.call_soon_threadsafe(_set_result, task.future, result, None)
             except BaseException as e:  # handed to the awaiting handler, which reports it
                 if len(batch) > 1:
                     logger.warning("batched step failed (%s); retrying one by one", e)
                     self._run_singly(batch)
                     continue
                 for task in batch:
-                    task.loop.call_soon_threadsafe(_set_result, task.future, None, e)
+                    _reply(task, None, e)
+                continue
+            # Replies outside the try: a failed reply must not re-run (or re-fail) the compute.
+            for task, result in zip(batch, results, strict=True):
+                _reply(task, result, None)
         with self._cv:
             leftover = list(self._steps) + list(self._calls)
             self._steps.clear()
             self._calls.clear()
         for task in leftover:
-            err = RuntimeError("the compute worker has stopped")
-            task.loop.call_soon_threadsafe(_set_result, task.future, None, err)
+            _reply(task, None, RuntimeError("the compute worker has stopped"))
 
     def _run_singly(self, batch: list[_Task]) -> None:
         for task in batch:
             try:
                 (result,) = task.step.session.backend.inference_step([task.step])
-                task.loop.call_soon_threadsafe(_set_result, task.future, result, None)
             except BaseException as e:
-                task.loop.call_soon_threadsafe(_set_result, task.future, None, e)
+                _reply(task, None, e)
+            else:
+                _reply(task, result, None)
+
+
+def _reply(task: _Task, result: Any, error: BaseException | None) -> None:
+    """Hand a result to the task's event loop; never raises, so the compute thread lives on."""
+    try:
+        task.loop.call_soon_threadsafe(_set_result, task.future, result, error)
+    except RuntimeError as e:  # the loop closed while the task was queued: nobody is waiting
+        logger.debug("dropping a compute result: its event loop is gone (%s)", e)
 
 
 def _set_result(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.done():  # the awaiting handler was cancelled (timeout, client gone)
         return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except (RuntimeError, asyncio.InvalidStateError) as e:  # cancelled or its loop closing
+        logger.debug("dropping a compute result: %s", e)

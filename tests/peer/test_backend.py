@@ -4,6 +4,7 @@ Tests swarm/peer/backend.py, swarm/peer/worker.py and swarm/peer/memory.py.
 """
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -73,6 +74,38 @@ async def test_worker_batches_concurrent_steps(backend):
             await worker.call(lambda: 1 / 0)
         assert await worker.call(lambda: 7) == 7  # still serving after a failure
     finally:
+        worker.stop()
+
+
+def test_worker_survives_a_closed_event_loop():
+    """Results for a loop closed while its tasks were queued are dropped; the thread lives on."""
+    worker = ComputeWorker()
+    gate = threading.Event()
+    ran = []
+    try:
+        loop = asyncio.new_event_loop()
+
+        async def submit_and_leave():
+            busy = asyncio.ensure_future(worker.call(lambda: gate.wait(30)))
+            queued = [asyncio.ensure_future(worker.call(lambda i=i: ran.append(i))) for i in (1, 2)]
+            failing = asyncio.ensure_future(worker.call(lambda: 1 / 0))
+            await asyncio.sleep(0.1)  # all four are in the worker's queue
+            for task in (busy, *queued, failing):
+                task.cancel()
+            await asyncio.gather(busy, *queued, failing, return_exceptions=True)
+
+        loop.run_until_complete(submit_and_leave())
+        loop.close()
+        gate.set()  # the worker now replies (results and an error) to a closed loop
+
+        async def still_serving():
+            return await asyncio.wait_for(worker.call(lambda: 7), 10)
+
+        assert asyncio.run(still_serving()) == 7
+        assert ran == [1, 2]  # each queued call ran once, none was retried
+        assert worker._thread.is_alive()
+    finally:
+        gate.set()
         worker.stop()
 
 

@@ -31,11 +31,31 @@ def test_round_trip():
 
 def test_unknown_fields_are_tolerated_and_kept():
     version, state, tp, info = _record().to_wire()
-    wire = (version + 1, state, tp, {**info, "next_pings": {"x": 0.1}}, "future field")
+    wire = (version + 1, state, tp, {**info, "bandwidth": {"x": 0.1}}, "future field")
     r = SpanRecord.from_wire("Qm1", wire)
     assert (r.start, r.end, r.throughput) == (2, 5, 12.5)
-    assert r.extra == {"next_pings": {"x": 0.1}}
-    assert r.to_wire()[3]["next_pings"] == {"x": 0.1}
+    assert r.extra == {"bandwidth": {"x": 0.1}}
+    assert r.to_wire()[3]["bandwidth"] == {"x": 0.1}
+
+
+def test_next_pings_round_trip_and_old_records():
+    r = _record(next_pings={"QmB": 0.002, "QmC": 0.5})
+    assert SpanRecord.from_wire("Qm1", r.to_wire()) == r
+    assert hash(r) == hash(_record())  # records stay hashable; pings are advisory
+    version, state, tp, info = r.to_wire()
+    old = {k: v for k, v in info.items() if k != "next_pings"}  # a peer from before the field
+    assert SpanRecord.from_wire("Qm1", (version, state, tp, old)).next_pings == {}
+
+
+def test_bad_next_pings_are_dropped_not_the_record():
+    version, state, tp, info = _record().to_wire()
+    pings = {"QmB": 0.01, "QmC": -1.0, "QmD": float("inf"), 7: 0.1, "QmE": "fast"}
+    r = SpanRecord.from_wire("Qm1", (version, state, tp, {**info, "next_pings": pings}))
+    assert r.next_pings == {"QmB": 0.01}
+    r = SpanRecord.from_wire("Qm1", (version, state, tp, {**info, "next_pings": [1, 2]}))
+    assert r.next_pings == {} and r.start == 2
+    with pytest.raises(ValueError, match="next_pings"):
+        _record(next_pings={"QmB": float("nan")})
 
 
 @pytest.mark.parametrize(

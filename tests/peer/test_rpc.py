@@ -18,7 +18,7 @@ from swarm.errors import BadRequest, CacheFull, SessionExpired
 from swarm.model.loading import load_model
 from swarm.peer import wire
 from swarm.peer.client import PeerClient, as_peer_id
-from swarm.peer.dht_view import fetch_swarm
+from swarm.peer.dht_view import fetch_swarm, fetch_swarm_async
 from swarm.peer.handler import PeerHandler
 from tests.conftest import PeerProcess, wait_for
 
@@ -42,7 +42,7 @@ def swarm2(tiny_model_dir, tmp_path_factory, throughput_cache):
         "--max-request-tokens",
         "512",
         "--session-timeout",
-        "5",
+        "20",  # long enough that a loaded CI machine never expires a live test session
     ]
     peers = [PeerProcess(["join", "--stage", "0:3", *common], env, logs / "a.log")]
     dht = None
@@ -90,6 +90,27 @@ async def test_info(client, swarm2):
     info = await client.info(swarm2[1][1])
     assert (info.start, info.end, info.state, info.num_blocks) == (3, 6, "online", 6)
     assert "int8-block64" in info.codecs and info.cache_tokens_left == 256
+
+
+async def test_ping(client, swarm2):
+    rtt = await client.ping(swarm2[1][1], timeout=5)
+    assert 0 < rtt < 5
+
+
+async def test_next_pings_are_announced(swarm2, tiny_model_dir):
+    # Peer 0:3 times peer 3:6 (which serves block 3, right after its span) every period.
+    dht, (a, b) = swarm2
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        records = await fetch_swarm_async(dht, tiny_model_dir.name, 6, timeout=10)
+        pings = {r.peer_id: r.next_pings for r in records}
+        if b in pings.get(a, {}) or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert b in pings.get(a, {}), pings
+    assert 0 < pings[a][b] < 2.0
+    assert pings.get(b) == {}  # the last span has no next hop
 
 
 async def test_forward_chain_equals_local_model(client, swarm2, model):
