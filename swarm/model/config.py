@@ -13,7 +13,13 @@ from swarm.errors import CheckpointError
 
 # Architectures whose blocks are ours to run: Llama-family decoder blocks.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+# GGUF `general.architecture` values we read; their tensors use llama.cpp's Llama names.
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
@@ -67,12 +73,13 @@ class ModelConfig:
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {arch!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         try:
             eos = cfg.get("eos_token_id")
             eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-            # transformers 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`.
+            # transformers 5 writes `rope_parameters`; older ones `rope_theta` + `rope_scaling`.
             rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
             rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
             rope.setdefault("rope_type", rope.get("type", "default"))
@@ -100,6 +107,63 @@ class ModelConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"config.json is missing or has a bad field: {e}") from e
+
+    @classmethod
+    def from_gguf(
+        cls, meta: dict[str, Any], name: str = "model", tied: bool = False
+    ) -> ModelConfig:
+        """Read GGUF metadata (`general.architecture`, `{arch}.block_count`, ...).
+
+        `tied` says the file has no `output.weight`, so the head reuses the embeddings.
+        """
+        arch = meta.get("general.architecture", "unknown")
+        if arch not in GGUF_ARCHITECTURES:
+            raise CheckpointError(
+                f"unsupported GGUF architecture {arch!r}; "
+                f"supported: {', '.join(GGUF_ARCHITECTURES)}"
+            )
+
+        def get(key: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise CheckpointError(f"GGUF metadata lacks {arch}.{key}")
+            return value
+
+        try:
+            num_heads = int(get("attention.head_count"))
+            hidden = int(get("embedding_length"))
+            tokens = meta.get("tokenizer.ggml.tokens")
+            vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
+            if vocab is None:
+                raise CheckpointError("GGUF metadata gives no vocabulary size")
+            eos = meta.get("tokenizer.ggml.eos_token_id")
+            scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+            if scaling not in ("none", "linear"):
+                raise CheckpointError(f"unsupported GGUF rope scaling {scaling!r}")
+            rope_scaling = None
+            if scaling == "linear":
+                rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+            return cls(
+                vocab_size=int(vocab),
+                hidden_size=hidden,
+                intermediate_size=int(get("feed_forward_length")),
+                num_layers=int(get("block_count")),
+                num_heads=num_heads,
+                num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+                head_dim=int(meta.get(f"{arch}.attention.key_length") or 0),
+                rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(get("rope.freq_base", 10000.0)),
+                rope_scaling=rope_scaling,
+                max_position_embeddings=int(get("context_length", 2048)),
+                tie_word_embeddings=tied,
+                attention_bias=arch == "qwen2",
+                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_token_id=[] if eos is None else [int(eos)],
+                architecture=MODEL_TYPES[arch],
+                name=name,
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"GGUF metadata has a bad field: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
