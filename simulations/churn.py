@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -49,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         if field.name in _NOT_FLAGS:
             continue
         flag = "--" + field.name.replace("_", "-")
-        kind = float if field.default is None else type(field.default)
-        parser.add_argument(flag, type=kind, default=None, help=f"default {field.default}")
+        # Every flag parses like a sweep value, so `--periodic-churn 0` means False.
+        parser.add_argument(
+            flag,
+            type=functools.partial(_parse_value, field),
+            default=None,
+            help=f"default {field.default}",
+        )
     parser.add_argument("--strategy", choices=STRATEGIES, action="append", default=None)
     parser.add_argument("--sweep", default=None, help="FIELD=V1,V2,... e.g. preempt-per-hour=0,5")
     parser.add_argument("--calibration", default=None, help="JSON object of SimConfig fields")

@@ -16,6 +16,7 @@ from simulations.sim.network import SOURCE, Network
 
 # Event kinds: (time, seq, kind, a, b); a is a microbatch or a peer, b an attempt or an epoch.
 ARRIVE, DONE, FAIL, RETRY, PREEMPT, REJOIN, READY, REFRESH, REBALANCE = range(9)
+STEP = 9  # with step_barrier: the next step's microbatches start
 OFFLINE, LOADING, ONLINE = 0, 1, 2
 
 
@@ -121,6 +122,7 @@ class BaseSim:
             PREEMPT: self.preempt,
             REJOIN: self.rejoin,
             READY: self.ready,
+            STEP: self.step,
         }
 
     # Microbatches
@@ -136,6 +138,7 @@ class BaseSim:
         self.c_start = [-1.0] * count  # compute start of the current hop, -1 before arrival
         self.c_end = [0.0] * count
         self.sent_at = [0.0] * count
+        self.parked: list[int] = []  # with step_barrier: finished microbatches awaiting the step
 
     def send(self, t: float, m: int, p: int) -> None:
         """Start hop pos[m] of microbatch m on peer p: transfer its input, then queue compute."""
@@ -174,10 +177,31 @@ class BaseSim:
             self.samples += self.B
             self.bins[int(t / self.bin_s)] += self.B
             self.restart(m)
+            if self.park(t, m):
+                return
         else:
             self.pos[m] = h
             self.src[m] = p
         self.dispatch(t, m)
+
+    def park(self, t: float, m: int) -> bool:
+        """With step_barrier, hold finished (or lost) microbatch m until the whole step is done."""
+        if not self.cfg.step_barrier:
+            return False
+        self.parked.append(m)
+        if len(self.parked) == self.M:
+            wait = self.cfg.step_overhead_s + (self.cfg.averaging_s if self.averaging() else 0.0)
+            self.q.push(t + wait, STEP)
+        return True
+
+    def averaging(self) -> bool:
+        """Hook: whether some stage's replicas must average before the step (SwarmSim)."""
+        return True
+
+    def step(self, t: float, _a: int, _b: int) -> None:
+        parked, self.parked = self.parked, []
+        for m in parked:
+            self.dispatch(t, m)
 
     def on_done(self, t: float, m: int, p: int, h: int) -> None:
         """Hook: hop h of m finished on p (the SWARM trainer measures the peer here)."""
@@ -196,13 +220,21 @@ class BaseSim:
         self.cap_t = t
 
     def preempt(self, t: float, _a: int, _b: int) -> None:
-        rate = self.cfg.preempt_per_hour / 3600.0
-        self.q.push(t + self.churn_rng.expovariate(rate), PREEMPT)
+        self.q.push(t + self.churn_gap(), PREEMPT)
         for _ in range(64):  # bounded: rejection sampling of a live victim
             p = self.churn_rng.randrange(self.N)
-            if self.state[p] != OFFLINE:
+            if self.state[p] != OFFLINE and self.may_preempt(p):
                 self.kill(t, p)
                 return
+
+    def may_preempt(self, p: int) -> bool:
+        """Hook: whether live peer p may be the next victim (spare_last_replica narrows it)."""
+        return True
+
+    def churn_gap(self) -> float:
+        """Seconds to the next preemption: exponential, or fixed with periodic_churn."""
+        rate = self.cfg.preempt_per_hour / 3600.0
+        return 1.0 / rate if self.cfg.periodic_churn else self.churn_rng.expovariate(rate)
 
     def kill(self, t: float, p: int) -> None:
         self.account(t)
@@ -219,7 +251,10 @@ class BaseSim:
         self.inflight[p] = set()
         self.cfree[p] = t
         self.net.reset(p, t)
-        self.q.push(t + self.churn_rng.expovariate(1.0 / self.cfg.rejoin_delay_s), REJOIN, p)
+        delay = self.cfg.rejoin_delay_s
+        if not self.cfg.periodic_churn:
+            delay = self.churn_rng.expovariate(1.0 / delay)
+        self.q.push(t + delay, REJOIN, p)
 
     def rejoin(self, t: float, p: int, _b: int) -> None:
         self.account(t)
@@ -264,8 +299,7 @@ class BaseSim:
         for m in range(self.M):
             self.dispatch(0.0, m)
         if self.cfg.preempt_per_hour > 0:
-            rate = self.cfg.preempt_per_hour / 3600.0
-            self.q.push(self.churn_rng.expovariate(rate), PREEMPT)
+            self.q.push(self.churn_gap(), PREEMPT)
         events = self.q.run(self.handlers(), until=self.horizon)
         self.account(self.horizon)
         useful = self.samples * self.costs.flops_per_sample

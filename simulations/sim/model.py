@@ -29,6 +29,17 @@ class SimConfig:
     preempt_per_hour: float = 0.0  # preemptions per hour across the whole swarm (Poisson)
     rejoin_delay_s: float = 600.0  # mean (exponential) time before a preempted peer is back
     startup_s: float = 60.0  # a (re)joining machine's boot before it downloads its stage
+    # Fixed schedule instead of Poisson (the real-process harness): a preemption every
+    # 3600 / preempt_per_hour s from then on, each peer back after exactly rejoin_delay_s.
+    periodic_churn: bool = False
+    # Preempt only online peers whose stage keeps another online replica (the harness's rule).
+    spare_last_replica: bool = False
+    # Synchronous steps (swarm-train): the in-flight microbatches form one step; a new step starts
+    # step_overhead_s (the stages' averaging) after the last of them finishes or is lost.
+    step_barrier: bool = False
+    step_overhead_s: float = 0.0
+    # ... plus this while any stage has two or more online replicas (they average to step).
+    averaging_s: float = 0.0
     hours: float = 24.0
     strategy: str = "swarm"
     seed: int = 0

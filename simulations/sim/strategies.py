@@ -141,6 +141,8 @@ class SwarmSim(BaseSim):
             self.lost_samples += self.B
             self.wasted_flops += self.work[m]
             self.restart(m)
+            if self.park(t, m):
+                return
         self.dispatch(t, m)
 
     def refresh(self, t: float, _a: int, _b: int) -> None:
@@ -175,6 +177,16 @@ class SwarmSim(BaseSim):
         return [
             StageStats(1.0, max(self.stage_tp[s], 0.0), self.replicas[s]) for s in range(self.S)
         ]
+
+    def averaging(self) -> bool:
+        return any(len(members) > 1 for members in self.members)
+
+    def may_preempt(self, p: int) -> bool:
+        if not self.cfg.spare_last_replica:
+            return True
+        s = self.stage[p]
+        online = [q for q in range(self.N) if self.stage[q] == s and self.state[q] == ONLINE]
+        return self.state[p] == ONLINE and len(online) > 1
 
     def on_kill(self, t: float, p: int, tasks: list[int]) -> None:
         if self.state[p] != OFFLINE:
