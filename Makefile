@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m simulations.demo
+	$(BIN)/python -m simulations.demo_swarm
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 
+from petals_like.distributed_cli import add_distributed_arguments, run_distributed
 from swarm.errors import SwarmError
 from swarm.generation import SamplingConfig, generate_local
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("none", "int8"), default="none", help="block weights")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    add_distributed_arguments(p)
     return p
 
 
@@ -95,12 +97,6 @@ def run_local(args: argparse.Namespace) -> None:
     )
 
 
-def run_distributed(args: argparse.Namespace) -> None:
-    """Generate through the mesh from `--initial-peers`."""
-    # TODO(distributed client): route through remote spans, keep inputs for replay on peer loss.
-    raise SwarmError("distributed generation is not yet available; use --local for now")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -114,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.local:
             run_local(args)
         elif args.initial_peers:
-            run_distributed(args)
+            code = run_distributed(args)
+            if code:
+                sys.exit(code)
         else:
             raise SwarmError("give --local to run here, or --initial-peers MADDR to use a swarm")
     except (SwarmError, ValueError, OSError) as e:

@@ -24,6 +24,10 @@ class PeerUnavailable(SwarmError):
     """A peer did not answer in time, refused, or went away."""
 
 
+class PeerTimeout(PeerUnavailable):
+    """A peer did not answer within the call's timeout: it may be dead, or alive but slow."""
+
+
 class SessionExpired(SwarmError):
     """An inference session is unknown to the peer (closed, timed out, or never opened)."""
 

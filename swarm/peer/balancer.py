@@ -94,7 +94,18 @@ def _best_starts(throughputs: list[float], coverage: list[int], span_length: int
             best_key, best = key, [start]
         elif key == best_key:
             best.append(start)
+    if best_key is not None and best_key[0] < 0:
+        # Among windows that fill as much of a gap, prefer one flush with the gap's edge: random
+        # placement inside a gap leaves slivers that no later peer of this length can fill.
+        flush = [s for s in best if _flush_with_gap(coverage, s, s + span_length)]
+        best = flush or best
     return best
+
+
+def _flush_with_gap(coverage: list[int], start: int, end: int) -> bool:
+    starts_gap = coverage[start] == 0 and (start == 0 or coverage[start - 1] > 0)
+    ends_gap = coverage[end - 1] == 0 and (end == len(coverage) or coverage[end] > 0)
+    return starts_gap or ends_gap
 
 
 def _check_length(num_blocks: int, span_length: int) -> None:

@@ -17,7 +17,7 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 
 from proto import peer_pb2
-from swarm.errors import BadRequest, PeerUnavailable, SwarmError
+from swarm.errors import BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.peer import wire
 from swarm.peer.handler import PeerHandler
 
@@ -33,7 +33,7 @@ def _transport_error(e: BaseException, peer: PeerID, what: str) -> SwarmError:
     if isinstance(e, SwarmError):
         return e
     if isinstance(e, asyncio.TimeoutError):
-        return PeerUnavailable(f"peer {peer}: {what} timed out")
+        return PeerTimeout(f"peer {peer}: {what} timed out")
     if isinstance(e, P2PHandlerError) and "DecodeError" in str(e):
         return BadRequest(f"peer {peer} could not parse the {what} request: {e}")
     return PeerUnavailable(f"peer {peer}: {what} failed: {type(e).__name__}: {e}")
@@ -81,7 +81,7 @@ class PeerClient:
         try:
             await asyncio.wait_for(self.info(peer, timeout=timeout), timeout)
         except asyncio.TimeoutError:
-            raise PeerUnavailable(f"peer {peer}: ping timed out after {timeout:.1f} s") from None
+            raise PeerTimeout(f"peer {peer}: ping timed out after {timeout:.1f} s") from None
         return time.perf_counter() - t0
 
     async def forward(

@@ -9,6 +9,7 @@ import pytest
 
 from swarm.peer.balancer import (
     SpanInfo,
+    block_coverage,
     block_throughputs,
     choose_span,
     should_move,
@@ -150,3 +151,14 @@ def test_random_swarms_converge_without_losing_coverage(seed):
     assert len(uncovered_blocks(spans, num_blocks)) <= holes_before
     if holes_before == 0:
         assert swarm_min_throughput(spans, num_blocks) >= min_before
+
+
+def test_peers_joining_one_by_one_tile_the_model_without_slivers():
+    # 30 blocks, spans of 10: three peers must cover everything, whatever the random tie-breaks.
+    for seed in range(50):
+        rng = random.Random(seed)
+        spans: list[SpanInfo] = []
+        for i in range(3):
+            start, end = choose_span(spans, 30, 10, rng)
+            spans.append(SpanInfo(f"p{i}", start, end, 1.0))
+        assert min(block_coverage(spans, 30)) == 1, (seed, spans)

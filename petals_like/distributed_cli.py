@@ -1,0 +1,114 @@
+"""`swarm-generate --initial-peers ...`: generate through the swarm, streaming text to stdout.
+
+Called by petals_like.cli (its distributed branch), which also adds the flags defined here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+
+from swarm.errors import SwarmError
+
+logger = logging.getLogger(__name__)
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the distributed client that the local run does not have."""
+    parser.add_argument(
+        "--compression",
+        default="auto",
+        help="activation codec on the wire: auto (int8-block64 where the peer offers it), none "
+        "(exact fp32) or a codec name such as dynamic8-block64 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hop-delay",
+        type=float,
+        default=0.0,
+        help="seconds added each way on every request to a peer (WAN emulation; default 0)",
+    )
+
+
+def _summary(model, args: argparse.Namespace, prompt_len: int, load_s: float) -> str:
+    from petals_like.routing import describe
+
+    st = model.last_stats
+    lines = [
+        f"model {model.model_prefix}: joined in {load_s:.2f}s, prompt {prompt_len} tokens, "
+        f"generated {st.new_tokens} tokens in {st.total_s:.2f}s, first token "
+        f"{st.first_token_s * 1000:.0f} ms, {st.decode_tokens_per_s:.1f} tokens/s",
+        f"route: {describe(st.route)} (compression {getattr(args, 'compression', 'auto')})",
+    ]
+    lines += [f"failover: {f.summary()}" for f in st.failovers]
+    if not st.failovers:
+        lines.append("failover: none")
+    return "\n".join(lines)
+
+
+def run_distributed(args: argparse.Namespace) -> int:
+    """Generate through the swarm at `args.initial_peers`; returns the process exit code.
+
+    Reads the flags of swarm-generate (prompt, model, initial_peers, max_new_tokens, temperature,
+    top_k, top_p, repetition_penalty, seed, chat) and, if present, compression and hop_delay.
+    The continuation streams to stdout; the summary (tokens/s, route, failovers) to stderr.
+    """
+    from petals_like.model import DistributedModelForCausalLM
+    from swarm.model.tokenizer import StreamDecoder
+
+    t0 = time.perf_counter()
+    try:
+        model = DistributedModelForCausalLM.from_pretrained(
+            args.model,
+            args.initial_peers,
+            compression=getattr(args, "compression", "auto"),
+            hop_delay=getattr(args, "hop_delay", 0.0),
+        )
+    except (SwarmError, ValueError, OSError, TimeoutError) as e:
+        print(f"error: could not join the swarm: {e}", file=sys.stderr)
+        return 1
+    load_s = time.perf_counter() - t0
+    try:
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            print(f"error: model {args.model} has no tokenizer", file=sys.stderr)
+            return 1
+        prompt = args.prompt
+        if getattr(args, "chat", False):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt_ids = tokenizer.encode(prompt)
+        stream = StreamDecoder(tokenizer)
+
+        def on_token(token: torch.Tensor) -> None:
+            sys.stdout.write(stream.push(int(token[0])))
+            sys.stdout.flush()
+
+        model.generate(
+            torch.tensor([prompt_ids], dtype=torch.long),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=getattr(args, "top_k", 0),
+            top_p=args.top_p,
+            repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+            seed=args.seed,
+            on_token=on_token,
+        )
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        print(_summary(model, args, len(prompt_ids), load_s), file=sys.stderr)
+        return 0
+    except (SwarmError, ValueError, TimeoutError) as e:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        if model.last_stats.new_tokens:
+            print(_summary(model, args, 0, load_s), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        model.close()

@@ -1,0 +1,353 @@
+"""DistributedModelForCausalLM: embeddings and head kept locally, every block served by the swarm.
+
+Used by `swarm-generate` (petals_like.distributed_cli), the demo, benchmarks and user code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from petals_like.loop import BackgroundLoop
+from petals_like.routing import Hop, RouteCosts
+from petals_like.sequence import RouterConfig, SwarmRouter
+from petals_like.session import Failover, RemoteInferenceSession
+from swarm.errors import BadRequest, CheckpointError, PeerUnavailable
+from swarm.generation import SamplingConfig, sample_next
+from swarm.model.config import ModelConfig
+from swarm.model.llama import ClientParts
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # bound on joining the DHT and the first read of the swarm
+
+
+class InferenceSession:
+    """A session whose caches stay on the swarm across `generate` calls (a chat).
+
+    Use as `with model.inference_session(max_length=...) as s:`; `generate` calls inside the
+    block continue the same session. `step` runs hidden states through every remote block.
+    """
+
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int):
+        self.model = model
+        self.max_length, self.batch_size = max_length, batch_size
+        self._remote = RemoteInferenceSession(model.router, max_length, batch_size)
+        # Token bookkeeping for generate(): ids seen so far (for the repetition penalty) and the
+        # last sampled token, which has not been through the swarm yet.
+        self.token_ids: torch.Tensor = torch.zeros(batch_size, 0, dtype=torch.long)
+        self.pending: torch.Tensor | None = None
+        self._entered = 0
+        self._closed = False
+
+    @property
+    def position(self) -> int:
+        """Positions the swarm's caches hold."""
+        return self._remote.position
+
+    @property
+    def route(self) -> list[Hop]:
+        return self._remote.route
+
+    @property
+    def failovers(self) -> list[Failover]:
+        return self._remote.failovers
+
+    def step(self, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+        """[B, T, H] hidden states at the next T positions through every block of the swarm."""
+        return self.model.loop.run(self._remote.step(hidden), timeout)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.model.loop.run(self._remote.close(), timeout=10.0)
+
+    def __enter__(self) -> InferenceSession:
+        self._entered += 1
+        self.model._active_sessions.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._entered -= 1
+        if self in self.model._active_sessions:
+            self.model._active_sessions.remove(self)
+        self.close()
+
+
+@dataclass
+class GenerationStats:
+    """What the last generate() did: for the CLI's summary and benchmarks."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+    route: list[Hop] = field(default_factory=list)
+    failovers: list[Failover] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # time.monotonic() per new token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens/s after the first token (the steady decoding rate)."""
+        if self.new_tokens < 2:
+            return 0.0
+        return (self.new_tokens - 1) / max(1e-9, self.total_s - self.first_token_s)
+
+
+class DistributedModelForCausalLM:
+    """A causal LM whose blocks run on the swarm; generate() samples locally.
+
+    Make one with `from_pretrained`; close it (or use `with`) to leave the swarm.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        client_parts: ClientParts,
+        router: SwarmRouter,
+        loop: BackgroundLoop,
+        dht: Any = None,
+        tokenizer: Any = None,
+        model_prefix: str = "",
+    ):
+        self.config, self.client_parts = config, client_parts
+        self.router, self.loop, self.dht = router, loop, dht
+        self.tokenizer = tokenizer
+        self.model_prefix = model_prefix
+        self.last_stats = GenerationStats()
+        self._active_sessions: list[InferenceSession] = []
+        self._owns_dht = False
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        initial_peers: Sequence[str],
+        *,
+        compression: str = "auto",
+        hop_delay: float = 0.0,
+        router_config: RouterConfig | None = None,
+        costs: RouteCosts | None = None,
+        dht: Any = None,
+        load_tokenizer: bool = True,
+        start_timeout: float = START_TIMEOUT,
+    ) -> DistributedModelForCausalLM:
+        """Load the client parts of `model` and join the swarm at `initial_peers`.
+
+        model: an alias (smollm2-135m), a Hugging Face folder or a .gguf file; its name is the
+            DHT prefix the peers announce under.
+        initial_peers: multiaddrs of any peers of the swarm.
+        compression: activation codec: "auto" (int8-block64 where a peer offers it), "none"
+            (exact: fp32 on the wire) or a codec name.
+        hop_delay: seconds added each way on every request (user-space WAN emulation).
+        router_config: routing, timeout and ban settings (compression and hop_delay override it).
+        dht: an already running hivemind.DHT to share; by default one is started in client mode.
+        """
+        import hivemind
+
+        from swarm.model import loading
+        from swarm.peer.client import PeerClient
+
+        if not initial_peers and dht is None:
+            raise BadRequest("initial_peers is empty: give the multiaddr of a peer of the swarm")
+        source = loading.resolve_model(model)
+        config = loading.load_config(source)
+        client_parts = loading.load_client_parts(source)
+        tokenizer = None
+        if load_tokenizer:
+            try:
+                tokenizer = loading.load_tokenizer(source)
+            except (CheckpointError, OSError) as e:  # token ids still work without one
+                logger.info("model %s has no usable tokenizer: %s", source.name, e)
+        owns_dht = dht is None
+        if owns_dht:
+            # The DHT forks its own process: start it before our loop thread exists.
+            try:
+                dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+            except Exception as e:  # hivemind raises P2PDaemonError, ValueError, ...
+                raise PeerUnavailable(
+                    f"could not join the swarm at {' '.join(initial_peers)}: {e}"
+                ) from e
+        loop = BackgroundLoop()
+        try:
+            p2p = loop.run(dht.replicate_p2p(), timeout=start_timeout)
+            rc = dataclasses.replace(
+                router_config or RouterConfig(), compression=compression, hop_delay=hop_delay
+            )
+            router = SwarmRouter(
+                dht,
+                lambda codec: PeerClient(p2p, compression=codec),
+                source.name,
+                config.num_layers,
+                config=rc,
+                costs=costs,
+            )
+            loop.run(router.start(), timeout=start_timeout)
+        except BaseException:
+            loop.close()
+            if owns_dht:
+                dht.shutdown()
+            raise
+        self = cls(config, client_parts, router, loop, dht, tokenizer, source.name)
+        self._owns_dht = owns_dht
+        return self
+
+    # ---- sessions and generation -----------------------------------------------------------------
+    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+        """A session holding up to `max_length` positions on the swarm; use it with `with`."""
+        if max_length > self.config.max_position_embeddings:
+            raise BadRequest(
+                f"max_length {max_length} exceeds the model's context of "
+                f"{self.config.max_position_embeddings} tokens"
+            )
+        return InferenceSession(self, max_length, batch_size)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_on_eos: bool = True,
+        session: InferenceSession | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+        step_timeout: float | None = 600.0,
+    ) -> torch.Tensor:
+        """Sample up to `max_new_tokens` after `input_ids` [B, T]; returns [B, T + new].
+
+        Inside `with model.inference_session(...)` (or with `session=`), the call continues the
+        session: `input_ids` are only the new tokens (e.g. the next user turn of a chat).
+        temperature 0 is greedy; top_k, top_p and repetition_penalty as in swarm.generation;
+        seed makes sampling reproducible. on_token gets each new [B] tensor of token ids.
+        step_timeout bounds each step, failovers included.
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise BadRequest(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+        if max_new_tokens < 0:
+            raise BadRequest(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise BadRequest(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+        if session is None and self._active_sessions:
+            session = self._active_sessions[-1]
+        own = session is None
+        if own:
+            if ids.shape[1] == 0:
+                raise BadRequest("the prompt is empty")
+            context = self.config.max_position_embeddings
+            if ids.shape[1] >= context:
+                raise BadRequest(
+                    f"the prompt has {ids.shape[1]} tokens; the model's context is {context}"
+                )
+            max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+            session = self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0])
+        elif ids.shape[0] != session.batch_size:
+            raise BadRequest(
+                f"batch {ids.shape[0]} differs from the session's {session.batch_size}"
+            )
+        try:
+            new = self._generate(
+                session, ids, max_new_tokens, sampling, stop_on_eos, on_token, step_timeout
+            )
+        finally:
+            if own:
+                session.close()
+        return torch.cat([ids, new], dim=1)
+
+    def _generate(
+        self,
+        session: InferenceSession,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        stop_on_eos: bool,
+        on_token: Callable[[torch.Tensor], None] | None,
+        step_timeout: float | None,
+    ) -> torch.Tensor:
+        eos = set(getattr(self.tokenizer, "eos_token_ids", None) or self.config.eos_token_id)
+        eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+        pad = int(eos_t[0]) if len(eos_t) else 0
+        generator = sampling.make_generator()
+        feed = ids if session.pending is None else torch.cat([session.pending[:, None], ids], 1)
+        prev = torch.cat([session.token_ids, ids], dim=1)
+        room = session.max_length - session.position - feed.shape[1] + 1
+        if max_new_tokens > room:
+            raise BadRequest(
+                f"the session has room for {max(0, room)} more new tokens, {max_new_tokens} asked"
+            )
+        stats = GenerationStats(prompt_tokens=ids.shape[1])
+        t0 = time.monotonic()
+        new: list[torch.Tensor] = []
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+        step_input = feed
+        failovers_before = len(session.failovers)
+        try:
+            while len(new) < max_new_tokens:
+                hidden = session.step(self.client_parts.embed(step_input), timeout=step_timeout)
+                # Logits of every position, then the last: the same ops as generate_local.
+                logits = self.client_parts.logits(hidden)[:, -1]
+                nxt = sample_next(logits, prev, sampling, generator)
+                if stop_on_eos:
+                    nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+                new.append(nxt)
+                prev = torch.cat([prev, nxt[:, None]], dim=1)
+                session.pending = nxt
+                stats.token_times.append(time.monotonic())
+                if len(new) == 1:
+                    stats.first_token_s = stats.token_times[0] - t0
+                if on_token is not None:
+                    on_token(nxt)
+                if stop_on_eos:
+                    finished |= torch.isin(nxt, eos_t)
+                    if bool(finished.all()):
+                        break
+                step_input = nxt[:, None]
+        finally:
+            session.token_ids = prev
+            stats.new_tokens = len(new)
+            stats.total_s = time.monotonic() - t0
+            stats.route = list(session.route)
+            stats.failovers = list(session.failovers[failovers_before:])
+            self.last_stats = stats
+        if not new:
+            return torch.zeros(ids.shape[0], 0, dtype=torch.long)
+        return torch.stack(new, dim=1)
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close open sessions, stop the background loop and (if ours) the DHT."""
+        if self._closed:
+            return
+        self._closed = True
+        for s in list(self._active_sessions):
+            try:
+                s.close()
+            except Exception as e:  # closing is best effort: peers free sessions on timeout
+                logger.debug("closing a session: %r", e)
+        try:
+            self.loop.run(self.router.close(), timeout=5.0)
+        except Exception as e:
+            logger.debug("closing the router: %r", e)
+        self.loop.close()
+        if self._owns_dht and self.dht is not None:
+            self.dht.shutdown()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

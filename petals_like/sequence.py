@@ -1,0 +1,409 @@
+"""The client's view of the swarm: span records refreshed from the DHT, round trips, bans, timeouts.
+
+Used by RemoteInferenceSession (routes, streams, failure reports) and DistributedModelForCausalLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from petals_like.bans import BanList
+from petals_like.routing import Hop, RouteCosts, find_route, missing_blocks
+from swarm.errors import NoRoute, PeerTimeout, PeerUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Codecs tried in this order when the client asks for compression "auto".
+AUTO_CODECS = ("int8-block64", "dynamic8-block64", "int8-row")
+
+
+@dataclass
+class RouterConfig:
+    """Settings of the client's router.
+
+    update_period: seconds between background refreshes of span records from the DHT.
+    ping_period: seconds between round-trip measurements of the peers.
+    dht_timeout: bound on one DHT read.
+    ping_timeout: bound on one round-trip measurement; a peer slower than this is avoided.
+    open_timeout: bound on opening an inference stream.
+    min_step_timeout, max_step_timeout: bounds of the per-step timeout.
+    first_step_timeout: the least timeout of a peer whose latency we have not measured yet
+        (a dead peer is still found at once by the probe below; this only waits on live ones).
+    timeout_factor: a step may take this many times its expected latency before the peer is
+        declared hung.
+    probe_factor, min_probe_after: a step still running after max(min_probe_after,
+        probe_factor * expected latency) makes us probe the peer with a small RPC: a peer whose
+        process died answers that at once with an error (its orphaned p2pd lives on and keeps the
+        stream open), so the loss is seen in milliseconds rather than at the timeout.
+    per_token_default: seconds per token per block assumed before a peer was measured.
+    ban_period, ban_growth, max_ban: ban of a failed peer: first period, growth, longest.
+    compression: wire codec of activations: "none", "auto" (the first of AUTO_CODECS the peer
+        advertises) or a codec name (used where the peer advertises it, else "none").
+    hop_delay: seconds added before and after every request, emulating WAN latency (no netem).
+    """
+
+    update_period: float = 10.0
+    ping_period: float = 30.0
+    dht_timeout: float = 5.0
+    ping_timeout: float = 2.0
+    open_timeout: float = 5.0
+    min_step_timeout: float = 3.0
+    first_step_timeout: float = 15.0
+    max_step_timeout: float = 60.0
+    timeout_factor: float = 8.0
+    probe_factor: float = 2.0
+    min_probe_after: float = 0.05
+    per_token_default: float = 0.002
+    ban_period: float = 15.0
+    ban_growth: float = 2.0
+    max_ban: float = 600.0
+    compression: str = "auto"
+    hop_delay: float = 0.0
+
+
+def is_timeout(e: BaseException) -> bool:
+    """A timeout, raw or as PeerClient's PeerTimeout: inconclusive (dead, or alive but slow)."""
+    return isinstance(e, (asyncio.TimeoutError, TimeoutError, PeerTimeout))
+
+
+class _Latency:
+    """Expected seconds of a step of n tokens on one peer: fixed + n * per_token (online fit)."""
+
+    def __init__(self, fixed: float, per_token: float, alpha: float = 0.2):
+        self.fixed, self.per_token, self.alpha = fixed, per_token, alpha
+        self.measured = False
+
+    def expect(self, n_tokens: int) -> float:
+        return self.fixed + n_tokens * self.per_token
+
+    def update(self, seconds: float, n_tokens: int) -> None:
+        a = self.alpha if self.measured else 1.0
+        if n_tokens <= 2:
+            self.fixed += a * (seconds - self.fixed)
+            self.measured = True
+        else:
+            per_token = max(0.0, seconds - self.fixed) / n_tokens
+            self.per_token += self.alpha * (per_token - self.per_token)
+
+
+class DelayedStream:
+    """Wraps a stream so each step pays `delay` seconds each way (user-space WAN emulation)."""
+
+    def __init__(self, inner: Any, delay: float):
+        self.inner, self.delay = inner, delay
+
+    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
+        await asyncio.sleep(self.delay)
+        out = await self.inner.step(hidden, position, timeout=timeout)
+        await asyncio.sleep(self.delay)
+        return out
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class SwarmRouter:
+    """Span records, round trips and bans of the swarm serving one model; routes and streams.
+
+    dht: a running hivemind.DHT (client mode is enough).
+    make_client: codec -> a swarm.peer.client.PeerClient sending and asking for that codec.
+    model_prefix, num_blocks: the model's DHT prefix and block count.
+    fetch: coroutine function (dht, prefix, num_blocks, timeout) -> records; the DHT by default.
+    """
+
+    def __init__(
+        self,
+        dht: Any,
+        make_client: Callable[[str], Any],
+        model_prefix: str,
+        num_blocks: int,
+        config: RouterConfig | None = None,
+        costs: RouteCosts | None = None,
+        fetch: Any = None,
+    ):
+        self.dht, self._make_client = dht, make_client
+        self._clients: dict[str, Any] = {}
+        self.model_prefix, self.num_blocks = model_prefix, num_blocks
+        self.config = config or RouterConfig()
+        self.costs = costs or RouteCosts()
+        self.bans = BanList(self.config.ban_period, self.config.ban_growth, self.config.max_ban)
+        self.records: list[Any] = []
+        self.rtts: dict[str, float] = {}
+        self.updated_at = 0.0
+        self._latency: dict[str, _Latency] = {}
+        self._fetch = fetch
+        self._task: asyncio.Task | None = None
+        self._refresh_lock: asyncio.Lock | None = None
+        self._rng = random.Random()
+
+    def client(self, codec: str = "none") -> Any:
+        """The RPC client that sends activations with `codec` (one per codec, made on demand)."""
+        if codec not in self._clients:
+            self._clients[codec] = self._make_client(codec)
+        return self._clients[codec]
+
+    # ---- the swarm's state ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """First refresh and round trips, then background refreshes."""
+        self._refresh_lock = asyncio.Lock()
+        await self.refresh()
+        await self.ping_all()
+        self._task = asyncio.ensure_future(self._background())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+
+    async def refresh(self) -> None:
+        """Read span records from the DHT (bounded by dht_timeout); keep the old view on failure."""
+        if self._refresh_lock is None:
+            self._refresh_lock = asyncio.Lock()
+        async with self._refresh_lock:
+            try:
+                if self._fetch is not None:
+                    fetch = self._fetch
+                else:
+                    from swarm.peer.dht_view import fetch_swarm_async as fetch
+                records = await asyncio.wait_for(
+                    fetch(self.dht, self.model_prefix, self.num_blocks, self.config.dht_timeout),
+                    self.config.dht_timeout + 1.0,
+                )
+            except (PeerUnavailable, asyncio.TimeoutError, OSError) as e:
+                logger.warning("could not refresh the swarm's records: %s", e)
+                return
+            self.records = list(records)
+            self.updated_at = time.monotonic()
+
+    async def ping(self, peer_id: str) -> float | None:
+        """Measure one round trip to `peer_id` (None if it did not answer in time)."""
+        t0 = time.perf_counter()
+        try:
+            if self.config.hop_delay:
+                await asyncio.sleep(2 * self.config.hop_delay)
+            await asyncio.wait_for(
+                self.client().info(peer_id, timeout=self.config.ping_timeout),
+                self.config.ping_timeout + 0.5,
+            )
+        except Exception as e:
+            self.rtts[peer_id] = self.config.ping_timeout * 2
+            if is_timeout(e):  # slow or hung: avoided by routing until it answers again
+                logger.debug("ping to %s timed out: %r", peer_id, e)
+                return None
+            # Refused: its process is gone though its DHT record may live on.
+            logger.info("peer %s does not answer (%s); banning it", peer_id, e)
+            self.bans.ban(peer_id, reason="(ping failed)")
+            return None
+        rtt = time.perf_counter() - t0
+        old = self.rtts.get(peer_id)
+        self.rtts[peer_id] = rtt if old is None else 0.7 * old + 0.3 * rtt
+        return rtt
+
+    async def ping_all(self) -> None:
+        peers = {r.peer_id for r in self.records if r.state == "online"} - self.bans.banned()
+        await asyncio.gather(*(self.ping(p) for p in peers))
+
+    async def _background(self) -> None:
+        last_ping = time.monotonic()
+        while True:
+            period = self.config.update_period
+            await asyncio.sleep(period * (0.9 + 0.2 * self._rng.random()))
+            await self.refresh()
+            known = set(self.rtts)
+            fresh = {r.peer_id for r in self.records} - known
+            if time.monotonic() - last_ping > self.config.ping_period:
+                await self.ping_all()
+                last_ping = time.monotonic()
+            elif fresh:
+                await asyncio.gather(*(self.ping(p) for p in fresh))
+
+    # ---- what sessions use -----------------------------------------------------------------------
+    async def route(self, start: int, end: int, cache_tokens_needed: int) -> list[Hop]:
+        """The cheapest chain over blocks [start, end); raises NoRoute naming uncovered blocks.
+
+        Refreshes the view once if it has a gap. If only banned peers could fill a gap, those
+        that answer a probe get a second chance (one bounded round): a crashed peer fails the
+        probe at once and stays banned; a peer that was only slow (loading, overloaded) returns.
+        """
+        if not self.records or missing_blocks(self.records, start, end, self.bans.banned()):
+            await self.refresh()
+        try:
+            return self._find(start, end, cache_tokens_needed)
+        except NoRoute:
+            pass
+        banned = self.bans.banned()
+        gap = set(missing_blocks(self.records, start, end, banned))
+        suspects = [
+            r.peer_id
+            for r in self.records
+            if r.peer_id in banned and r.state == "online" and gap & set(range(r.start, r.end))
+        ]
+        answered = await asyncio.gather(*(self._answers(p) for p in suspects))
+        for peer_id, ok in zip(suspects, answered, strict=True):
+            if ok:
+                logger.info("banned peer %s answers again: lifting its ban", peer_id)
+                self.bans.lift(peer_id)
+        try:
+            return self._find(start, end, cache_tokens_needed)
+        except NoRoute as e:
+            gone = sorted(str(p)[-6:] for p in self.bans.banned())
+            hint = f" (peers banned after failures: ...{', ...'.join(gone)})" if gone else ""
+            raise NoRoute(f"{e}{hint}") from None
+
+    def _find(self, start: int, end: int, cache_tokens_needed: int) -> list[Hop]:
+        return find_route(
+            self.records,
+            start,
+            end,
+            rtts=self.rtts,
+            banned=self.bans.banned(),
+            cache_tokens_needed=cache_tokens_needed,
+            costs=self.costs,
+            rng=self._rng,
+        )
+
+    async def _answers(self, peer_id: str) -> bool:
+        try:
+            await asyncio.wait_for(self.probe(peer_id), self.config.ping_timeout + 0.5)
+            return True
+        except Exception as e:  # the probe's verdict: gone or hung
+            logger.debug("probe of banned peer %s: %r", peer_id, e)
+            return False
+
+    def codec_for(self, peer_id: str) -> str:
+        """The activation codec to use with `peer_id`: what we want, if it advertises it."""
+        want = self.config.compression
+        if want == "none":
+            return "none"
+        record = next((r for r in self.records if r.peer_id == peer_id), None)
+        offered = tuple(getattr(record, "codecs", ()) or ())
+        if want == "auto":
+            return next((c for c in AUTO_CODECS if c in offered), "none")
+        return want if want in offered else "none"
+
+    async def open(self, hop: Hop, max_length: int, batch_size: int) -> Any:
+        """An inference stream on hop's peer for its blocks."""
+        if self.config.hop_delay:
+            await asyncio.sleep(2 * self.config.hop_delay)
+        client = self.client(self.codec_for(hop.peer_id))
+        stream = await asyncio.wait_for(
+            client.open_inference(
+                hop.peer_id,
+                hop.start,
+                hop.end,
+                max_length=max_length,
+                batch_size=batch_size,
+                timeout=self.config.open_timeout,
+            ),
+            self.config.open_timeout + 0.5,
+        )
+        if self.config.hop_delay:
+            return DelayedStream(stream, self.config.hop_delay)
+        return stream
+
+    @property
+    def open_timeout(self) -> float:
+        """Bound on opening a stream, dialling included."""
+        return self.config.open_timeout + 1.0 + 2 * self.config.hop_delay
+
+    def _latency_of(self, peer_id: Any) -> _Latency:
+        lat = self._latency.get(peer_id)
+        if lat is None:
+            rtt = min(1.0, self.rtts.get(peer_id, self.costs.default_rtt))
+            record = next((r for r in self.records if r.peer_id == peer_id), None)
+            blocks = record.end - record.start if record is not None else self.num_blocks
+            lat = self._latency[peer_id] = _Latency(rtt, self.config.per_token_default * blocks)
+        return lat
+
+    def step_timeout(self, peer_id: Any, n_tokens: int) -> float:
+        """How long a step of n tokens may take on this peer before it counts as hung."""
+        lat = self._latency_of(peer_id)
+        expected = lat.expect(n_tokens) + 2 * self.config.hop_delay
+        floor = self.config.min_step_timeout if lat.measured else self.config.first_step_timeout
+        timeout = self.config.timeout_factor * expected
+        return min(self.config.max_step_timeout, max(floor, timeout))
+
+    def probe_after(self, peer_id: Any, n_tokens: int) -> float:
+        """When to check that a peer still lives while a step of n tokens waits on it."""
+        expected = self._latency_of(peer_id).expect(n_tokens) + 2 * self.config.hop_delay
+        return max(self.config.min_probe_after, self.config.probe_factor * expected)
+
+    async def probe(self, peer_id: Any) -> None:
+        """Raise if the peer is gone (its handlers are not there); returns if it answers."""
+        if self.config.hop_delay:
+            await asyncio.sleep(2 * self.config.hop_delay)
+        await self.client().info(peer_id, timeout=self.config.ping_timeout)
+
+    async def guarded(
+        self, peer_id: Any, work: Awaitable[T], timeout: float, probe_after: float
+    ) -> T:
+        """Await `work` on `peer_id` for at most `timeout` s, probing the peer if it is slow.
+
+        Raises PeerUnavailable as soon as a probe shows the peer gone, asyncio.TimeoutError at
+        the timeout; cancels `work` in both cases.
+        """
+        task = asyncio.ensure_future(work)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        probe: asyncio.Future | None = None
+        next_probe = loop.time() + probe_after
+        try:
+            while True:
+                now = loop.time()
+                if now >= deadline:
+                    raise asyncio.TimeoutError(f"no answer from peer {peer_id} in {timeout:.2f} s")
+                if probe is None and now >= next_probe:
+                    probe = asyncio.ensure_future(self.probe(peer_id))
+                wake = deadline if probe is not None else min(deadline, next_probe)
+                waiting = {task} if probe is None else {task, probe}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
+                )
+                if task in done:
+                    return task.result()
+                if probe is not None and probe in done:
+                    error = probe.exception()
+                    if error is not None and not is_timeout(error):
+                        raise PeerUnavailable(
+                            f"peer {peer_id} is gone (a probe failed while a request waited: "
+                            f"{error})"
+                        ) from error
+                    # It answered (or the probe timed out): wait on, probe again later.
+                    probe = None
+                    next_probe = loop.time() + max(probe_after, 0.5)
+        finally:
+            if not task.done():
+                task.cancel()
+            if probe is not None and not probe.done():
+                probe.cancel()
+
+    def report_success(self, peer_id: Any, seconds: float, n_tokens: int) -> None:
+        self._latency_of(peer_id).update(max(0.0, seconds - 2 * self.config.hop_delay), n_tokens)
+        self.bans.forgive(peer_id)
+
+    def report_failure(self, peer_id: Any, error: BaseException) -> None:
+        self.bans.ban(peer_id, reason=f"({type(error).__name__}: {error})"[:200])
+        self._latency.pop(peer_id, None)
+
+    def describe_swarm(self) -> Sequence[str]:
+        """One line per known peer, for logs and the CLI."""
+        banned = self.bans.banned()
+        return [
+            f"...{r.peer_id[-6:]} {r.start}:{r.end} {r.state}"
+            f"{' banned' if r.peer_id in banned else ''} rtt="
+            f"{self.rtts.get(r.peer_id, float('nan')) * 1000:.1f}ms"
+            for r in self.records
+        ]

@@ -1,0 +1,324 @@
+"""An inference session through a chain of peers that survives their loss by replaying inputs.
+
+Used by DistributedModelForCausalLM (generate, chat sessions) and the tests of failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from petals_like.routing import Hop, describe
+from swarm.errors import BadRequest, NoRoute, PeerUnavailable, SwarmError
+
+logger = logging.getLogger(__name__)
+
+
+class StepStream(Protocol):
+    """One peer's side of a session: `swarm.peer.client.InferenceStream` or a test double."""
+
+    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor: ...
+
+    async def close(self) -> None: ...
+
+
+class SessionRouter(Protocol):
+    """What a session needs from the router (petals_like.sequence.SwarmRouter)."""
+
+    num_blocks: int
+
+    async def route(self, start: int, end: int, cache_tokens_needed: int) -> list[Hop]: ...
+
+    async def open(self, hop: Hop, max_length: int, batch_size: int) -> StepStream: ...
+
+    open_timeout: float
+
+    def step_timeout(self, peer_id: Any, n_tokens: int) -> float: ...
+
+    def probe_after(self, peer_id: Any, n_tokens: int) -> float: ...
+
+    async def guarded(self, peer_id: Any, work: Any, timeout: float, probe_after: float) -> Any: ...
+
+    def report_success(self, peer_id: Any, seconds: float, n_tokens: int) -> None: ...
+
+    def report_failure(self, peer_id: Any, error: BaseException) -> None: ...
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Errors that mean "this peer cannot go on": re-route around it. Others propagate."""
+    if isinstance(e, (BadRequest, NoRoute, asyncio.CancelledError)):
+        return False
+    if isinstance(e, (SwarmError, TimeoutError, asyncio.TimeoutError, ConnectionError, OSError)):
+        return True
+    if isinstance(e, (EOFError, StopAsyncIteration, asyncio.IncompleteReadError)):
+        return True
+    # hivemind's P2PDaemonError / P2PHandlerError / ControlFailure: the daemon lost the peer.
+    return type(e).__module__.startswith("hivemind")
+
+
+@dataclass
+class Failover:
+    """One recovery: which peer failed, why, which blocks were re-routed, and how long it took."""
+
+    peer_id: Any
+    blocks: tuple[int, int]
+    reason: str
+    replacement: list[Hop]
+    replayed_tokens: int
+    started: float  # time.monotonic() when the failure was seen
+    seconds: float = 0.0  # from the failure until the step went through
+
+    def summary(self) -> str:
+        return (
+            f"blocks {self.blocks[0]}:{self.blocks[1]} lost with peer ...{str(self.peer_id)[-6:]}"
+            f" ({self.reason}); re-routed via {describe(self.replacement)}, replayed "
+            f"{self.replayed_tokens} tokens, recovered in {self.seconds * 1000:.0f} ms"
+        )
+
+
+@dataclass
+class _HopState:
+    """A hop of the route with the inputs sent to its first block and what its peer holds."""
+
+    hop: Hop
+    history: list[torch.Tensor] = field(default_factory=list)  # chunks of [B, t, H]
+    length: int = 0  # positions in history
+    cached: int = 0  # positions the peer holds in its cache
+    stream: StepStream | None = None
+    opening: asyncio.Task | None = None
+    lost: BaseException | None = None  # set when its peer failed and no replacement was found
+
+    def append(self, x: torch.Tensor) -> None:
+        if x.shape[1]:
+            self.history.append(x)
+            self.length += x.shape[1]
+
+    def truncate(self, length: int) -> None:
+        if self.length > length:
+            self.history = [self.inputs(0)[:, :length]]
+            self.length = length
+        self.cached = min(self.cached, length)
+
+    def inputs(self, start: int) -> torch.Tensor:
+        """History from position `start` on (merging chunks once, so replays stay cheap)."""
+        if len(self.history) > 1:
+            self.history = [torch.cat(self.history, dim=1)]
+        return self.history[0][:, start:]
+
+
+class RemoteInferenceSession:
+    """A multi-step session over every block of the model, re-routing around failed peers.
+
+    For each hop the session keeps every input it sent. When a peer fails or times out, it is
+    banned, exactly its span is re-routed (to one or several peers), the new peers get the kept
+    inputs from position 0 to rebuild their caches, and the step goes on.
+
+    router: chooses routes, opens streams, times and bans peers.
+    max_length: most positions the session will hold (prompt plus generated tokens).
+    batch_size: rows of every step.
+    max_failovers: bound on re-routes within one step; beyond it the step fails.
+    """
+
+    def __init__(
+        self,
+        router: SessionRouter,
+        max_length: int,
+        batch_size: int = 1,
+        max_failovers: int = 8,
+    ):
+        if max_length <= 0 or batch_size <= 0:
+            raise BadRequest("max_length and batch_size must be positive")
+        self.router = router
+        self.max_length, self.batch_size = max_length, batch_size
+        self.max_failovers = max_failovers
+        self.position = 0
+        self.failovers: list[Failover] = []
+        self.session_id = uuid.uuid4().hex[:8]
+        self._hops: list[_HopState] = []
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self._hops]
+
+    async def _new_hops(self, start: int, end: int) -> list[_HopState]:
+        hops = await self.router.route(start, end, self.max_length * self.batch_size)
+        states = [_HopState(hop) for hop in hops]
+        # Open every stream at once: the first step pays one round of dialling, not one per hop.
+        for s in states:
+            s.opening = asyncio.ensure_future(
+                self.router.open(s.hop, self.max_length, self.batch_size)
+            )
+        return states
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run [B, T, H] hidden states for the next T positions through every block."""
+        if self._closed:
+            raise BadRequest("the inference session is closed")
+        if hidden.dim() != 3 or hidden.shape[0] != self.batch_size:
+            raise BadRequest(
+                f"expected hidden states [batch={self.batch_size}, T, H], got {tuple(hidden.shape)}"
+            )
+        n = hidden.shape[1]
+        pos = self.position
+        if pos + n > self.max_length:
+            raise BadRequest(
+                f"the session holds at most {self.max_length} positions; {pos} used, {n} more asked"
+            )
+        async with self._lock:
+            try:
+                if not self._hops:
+                    self._hops = await self._new_hops(0, self.router.num_blocks)
+                out = await self._run(hidden, pos)
+            except BaseException:
+                # Forget this step's inputs so that the session can be stepped again later.
+                for h in self._hops:
+                    h.truncate(pos)
+                raise
+        self.position = pos + n
+        return out
+
+    async def _run(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        end_pos = pos + hidden.shape[1]
+        x, x_start = hidden, pos  # x holds the activations for positions [x_start, end_pos)
+        failures: list[Failover] = []
+        i = 0
+        while i < len(self._hops):
+            h = self._hops[i]
+            if h.length < end_pos:
+                if x_start > h.length:
+                    raise RuntimeError(
+                        f"session bookkeeping broke: hop {h.hop} holds {h.length} inputs, "
+                        f"the activations start at {x_start}"
+                    )
+                h.append(x[:, h.length - x_start :])
+            send_from = h.cached
+            try:
+                if h.lost is not None:
+                    raise h.lost
+                peer = h.hop.peer_id
+                if h.stream is None:
+                    h.stream = await self._await_open(h)
+                inputs = h.inputs(send_from)
+                timeout = self.router.step_timeout(peer, inputs.shape[1])
+                t0 = time.perf_counter()
+                # The stream's own timeout shuts it down cleanly; ours is the safety net.
+                out = await self.router.guarded(
+                    peer,
+                    h.stream.step(inputs, send_from, timeout=timeout),
+                    timeout + 0.5,
+                    self.router.probe_after(peer, inputs.shape[1]),
+                )
+                if tuple(out.shape) != tuple(inputs.shape):
+                    raise PeerUnavailable(
+                        f"peer {h.hop.peer_id} returned shape {tuple(out.shape)} "
+                        f"for inputs {tuple(inputs.shape)}"
+                    )
+                self.router.report_success(h.hop.peer_id, time.perf_counter() - t0, inputs.shape[1])
+            except Exception as e:
+                if not is_peer_failure(e):
+                    raise
+                failures.append(await self._fail_over(i, e, len(failures), h.lost is None))
+                continue
+            h.cached = end_pos
+            x, x_start = out, send_from
+            i += 1
+        done = time.monotonic()
+        for f in failures:
+            f.seconds = done - f.started
+            logger.warning("failover: %s", f.summary())
+        self.failovers.extend(failures)
+        return x[:, pos - x_start :]
+
+    async def _await_open(self, h: _HopState) -> StepStream:
+        if h.opening is None:
+            h.opening = asyncio.ensure_future(
+                self.router.open(h.hop, self.max_length, self.batch_size)
+            )
+        try:
+            # Dialling a dead peer whose p2pd lives on hangs: probe it rather than wait it out.
+            return await self.router.guarded(
+                h.hop.peer_id,
+                h.opening,
+                self.router.open_timeout,
+                self.router.probe_after(h.hop.peer_id, 1),
+            )
+        finally:
+            h.opening = None
+
+    async def _fail_over(
+        self, i: int, error: BaseException, n_before: int, report: bool = True
+    ) -> Failover:
+        """Replace hop i by a fresh route over its blocks; the first new hop inherits its inputs."""
+        started = time.monotonic()
+        lost = self._hops[i]
+        reason = f"{type(error).__name__}: {error}".strip().rstrip(":")
+        if report:
+            logger.info(
+                "peer %s failed on blocks %d:%d: %s",
+                lost.hop.peer_id,
+                lost.hop.start,
+                lost.hop.end,
+                reason,
+            )
+            self.router.report_failure(lost.hop.peer_id, error)
+        self._discard(lost)
+        lost.lost = error
+        if n_before + 1 > self.max_failovers:
+            raise PeerUnavailable(
+                f"gave up after {self.max_failovers} failovers in one step; last: peer "
+                f"{lost.hop.peer_id} on blocks {lost.hop.start}:{lost.hop.end} ({reason})"
+            ) from error
+        new = await self._new_hops(lost.hop.start, lost.hop.end)
+        new[0].history, new[0].length = lost.history, lost.length
+        self._hops[i : i + 1] = new
+        return Failover(
+            peer_id=lost.hop.peer_id,
+            blocks=(lost.hop.start, lost.hop.end),
+            reason=reason[:200],
+            replacement=[s.hop for s in new],
+            replayed_tokens=lost.length,
+            started=started,
+        )
+
+    def _discard(self, h: _HopState) -> None:
+        """Drop a hop's stream without waiting on a peer that may be gone."""
+        if h.opening is not None:
+            h.opening.cancel()
+        if h.stream is not None:
+            task = asyncio.ensure_future(_close_quietly(h.stream, timeout=1.0))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        h.stream, h.opening = None, None
+
+    async def close(self) -> None:
+        """Close every peer's stream (each bounded by a short timeout)."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = []
+        for h in self._hops:
+            if h.opening is not None:
+                h.opening.cancel()
+            if h.stream is not None:
+                tasks.append(_close_quietly(h.stream, timeout=2.0))
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._hops = []
+
+    def inputs_kept(self) -> Sequence[tuple[Hop, int]]:
+        """(hop, positions of inputs kept) per hop: what a failover would replay."""
+        return [(h.hop, h.length) for h in self._hops]
+
+
+async def _close_quietly(stream: StepStream, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(stream.close(), timeout)
+    except Exception as e:  # the peer may be dead: closing is best effort
+        logger.debug("closing a stream: %r", e)

@@ -1,0 +1,271 @@
+"""Inference benchmark: tokens/s through local peers against --local, failover recovery, WAN delay.
+
+Run `python -m simulations.bench_inference [--json]`; prints one table (and JSON with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from simulations.demo_swarm import LocalSwarm
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    name: str
+    weights: str  # block weights: none (fp32) or int8
+    codec: str  # activation codec on the wire
+    hop_delay_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    first_token_ms: float = 0.0
+    vs_local: float = 0.0  # tokens/s over --local with the same weights
+    agree_fp32: str = ""  # tokens equal to local fp32 greedy before the first difference
+    agree_local: str = ""  # the same against --local with the same weights
+    extra: dict = field(default_factory=dict)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def agreement(got: list[int], want: list[int]) -> str:
+    n = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), len(want))
+    return f"{n}/{len(want)}"
+
+
+def _stamp(times: list[float]):
+    return lambda _token: times.append(time.monotonic())
+
+
+def run_local(source, quant: str, prompt: list[int], new: int, repeats: int):
+    """Best decode tokens/s of generate_local (the --local path) and its tokens."""
+    from swarm.generation import generate_local
+    from swarm.model.loading import load_model
+
+    model = load_model(source, quant=quant, progress=False)
+    best, first_ms, tokens = 0.0, 0.0, []
+    for _ in range(repeats):
+        times: list[float] = []
+        t0 = time.monotonic()
+        tokens = generate_local(model, None, prompt, new, stop_on_eos=False, on_token=_stamp(times))
+        tps = (len(times) - 1) / (times[-1] - times[0])
+        if tps > best:
+            best, first_ms = tps, (times[0] - t0) * 1000
+    del model
+    return best, first_ms, tokens
+
+
+def run_swarm(model_name, boot, prompt, new, repeats, compression, hop_delay=0.0):
+    """Best decode tokens/s through the swarm, first-token ms, tokens, route."""
+    from petals_like.model import DistributedModelForCausalLM
+
+    with DistributedModelForCausalLM.from_pretrained(
+        model_name, boot, compression=compression, hop_delay=hop_delay
+    ) as model:
+        best, first_ms, tokens, route = 0.0, 0.0, [], []
+        for _ in range(repeats):
+            out = model.generate(prompt, max_new_tokens=new, stop_on_eos=False)
+            st = model.last_stats
+            if st.decode_tokens_per_s > best:
+                best, first_ms = st.decode_tokens_per_s, st.first_token_s * 1000
+                route = [(h.start, h.end) for h in st.route]
+            tokens = out[0, len(prompt) :].tolist()
+    return best, first_ms, tokens, route
+
+
+def run_failover(model_name, boot, swarm: LocalSwarm, prompt, new, reference, kill_at: int):
+    """Generate, SIGKILL the peer serving the middle span at token `kill_at`; measure the gap."""
+    from petals_like.model import DistributedModelForCausalLM
+
+    with DistributedModelForCausalLM.from_pretrained(model_name, boot, compression="none") as model:
+        with model.inference_session(max_length=len(prompt) + new) as session:
+            killed: list[float] = []
+            count = [0]
+
+            def on_token(_t) -> None:
+                count[0] += 1
+                if count[0] == kill_at:
+                    middle = session.route[len(session.route) // 2].peer_id
+                    proc = next(
+                        p for p in swarm.procs if p.name != "bootstrap" and p.peer_id == middle
+                    )
+                    proc.kill(signal.SIGKILL, group=False)  # a crash: its p2pd lives on
+                    killed.append(time.monotonic())
+
+            out = model.generate(prompt, max_new_tokens=new, stop_on_eos=False, on_token=on_token)
+        st = model.last_stats
+    times = st.token_times
+    steps = sorted(b - a for a, b in zip(times[1:kill_at], times[2 : kill_at + 1], strict=True))
+    return {
+        "gap_ms": (times[kill_at] - killed[0]) * 1000,
+        "median_step_ms": steps[len(steps) // 2] * 1000,
+        "same_tokens": out[0, len(prompt) :].tolist() == reference,
+        "failovers": [f.summary() for f in st.failovers],
+    }
+
+
+def start_swarm(model: str, quant: str, spans: list[str], num_blocks: int, prefix: str):
+    import hivemind
+
+    swarm = LocalSwarm(model)
+    boot = swarm.start_bootstrap()
+    dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+    for s in spans:
+        swarm.start_peer("--stage", s, "--quant", quant, "--max-start-delay", "0")
+    swarm.wait_online(dht, prefix, num_blocks, len(spans), 600)
+    dht.shutdown()
+    return swarm, boot
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompt", default="The three primary colors are red, yellow and")
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--hop-delay", type=float, default=0.05, help="seconds each way per hop")
+    p.add_argument("--failover-trials", type=int, default=2)
+    p.add_argument("--codec", default="int8-block64", help="the compressed activation codec")
+    p.add_argument("--skip-int8-weights", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    from swarm.model.loading import load_config, load_tokenizer, resolve_model
+
+    torch.manual_seed(0)
+    source = resolve_model(args.model)
+    config = load_config(source)
+    n = config.num_layers
+    thirds = [f"{i * n // 3}:{(i + 1) * n // 3}" for i in range(3)]
+    prompt = load_tokenizer(source).encode(args.prompt)
+    new, reps = args.new_tokens, args.repeats
+    rows: list[Row] = []
+    failovers: list[dict] = []
+
+    log(f"{args.model}: {n} blocks, spans {thirds}, prompt {len(prompt)} tokens, {new} new")
+    local = {}
+    for quant in ("none",) if args.skip_int8_weights else ("none", "int8"):
+        tps, ftm, toks = run_local(source, quant, prompt, new, reps)
+        local[quant] = (tps, toks)
+        rows.append(
+            Row(
+                "local",
+                quant,
+                "-",
+                tokens_per_s=tps,
+                first_token_ms=ftm,
+                vs_local=1.0,
+                agree_fp32=agreement(toks, local["none"][1]),
+            )
+        )
+        log(f"local {quant}: {tps:.1f} tok/s")
+
+    for quant in ("none",) if args.skip_int8_weights else ("none", "int8"):
+        # The fp32 swarm gets backups of the middle span for the failover trials.
+        middle = thirds[1]
+        spans = thirds + ([middle] * args.failover_trials if quant == "none" else [])
+        log(f"starting {len(spans)} peers ({quant} weights): {spans}")
+        swarm, boot = start_swarm(args.model, quant, spans, n, source.name)
+        try:
+            for codec in ("none", args.codec):
+                tps, ftm, toks, route = run_swarm(args.model, boot, prompt, new, reps, codec)
+                rows.append(
+                    Row(
+                        "swarm",
+                        quant,
+                        codec,
+                        tokens_per_s=tps,
+                        first_token_ms=ftm,
+                        vs_local=tps / local[quant][0],
+                        agree_fp32=agreement(toks, local["none"][1]),
+                        agree_local=agreement(toks, local[quant][1]),
+                        extra={"route": route},
+                    )
+                )
+                log(f"swarm {quant}/{codec}: {tps:.1f} tok/s via {route}")
+            if quant == "none" and args.hop_delay > 0:
+                tps, ftm, toks, route = run_swarm(
+                    args.model, boot, prompt, max(8, new // 4), 1, "none", args.hop_delay
+                )
+                hops = len(route)
+                bound = 1.0 / (hops * 2 * args.hop_delay)
+                rows.append(
+                    Row(
+                        "swarm+delay",
+                        quant,
+                        "none",
+                        hop_delay_ms=args.hop_delay * 1000,
+                        tokens_per_s=tps,
+                        first_token_ms=ftm,
+                        vs_local=tps / local[quant][0],
+                        agree_fp32=agreement(toks, local["none"][1][: len(toks)]),
+                        extra={"bound_tokens_per_s": bound, "of_bound": tps / bound, "hops": hops},
+                    )
+                )
+                log(
+                    f"swarm with {args.hop_delay * 1000:.0f} ms/hop each way: {tps:.2f} tok/s, "
+                    f"bound {bound:.2f}"
+                )
+            if quant == "none":
+                for trial in range(args.failover_trials):
+                    r = run_failover(args.model, boot, swarm, prompt, new, local["none"][1], 12)
+                    failovers.append(r)
+                    log(
+                        f"failover {trial}: next token {r['gap_ms']:.0f} ms after the kill, "
+                        f"same tokens {r['same_tokens']}"
+                    )
+        finally:
+            swarm.close()
+
+    # Measure --local again after the swarms: on a shared machine the load drifts; keep the best
+    # and recompute the ratios against it.
+    for quant in list(local):
+        tps, _, _ = run_local(source, quant, prompt, new, reps)
+        log(f"local {quant} again: {tps:.1f} tok/s")
+        best = max(tps, local[quant][0])
+        local[quant] = (best, local[quant][1])
+        for r in rows:
+            if r.weights == quant:
+                if r.name == "local":
+                    r.tokens_per_s = best
+                r.vs_local = r.tokens_per_s / best
+    print(
+        f"{'run':<12} {'weights':<7} {'codec':<13} {'delay':>6} {'tok/s':>7} {'1st ms':>7} "
+        f"{'xlocal':>6} {'=fp32':>6} {'=local':>6}  notes"
+    )
+    for r in rows:
+        notes = ""
+        if "of_bound" in r.extra:
+            x = r.extra
+            notes = f"bound {x['bound_tokens_per_s']:.2f} tok/s ({x['hops']} hops): "
+            notes += f"{x['of_bound']:.0%} of it"
+        print(
+            f"{r.name:<12} {r.weights:<7} {r.codec:<13} {r.hop_delay_ms:>5.0f}m "
+            f"{r.tokens_per_s:>7.2f} {r.first_token_ms:>7.0f} {r.vs_local:>6.2f} "
+            f"{r.agree_fp32:>6} {r.agree_local or '-':>6}  {notes}"
+        )
+    for i, f in enumerate(failovers):
+        print(
+            f"failover {i}: next token {f['gap_ms']:.0f} ms after SIGKILL (median step "
+            f"{f['median_step_ms']:.0f} ms), same tokens: {f['same_tokens']}"
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {"rows": [asdict(r) for r in rows], "failovers": failovers, "cpus": os.cpu_count()}
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

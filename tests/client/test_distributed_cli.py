@@ -1,0 +1,44 @@
+"""Tests of petals_like.distributed_cli: exit codes and messages when the swarm cannot be used."""
+
+import argparse
+import time
+
+import pytest
+
+from petals_like.distributed_cli import add_distributed_arguments, run_distributed
+
+
+def args_for(model_dir, peers):
+    return argparse.Namespace(
+        prompt="hello",
+        model=str(model_dir),
+        initial_peers=peers,
+        max_new_tokens=4,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        seed=0,
+        chat=False,
+        compression="none",
+        hop_delay=0.0,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_unreachable_swarm_exits_1_with_a_message(tiny_model_dir, capsys):
+    bogus = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRSrtAgMjDciZ9gDyPK1Qe69UHzHKZw9i5ipozd7DvF1L"
+    t0 = time.monotonic()
+    assert run_distributed(args_for(tiny_model_dir, [bogus])) == 1
+    assert time.monotonic() - t0 < 90
+    err = capsys.readouterr().err
+    assert "error: could not join the swarm" in err
+
+
+@pytest.mark.timeout(10)
+def test_distributed_flags():
+    p = argparse.ArgumentParser()
+    add_distributed_arguments(p)
+    a = p.parse_args(["--compression", "none", "--hop-delay", "0.05"])
+    assert a.compression == "none" and a.hop_delay == 0.05
+    assert p.parse_args([]).compression == "auto"

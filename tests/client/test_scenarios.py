@@ -1,0 +1,198 @@
+"""Scenarios with real peer processes on 127.0.0.1: equality with local generation, int8 agreement,
+two clients at once, SIGKILL mid-generation (the failover path), and blocks nobody serves.
+
+The tests share one swarm (module scope) and run in file order: the last two kill its peers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from petals_like.model import DistributedModelForCausalLM
+from swarm.errors import NoRoute
+from swarm.generation import generate_local
+from tests.conftest import PeerProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [5, 17, 42, 8, 60, 11, 99, 23]
+NEW = 24
+
+
+@dataclass
+class Swarm:
+    boot: list[str]
+    peers: dict[str, PeerProcess]  # name -> process: a 0:3, b and c 3:6
+    dht: object
+    prefix: str
+
+    def online(self) -> list:
+        from swarm.peer.dht_view import fetch_swarm
+
+        try:
+            return [r for r in fetch_swarm(self.dht, self.prefix, 6, 5.0) if r.state == "online"]
+        except Exception:  # not answering yet
+            return []
+
+    def by_peer_id(self, peer_id: str) -> PeerProcess:
+        return next(p for p in self.peers.values() if p.peer_id == peer_id)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
+    import hivemind
+
+    from swarm.model.loading import resolve_model
+
+    logs = tmp_path_factory.mktemp("client-scenarios")
+    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
+    base = ["join", "--model", str(tiny_model_dir), "--max-start-delay", "0"]
+    peers: dict[str, PeerProcess] = {}
+    dht = None
+    try:
+        peers["a"] = PeerProcess([*base, "--stage", "0:3"], env, logs / "a.log")
+        boot = peers["a"].wait_maddrs(180)
+        for name in ("b", "c"):
+            args = [*base, "--stage", "3:6", "--initial-peers", *boot]
+            peers[name] = PeerProcess(args, env, logs / f"{name}.log")
+        for p in peers.values():
+            p.wait_maddrs(180)
+        dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+        s = Swarm(boot, peers, dht, resolve_model(str(tiny_model_dir)).name)
+        wait_for(lambda: len(s.online()) == 3, 240, 0.5, "three peers online")
+        yield s
+    finally:
+        if dht is not None:
+            dht.shutdown()
+        for p in peers.values():
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_model_dir):
+    from swarm.model.loading import load_model
+
+    return load_model(str(tiny_model_dir), progress=False)
+
+
+def connect(swarm: Swarm, model_dir, **kw) -> DistributedModelForCausalLM:
+    return DistributedModelForCausalLM.from_pretrained(str(model_dir), swarm.boot, **kw)
+
+
+@pytest.mark.timeout(400)
+def test_scenario_greedy_through_the_swarm_equals_local(swarm, tiny_model_dir, local_model):
+    want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
+    with connect(swarm, tiny_model_dir, compression="none") as model:
+        out = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False)
+        stats = model.last_stats
+    assert out[0, len(PROMPT) :].tolist() == want
+    assert [(h.start, h.end) for h in stats.route] == [(0, 3), (3, 6)]
+    assert not stats.failovers
+
+
+@pytest.mark.timeout(300)
+def test_scenario_int8_activations_stay_close(swarm, tiny_model_dir, local_model):
+    want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
+    with connect(swarm, tiny_model_dir, compression="int8-block64") as model:
+        out = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False)
+        # Hidden states after every block, through the swarm with int8 on the wire vs locally.
+        x = local_model.client.embed(torch.tensor([PROMPT]))
+        with model.inference_session(max_length=len(PROMPT)) as session:
+            remote = session.step(x)
+    with torch.inference_mode():
+        local = local_model.span(x)
+    rel = float((remote - local).norm() / local.norm())
+    got = out[0, len(PROMPT) :].tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), NEW)
+    print(f"int8 activations: relative L2 error {rel:.4f}, first {agree}/{NEW} tokens agree")
+    assert rel < 0.05
+    assert agree >= 1
+
+
+@pytest.mark.timeout(400)
+def test_scenario_two_clients_at_once_both_correct(swarm, tiny_model_dir, local_model):
+    prompts = [PROMPT, [7, 7, 30, 2, 91, 64]]
+    want = [generate_local(local_model, None, p, NEW, stop_on_eos=False) for p in prompts]
+    models = [connect(swarm, tiny_model_dir, compression="none") for _ in prompts]
+    results: list = [None, None]
+    started = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        started.wait(30)
+        try:
+            results[i] = models[i].generate(prompts[i], max_new_tokens=NEW, stop_on_eos=False)
+        except Exception as e:  # reported by the assertion below
+            results[i] = e
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        for m in models:
+            m.close()
+    for i, p in enumerate(prompts):
+        assert not isinstance(results[i], Exception), results[i]
+        assert results[i][0, len(p) :].tolist() == want[i]
+
+
+@pytest.mark.timeout(400)
+def test_scenario_sigkill_mid_generation_gives_the_same_tokens(swarm, tiny_model_dir, local_model):
+    want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
+    killed: list[float] = []
+    victim: list[PeerProcess] = []
+    with connect(swarm, tiny_model_dir, compression="none") as model:
+        with model.inference_session(max_length=len(PROMPT) + NEW) as session:
+
+            def on_token(_token) -> None:
+                on_token.count = getattr(on_token, "count", 0) + 1
+                if on_token.count == 8:
+                    hop = next(h for h in session.route if h.start == 3)
+                    victim.append(swarm.by_peer_id(hop.peer_id))
+                    # The process only, as a crash: its DHT child and p2pd live on.
+                    os.kill(victim[0].pid, signal.SIGKILL)
+                    killed.append(time.monotonic())
+
+            out = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False, on_token=on_token)
+        stats = model.last_stats
+    assert killed, "the peer was not killed"
+    assert out[0, len(PROMPT) :].tolist() == want
+    assert len(stats.failovers) == 1
+    f = stats.failovers[0]
+    assert f.blocks == (3, 6) and f.peer_id == victim[0].peer_id
+    assert next(h for h in stats.route if h.start == 3).peer_id != victim[0].peer_id
+    # The token after the kill: how long the failure made us wait, against a usual step.
+    gap = stats.token_times[8] - killed[0]
+    steps = sorted(
+        b - a for a, b in zip(stats.token_times[1:8], stats.token_times[2:9], strict=True)
+    )
+    print(
+        f"failover: {f.summary()}; next token {gap * 1000:.0f} ms after the kill "
+        f"(median step {steps[len(steps) // 2] * 1000:.0f} ms)"
+    )
+    assert gap < 5.0  # the goal is < 1 s; this shared 2-core machine can stall for seconds
+
+
+@pytest.mark.timeout(300)
+def test_scenario_blocks_served_by_nobody_is_a_clear_error(swarm, tiny_model_dir):
+    # Kill whoever still serves 3:6; their DHT records stay "online" until they expire.
+    for name in ("b", "c"):
+        p = swarm.peers[name]
+        if p.proc.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+    with connect(swarm, tiny_model_dir, compression="none") as model:
+        t0 = time.monotonic()
+        with pytest.raises(NoRoute, match="3:6"):
+            model.generate(PROMPT, max_new_tokens=4)
+        elapsed = time.monotonic() - t0
+    print(f"no route: error after {elapsed:.2f} s")
+    assert elapsed < 10.0
