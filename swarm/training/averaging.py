@@ -1,0 +1,86 @@
+"""Averaging among the replicas of one stage, and state download, through hivemind's averager.
+
+Used by `swarm.training.stage.TrainableStage`: one averager (one prefix) per stage of a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
+
+from swarm.errors import PeerUnavailable
+
+logger = logging.getLogger(__name__)
+
+StateGetter = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
+
+
+class StageAverager(DecentralizedAverager):
+    """A DecentralizedAverager whose downloadable state is whatever `state_getter` returns.
+
+    averaged_tensors: the buffers one round averages in place (gradients and parameters).
+    state_getter: called in this process when a joining replica downloads our state; returns
+    (small msgpack-able metadata, tensors).
+    """
+
+    def __init__(
+        self,
+        averaged_tensors: Sequence[torch.Tensor],
+        dht: DHT,
+        *,
+        prefix: str,
+        state_getter: StateGetter,
+        min_matchmaking_time: float,
+        request_timeout: float,
+        next_chunk_timeout: float,
+    ) -> None:
+        self._state_getter = state_getter
+        super().__init__(
+            averaged_tensors,
+            dht,
+            start=True,
+            prefix=prefix,
+            target_group_size=16,
+            min_group_size=2,
+            min_matchmaking_time=min_matchmaking_time,
+            request_timeout=request_timeout,
+            next_chunk_timeout=next_chunk_timeout,
+            # Short: a joining peer must find the replicas alive now, not those of a minute ago.
+            declare_state_period=10.0,
+            allow_state_sharing=False,
+        )
+
+    def get_current_state(self):
+        metadata, tensors = self._state_getter()
+        return metadata, tensors, None
+
+    def download_state(self, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """State of the replica with the highest priority (epoch); PeerUnavailable if none."""
+        try:
+            result = self.load_state_from_peers(wait=True, timeout=timeout)
+        except Exception as e:
+            raise PeerUnavailable(f"state download failed: {e!r}") from e
+        if result is None:
+            raise PeerUnavailable("no replica of this stage shared its state")
+        metadata, tensors = result
+        if not isinstance(metadata, dict):
+            raise PeerUnavailable(f"replica sent bad state metadata {metadata!r}")
+        return metadata, list(tensors)
+
+    def average(self, weight: float, timeout: float) -> int:
+        """One all-reduce round with the stage's other replicas; returns the group size.
+
+        Raises PeerUnavailable when no group formed or the round failed (e.g. a peer left).
+        """
+        try:
+            gathered = self.step(weight=weight, timeout=timeout, allow_retries=False, wait=True)
+        except Exception as e:
+            raise PeerUnavailable(f"averaging round failed: {e!r}") from e
+        if not gathered:
+            raise PeerUnavailable("averaging round found no group")
+        return len(gathered)

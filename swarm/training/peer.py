@@ -1,0 +1,115 @@
+"""A training peer: the serving peer with a trainable stage as backend, and training rebalancing.
+
+Used by `swarm-peer join --train --run-id NAME` (the CLI picks this class when --train is given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from swarm.peer.backend import SpanBackend
+from swarm.peer.server import Peer
+from swarm.training.progress import check_run_id, fetch_progress
+from swarm.training.rebalance import StageStats, choose_move
+from swarm.training.stage import StageTrainingConfig, TrainableStage
+from swarm.training.trainer import choose_stages
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingPeer(Peer):
+    """Serves its span with fp32 trainable weights; joins its stage's replicas on start.
+
+    With `--stage auto` it periodically compares the stages' throughput (from the progress
+    records on the DHT) and moves from a stage with spare throughput to the bottleneck,
+    downloading the new stage's state before it serves there.
+    """
+
+    def __init__(self, config, on_maddrs=None, stage_config: StageTrainingConfig | None = None):
+        if config.quant != "none":
+            raise ValueError("--train needs --quant none: training keeps fp32 master weights")
+        check_run_id(config.run_id)
+        super().__init__(config, on_maddrs)
+        self.rebalance_min_gain = 0.2
+        self.stage_config = stage_config or StageTrainingConfig(
+            run_id=config.run_id, optim_8bit=config.optim_8bit
+        )
+
+    async def _load(self, start: int, end: int) -> SpanBackend:
+        served = await super()._load(start, end)
+        # On the main thread: hivemind's averager sets a signal handler when it starts.
+        stage = TrainableStage(served.span, self.dht, self.stage_config)
+        # Download the stage's current state before we announce ourselves online.
+        await asyncio.to_thread(stage.join)
+        stage.queue_length = lambda: self.handler.inflight if self.handler is not None else 0
+        return stage
+
+    async def _shutdown(self) -> None:
+        await super()._shutdown()
+        backend = self.handler.backend if self.handler is not None else None
+        if isinstance(backend, TrainableStage):
+            await asyncio.to_thread(backend.shutdown)
+
+    async def _move(self, start: int, end: int) -> None:
+        old = self.handler.backend
+        await super()._move(start, end)
+        if isinstance(old, TrainableStage) and old is not self.handler.backend:
+            await asyncio.to_thread(old.shutdown)
+
+    async def _maybe_move(self) -> bool:
+        if self.handler is None or self.handler.draining:
+            return False
+        me = self.handler.backend
+        if not isinstance(me, TrainableStage):
+            return await super()._maybe_move()
+        records = await self._fetch()
+        try:
+            chain = choose_stages(records, self.num_layers)
+        except Exception as e:  # no full chain yet: nothing to balance
+            logger.debug("no training chain to rebalance: %s", e)
+            return False
+        keys = [k for k, _ in chain]
+        if (self.start, self.end) not in keys:
+            return False
+        speeds = []
+        for key, _ in chain:
+            progress = await asyncio.to_thread(
+                fetch_progress, self.dht, self.stage_config.run_id, key, self.config.dht_timeout
+            )
+            speeds.append(sum(r.throughput for r in (progress or {}).values()))
+        mine = keys.index((self.start, self.end))
+        target = training_move(
+            keys, speeds, [len(p) for _, p in chain], mine, me.throughput, self.rebalance_min_gain
+        )
+        if target is None:
+            return False
+        logger.info("training rebalance: stage %s -> %s", keys[mine], target)
+        await self._move(*target)
+        return True
+
+
+def training_move(
+    keys: list[tuple[int, int]],
+    speeds: list[float],
+    replicas: list[int],
+    mine: int,
+    my_speed: float,
+    min_gain: float = 0.2,
+) -> tuple[int, int] | None:
+    """The span a peer of stage `mine` should move to, or None.
+
+    keys: the stages' spans; speeds: their summed measured samples/s (from progress records);
+    replicas: peers per stage; my_speed: our samples/s on our own span. Every stage must process
+    every sample, so demand is equal; our speed elsewhere scales with the span length.
+    """
+    if not keys or any(s <= 0 for s in speeds) or my_speed <= 0:
+        return None  # not everything measured yet: moving on guesses would thrash
+    stats = [
+        StageStats(demand=1.0, throughput=s, replicas=n)
+        for s, n in zip(speeds, replicas, strict=True)
+    ]
+    length = keys[mine][1] - keys[mine][0]
+    per_stage = [my_speed * length / (e - s) for s, e in keys]
+    target = choose_move(stats, mine, per_stage, min_gain)
+    return None if target is None else keys[target]

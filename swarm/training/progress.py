@@ -1,0 +1,173 @@
+"""DHT records of a training run: each replica's epoch and samples, each trainer's batch.
+
+Written by stages and trainers; read by stages (when to step), trainers (when a step is done).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from hivemind import DHT
+from hivemind.utils.timed_storage import get_dht_time
+
+from swarm.errors import BadRequest
+from swarm.training.optim8bit import AdamConfig
+
+logger = logging.getLogger(__name__)
+
+WIRE_VERSION = 1
+# Averager prefixes end up inside dotted DHT keys, so a run id must not contain dots.
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """Return run_id if it is usable in DHT keys and averager prefixes, else raise BadRequest."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        raise BadRequest(f"--run-id must be 1-64 letters, digits, '-' or '_' (got {run_id!r})")
+    return run_id
+
+
+def stage_prefix(run_id: str, start: int, end: int) -> str:
+    """The averaging group (hivemind prefix, no dots) of the replicas of blocks [start, end)."""
+    return f"{check_run_id(run_id)}_stage{start}_{end}"
+
+
+def progress_key(run_id: str, start: int, end: int) -> str:
+    return f"{stage_prefix(run_id, start, end)}_progress"
+
+
+def run_key(run_id: str) -> str:
+    return f"{check_run_id(run_id)}_trainers"
+
+
+@dataclass(frozen=True)
+class ReplicaProgress:
+    """One replica's place in its stage: its epoch (optimizer steps) and samples since."""
+
+    peer_id: str
+    epoch: int
+    samples: int
+    throughput: float = 0.0  # samples/s of backward work it measured (for rebalancing)
+    queue: int = 0  # requests waiting in its compute queue when it wrote the record
+
+    def to_wire(self) -> list:
+        return [WIRE_VERSION, self.epoch, self.samples, float(self.throughput), self.queue]
+
+    @classmethod
+    def from_wire(cls, peer_id: str, value: Any) -> ReplicaProgress:
+        ok = isinstance(value, (list, tuple)) and len(value) >= 5
+        if ok:
+            version, epoch, samples, throughput, queue = value[:5]
+            ok = (
+                all(isinstance(v, int) and not isinstance(v, bool) for v in (version, epoch))
+                and isinstance(samples, int)
+                and isinstance(queue, int)
+                and isinstance(throughput, (int, float))
+                and math.isfinite(throughput)
+                and version >= 1
+                and epoch >= 0
+                and samples >= 0
+            )
+        if not ok:
+            raise BadRequest(f"bad progress record from {peer_id}: {value!r}")
+        return cls(peer_id, epoch, samples, float(throughput), queue)
+
+
+@dataclass(frozen=True)
+class TrainerRecord:
+    """What a trainer promises per step: its batch size, and the optimizer everyone must use."""
+
+    trainer_id: str
+    batch_size: int
+    adam: AdamConfig
+
+    def to_wire(self) -> list:
+        return [WIRE_VERSION, self.batch_size, self.adam.to_wire()]
+
+    @classmethod
+    def from_wire(cls, trainer_id: str, value: Any) -> TrainerRecord:
+        if not isinstance(value, (list, tuple)) or len(value) < 3:
+            raise BadRequest(f"bad trainer record from {trainer_id}: {value!r}")
+        batch = value[1]
+        if not isinstance(batch, int) or batch <= 0:
+            raise BadRequest(f"bad batch size in trainer record from {trainer_id}: {batch!r}")
+        return cls(trainer_id, batch, AdamConfig.from_wire(value[2]))
+
+
+def _get_dict(dht: DHT, key: str, timeout: float) -> dict[str, Any] | None:
+    """subkey -> value of a dictionary key; {} when absent, None when the DHT did not answer."""
+    try:
+        found = dht.get(key, latest=True, return_future=True).result(timeout=timeout)
+    except Exception as e:  # a slow DHT must not stop training: callers poll again
+        logger.debug("DHT get %s failed: %r", key, e)
+        return None
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    out = {}
+    for subkey, item in found.value.items():
+        name = subkey.decode(errors="replace") if isinstance(subkey, bytes) else str(subkey)
+        out[name] = getattr(item, "value", None)
+    return out
+
+
+def _store(dht: DHT, key: str, subkey: str, value: Any, ttl: float, timeout: float) -> bool:
+    try:
+        return bool(
+            dht.store(key, value, get_dht_time() + ttl, subkey=subkey, return_future=True).result(
+                timeout=timeout
+            )
+        )
+    except Exception as e:
+        logger.debug("DHT store %s failed: %r", key, e)
+        return False
+
+
+def store_progress(
+    dht: DHT, run_id: str, span: tuple[int, int], rec: ReplicaProgress, ttl: float, timeout: float
+) -> bool:
+    return _store(dht, progress_key(run_id, *span), rec.peer_id, rec.to_wire(), ttl, timeout)
+
+
+def retract_progress(
+    dht: DHT, run_id: str, span: tuple[int, int], peer_id: str, ttl: float, timeout: float
+) -> bool:
+    """A tombstone: trainers stop waiting for a replica that left on purpose."""
+    return _store(dht, progress_key(run_id, *span), peer_id, None, ttl, timeout)
+
+
+def fetch_progress(
+    dht: DHT, run_id: str, span: tuple[int, int], timeout: float
+) -> dict[str, ReplicaProgress] | None:
+    """peer id -> its live progress record (malformed ones skipped); None if the DHT is silent."""
+    found = _get_dict(dht, progress_key(run_id, *span), timeout)
+    if found is None:
+        return None
+    out = {}
+    for peer_id, value in found.items():
+        if value is None:
+            continue
+        try:
+            out[peer_id] = ReplicaProgress.from_wire(peer_id, value)
+        except BadRequest as e:
+            logger.warning("%s", e)
+    return out
+
+
+def store_trainer(dht: DHT, run_id: str, rec: TrainerRecord, ttl: float, timeout: float) -> bool:
+    return _store(dht, run_key(run_id), rec.trainer_id, rec.to_wire(), ttl, timeout)
+
+
+def fetch_trainers(dht: DHT, run_id: str, timeout: float) -> list[TrainerRecord]:
+    out = []
+    for trainer_id, value in (_get_dict(dht, run_key(run_id), timeout) or {}).items():
+        if value is None:
+            continue
+        try:
+            out.append(TrainerRecord.from_wire(trainer_id, value))
+        except BadRequest as e:
+            logger.warning("%s", e)
+    return sorted(out, key=lambda r: r.trainer_id)

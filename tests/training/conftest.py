@@ -1,0 +1,136 @@
+"""Fixtures of the training tests: a small text, training peer and trainer processes.
+
+Every process runs in its own session and is killed by process group and pid at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, PeerProcess
+
+STEP_RE = re.compile(r"^step (\d+) loss ([0-9.naninf]+) samples/s ([0-9.]+) retries (\d+)$")
+SUMMARY_RE = re.compile(r"\blost=(\d+)")
+
+
+class TrainerProcess:
+    """`swarm-train` in a subprocess; step lines are parsed as they come."""
+
+    def __init__(self, args: list[str], log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarm.cli.train", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=REPO,
+            start_new_session=True,
+        )
+        self.steps: list[tuple[int, float, float, int]] = []
+        self.lines: list[str] = []
+        self.summary: str | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            self.lines.append(line)
+            m = STEP_RE.match(line)
+            if m:
+                self.steps.append((int(m[1]), float(m[2]), float(m[3]), int(m[4])))
+            elif SUMMARY_RE.search(line):
+                self.summary = line
+
+    @property
+    def losses(self) -> list[float]:
+        return [loss for _, loss, _, _ in self.steps]
+
+    @property
+    def lost(self) -> int | None:
+        m = SUMMARY_RE.search(self.summary or "")
+        return int(m[1]) if m else None
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"trainer did not finish in {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-n:] + self.lines[-10:])
+
+    def kill(self) -> None:
+        from tests.conftest import _children
+
+        pids = [self.proc.pid, *_children(self.proc.pid)] if self.proc.poll() is None else []
+        try:
+            os.killpg(self.proc.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A few kB of repetitive English: a tiny byte-level model learns it within steps."""
+    rng = random.Random(0)
+    words = (
+        "the quick brown fox jumps over the lazy dog while a swarm of peers trains a small model"
+    ).split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)]
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture
+def training_peers(tmp_path, throughput_cache) -> Iterator[Callable[..., PeerProcess]]:
+    """Start training peers (`join --train ...` arguments); all are killed at teardown."""
+    started: list[PeerProcess] = []
+
+    def start(*args: str) -> PeerProcess:
+        env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
+        log = tmp_path / f"train-peer{len(started)}.log"
+        proc = PeerProcess(list(args), env=env, log_path=log)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+@pytest.fixture
+def trainers(tmp_path) -> Iterator[Callable[..., TrainerProcess]]:
+    started: list[TrainerProcess] = []
+
+    def start(*args: str) -> TrainerProcess:
+        proc = TrainerProcess(list(args), tmp_path / f"trainer{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
