@@ -203,7 +203,7 @@ def test_property_relative_error_scale_free(rows, cols, scale, codec):
     x = torch.randn(rows, cols) * scale
     y = kernels.dequantize(kernels.quantize(x, codec))
     bound = 0.5 / 127 * (1 + 2**-7) * math.sqrt(x.numel()) if codec.startswith("int8") else 0.01
-    # relative L2 error cannot exceed the per-element bound relative to each group's absmax
-    assert (y - x).norm().item() <= bound * x.abs().max().item() * 1.0001 + 1e-30 or (
-        (y - x).norm() / x.norm()
-    ).item() < 0.02
+    # relative L2 error cannot exceed the per-element bound relative to each group's absmax;
+    # norms in float64, since squares of values near 1e20 overflow float32
+    err, xd = (y.double() - x.double()).norm().item(), x.double()
+    assert err <= bound * xd.abs().max().item() * 1.0001 + 1e-30 or err / xd.norm().item() < 0.02
