@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from swarm.procs import descendants
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,26 +134,6 @@ class HarnessResult:
 
 
 # Processes
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid`, from a /proc ppid scan."""
-    by_parent: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        by_parent.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in by_parent.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -15,26 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from swarm.procs import descendants
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every descendant of `pid`, read from /proc."""
-    by_parent: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        by_parent.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in by_parent.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 class Proc:
@@ -64,7 +47,7 @@ class Proc:
             found = [ln.strip() for ln in lines if ln.startswith(("/ip4/", "/ip6/"))]
             if found:
                 time.sleep(0.1)
-                self.family.update(_descendants(self.pid))
+                self.family.update(descendants(self.pid))
                 lines = self.out_path.read_text(errors="replace").splitlines()
                 return [ln.strip() for ln in lines if ln.startswith(("/ip4/", "/ip6/"))]
             if self.proc.poll() is not None:
@@ -85,7 +68,7 @@ class Proc:
     def kill(self, sig: int = signal.SIGKILL, group: bool = True) -> None:
         """Send `sig` to the process (and its group); remember its descendants to reap later."""
         if self.alive():
-            self.family.update(_descendants(self.pid))
+            self.family.update(descendants(self.pid))
         try:
             if group:
                 os.killpg(self.pid, sig)

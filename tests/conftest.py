@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from swarm.procs import descendants
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_CONFIG = {
@@ -97,26 +99,6 @@ def wait_for(
         time.sleep(interval)
 
 
-def _children(pid: int) -> list[int]:
-    """Descendants of `pid`, read from /proc (no psutil)."""
-    by_parent: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        by_parent.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in by_parent.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 class PeerProcess:
     """A `swarm-peer` subprocess in its own session; its multiaddrs are read from stdout."""
 
@@ -159,7 +141,7 @@ class PeerProcess:
             self.kill()
             pytest.fail(f"peer {self.args} printed no multiaddr in {timeout} s:\n{self.log_tail()}")
         time.sleep(0.1)  # the remaining lines follow at once
-        self._descendants.update(_children(self.pid))
+        self._descendants.update(descendants(self.pid))
         return list(self.maddrs)
 
     @property
@@ -186,7 +168,7 @@ class PeerProcess:
     def terminate(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (graceful drain), then SIGKILL of the group if it does not exit in time."""
         if self.proc.poll() is None:
-            self._descendants.update(_children(self.pid))
+            self._descendants.update(descendants(self.pid))
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -198,7 +180,7 @@ class PeerProcess:
     def kill(self) -> None:
         """SIGKILL the process group and every descendant seen, by pid (no orphans left)."""
         if self.proc.poll() is None:
-            self._descendants.update(_children(self.pid))
+            self._descendants.update(descendants(self.pid))
         with_group = [self.pid]
         for pid in with_group:
             try:
