@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from swarm.procs import descendants
 from tests.conftest import REPO, PeerProcess
 
 STEP_RE = re.compile(r"^step (\d+) loss ([0-9.naninf]+) samples/s ([0-9.]+) retries (\d+)$")
@@ -73,16 +75,14 @@ class TrainerProcess:
         return "\n".join(text.splitlines()[-n:] + self.lines[-10:])
 
     def kill(self) -> None:
-        from tests.conftest import _children
-
-        pids = [self.proc.pid, *_children(self.proc.pid)] if self.proc.poll() is None else []
+        pids = [self.proc.pid, *descendants(self.proc.pid)] if self.proc.poll() is None else []
         try:
-            os.killpg(self.proc.pid, 9)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         for pid in pids:
             try:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         try:
