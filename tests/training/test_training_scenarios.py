@@ -1,6 +1,7 @@
 """SWARM training with real peer and trainer processes on 127.0.0.1 (tiny model, short runs).
 
-Two stages of two replicas each and one trainer; replicas are killed, restarted and joined mid-run.
+Two stages of two replicas each and one trainer; replicas are killed, restarted and joined mid-run;
+two trainers share one swarm.
 """
 
 from __future__ import annotations
@@ -172,3 +173,45 @@ def test_scenario_replica_killed_mid_run(tiny_model_dir, text_file, training_pee
         x = torch.randn(2, 16, 64)
         outs = forward_outputs(maddr, [peers[2].peer_id, late.peer_id], (3, 6), x)
         assert (outs[0] - outs[1]).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_scenario_two_trainers_and_a_peer_joining_mid_run(
+    tiny_model_dir, text_file, training_peers, trainers
+):
+    maddr, peers = start_swarm(training_peers, tiny_model_dir, "runC", ["0:3", "3:6", "3:6"])
+    steps = 12
+    both = [
+        trainers(
+            *train_args(tiny_model_dir, maddr, text_file, "runC", steps=steps), "--seed", str(seed)
+        )
+        for seed in (1, 2)
+    ]
+    wait_for(lambda: all(t.steps for t in both), 150, what="a step of both trainers")
+    late = training_peers(
+        "join",
+        "--stage",
+        "0:3",
+        "--model",
+        str(tiny_model_dir),
+        "--train",
+        "--run-id",
+        "runC",
+        "--initial-peers",
+        maddr,
+    )
+    wait_for(lambda: serving(late), 120, what="mid-run peer serving")
+    joined_at = [len(t.steps) for t in both]
+    for t in both:
+        assert t.wait(300) == 0, t.log_tail()
+        assert len(t.steps) == steps and t.lost == 0, t.log_tail()
+        assert t.losses[-1] < t.losses[0] - 0.5, t.losses
+    # It joined while both trained, downloaded the current state and stayed in step after.
+    assert all(n < steps for n in joined_at), joined_at
+    x = torch.randn(2, 16, 64)
+    outs = forward_outputs(maddr, [peers[0].peer_id, late.peer_id], (0, 3), x)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+    with torch.no_grad():
+        initial = load_span(str(tiny_model_dir), 0, 3, progress=False)(x)
+    assert (outs[1] - initial).abs().max() > 1e-2
