@@ -179,7 +179,10 @@ class Peer:
         delay = self.rng.uniform(0, self.config.max_start_delay)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), delay)
-        records = await self._fetch()
+        return await self._place(await self._fetch())
+
+    async def _place(self, records: list[SpanRecord]) -> tuple[int, int]:
+        """The span `--stage auto` serves, given the swarm's records (ours excluded here)."""
         spans = [_span_info(r) for r in records if r.peer_id != self.peer_id]
         start, end = balancer.choose_span(spans, self.num_layers, self.span_length, self.rng)
         logger.info("chose blocks %d:%d (swarm had %d peers)", start, end, len(spans))

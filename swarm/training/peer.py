@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from swarm.errors import NoRoute
 from swarm.peer.backend import SpanBackend
 from swarm.peer.server import Peer
 from swarm.training.progress import check_run_id, fetch_progress
-from swarm.training.rebalance import StageStats, choose_move
+from swarm.training.rebalance import StageStats, choose_join_stage, choose_move
 from swarm.training.stage import StageTrainingConfig, TrainableStage
 from swarm.training.trainer import choose_stages
 
@@ -21,9 +22,11 @@ logger = logging.getLogger(__name__)
 class TrainingPeer(Peer):
     """Serves its span with fp32 trainable weights; joins its stage's replicas on start.
 
-    With `--stage auto` it periodically compares the stages' throughput (from the progress
-    records on the DHT) and moves from a stage with spare throughput to the bottleneck,
-    downloading the new stage's state before it serves there.
+    With `--stage auto` it joins the bottleneck stage of the run (the one with the least
+    measured throughput; while nothing is measured, the fewest replicas per block), or fills a
+    gap when the stages do not cover the model yet. It then periodically compares the stages'
+    throughput (from the progress records on the DHT) and moves from a stage with spare
+    throughput to the bottleneck, downloading the new stage's state before it serves there.
     """
 
     def __init__(self, config, on_maddrs=None, stage_config: StageTrainingConfig | None = None):
@@ -57,6 +60,35 @@ class TrainingPeer(Peer):
         if isinstance(old, TrainableStage) and old is not self.handler.backend:
             await asyncio.to_thread(old.shutdown)
 
+    async def _stage_speeds(self, keys: list[tuple[int, int]]) -> list[float]:
+        """Summed samples/s of each stage's replicas, from their progress records (0: unknown)."""
+        speeds = []
+        for key in keys:
+            progress = await asyncio.to_thread(
+                fetch_progress, self.dht, self.stage_config.run_id, key, self.config.dht_timeout
+            )
+            speeds.append(sum(r.throughput for r in (progress or {}).values()))
+        return speeds
+
+    async def _place(self, records) -> tuple[int, int]:
+        others = [r for r in records if r.peer_id != self.peer_id]
+        try:
+            chain = choose_stages(others, self.num_layers)
+        except NoRoute:  # the stages do not cover the model yet: fill a gap
+            return await super()._place(records)
+        keys = [k for k, _ in chain]
+        speeds = await self._stage_speeds(keys)
+        replicas = [len(p) for _, p in chain]
+        target = training_join(keys, speeds, replicas)
+        logger.info(
+            "joining training stage %d:%d (stages %s, replicas %s, samples/s %s)",
+            *target,
+            [f"{a}:{b}" for a, b in keys],
+            replicas,
+            [round(s, 1) for s in speeds],
+        )
+        return target
+
     async def _maybe_move(self) -> bool:
         if self.handler is None or self.handler.draining:
             return False
@@ -72,12 +104,7 @@ class TrainingPeer(Peer):
         keys = [k for k, _ in chain]
         if (self.start, self.end) not in keys:
             return False
-        speeds = []
-        for key, _ in chain:
-            progress = await asyncio.to_thread(
-                fetch_progress, self.dht, self.stage_config.run_id, key, self.config.dht_timeout
-            )
-            speeds.append(sum(r.throughput for r in (progress or {}).values()))
+        speeds = await self._stage_speeds(keys)
         mine = keys.index((self.start, self.end))
         target = training_move(
             keys, speeds, [len(p) for _, p in chain], mine, me.throughput, self.rebalance_min_gain
@@ -113,3 +140,24 @@ def training_move(
     per_stage = [my_speed * length / (e - s) for s, e in keys]
     target = choose_move(stats, mine, per_stage, min_gain)
     return None if target is None else keys[target]
+
+
+def training_join(
+    keys: list[tuple[int, int]], speeds: list[float], replicas: list[int]
+) -> tuple[int, int]:
+    """The stage a joining training peer serves: the bottleneck.
+
+    With every stage measured (speeds in samples/s, from progress records) that is the slowest
+    stage; otherwise the one with the fewest replicas per block (a peer on a longer span is
+    slower). Ties go to the earliest stage.
+    """
+    if not keys or len(keys) != len(speeds) or len(keys) != len(replicas):
+        raise ValueError("one speed and one replica count per stage")
+    if all(s > 0 for s in speeds):
+        stats = [StageStats(1.0, s, n) for s, n in zip(speeds, replicas, strict=True)]
+    else:
+        stats = [
+            StageStats(float(end - start), float(n), n)
+            for (start, end), n in zip(keys, replicas, strict=True)
+        ]
+    return keys[choose_join_stage(stats)]

@@ -80,6 +80,8 @@ class TrainableStage(SpanBackend):
         self._busy_s = 0.0  # seconds of backward compute, for the throughput estimate
         self._done = 0
         self._lock = threading.RLock()  # guards params, grads, optimizer, counters
+        # Held through a whole step (averaging included): state is shared only between steps.
+        self._step_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._grad_bufs = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
@@ -143,7 +145,8 @@ class TrainableStage(SpanBackend):
         self._beat.start()
 
     def _state_for_download(self):
-        with self._lock:
+        # Between steps only: mid-round, parameters and optimizer state are of different epochs.
+        with self._step_lock, self._lock:
             metadata = {
                 "epoch": self.epoch,
                 "step_count": self.optimizer.step_count,
@@ -164,11 +167,12 @@ class TrainableStage(SpanBackend):
             for p, t in zip(self.params, tensors[:n], strict=True):
                 if p.shape != t.shape:
                     raise BadRequest(f"downloaded parameter shape {tuple(t.shape)} != {p.shape}")
+            # Gradients that arrived meanwhile are kept: they count toward the coming step,
+            # and dropping them would leave the stage short of its target batch.
             for p, t in zip(self.params, tensors[:n], strict=True):
                 p.copy_(t)
-                p.grad = None
             self.optimizer.load_state_tensors(tensors[n:], steps)
-            self.epoch, self.samples = epoch, 0
+            self.epoch = epoch
 
     # Compute (called by the peer's compute worker)
 
@@ -188,8 +192,8 @@ class TrainableStage(SpanBackend):
         """Recompute the forward on `hidden`, accumulate parameter grads, return d loss/d hidden."""
         if hidden.shape != grad_out.shape:
             raise BadRequest(f"grad_out {tuple(grad_out.shape)} != inputs {tuple(hidden.shape)}")
-        t0 = time.perf_counter()
         with self._lock, torch.enable_grad():
+            t0 = time.perf_counter()  # compute only: waiting for the lock is not capacity
             x = hidden.detach().float().requires_grad_(True)
             out = self.span(x, 0, None, first, last)
             torch.autograd.backward(out, grad_out.float())
@@ -275,7 +279,11 @@ class TrainableStage(SpanBackend):
         if mine and mine != self._published_samples:
             self._publish()  # let the other replicas count our samples now
         total = mine + sum(r.samples for r in same)
-        if ahead:
+        if ahead and not mine:
+            # We missed a round (joined or stalled during it) and hold nothing of this epoch:
+            # take the stage's state as it is now rather than step on nothing.
+            self._catch_up()
+        elif ahead:
             # A replica has already stepped this epoch: follow it now, on our own gradients.
             self._step(average=False)
         elif self.target_batch > 0 and total >= self.target_batch:
@@ -294,6 +302,10 @@ class TrainableStage(SpanBackend):
         self._publish()
 
     def _step(self, average: bool) -> None:
+        with self._step_lock:
+            self._step_locked(average)
+
+    def _step_locked(self, average: bool) -> None:
         with self._lock:
             n = self.samples
             grad_sums = [

@@ -189,10 +189,16 @@ def test_scenario_two_trainers_and_a_peer_joining_mid_run(
         for seed in (1, 2)
     ]
     wait_for(lambda: all(t.steps for t in both), 150, what="a step of both trainers")
+    # `--stage auto` joins one of the run's stages (the slowest as measured: which one depends on
+    # this machine's load; the choice itself is unit-tested), never a span across them.
     late = training_peers(
         "join",
         "--stage",
-        "0:3",
+        "auto",
+        "--num-blocks",
+        "3",
+        "--max-start-delay",
+        "0",
         "--model",
         str(tiny_model_dir),
         "--train",
@@ -202,6 +208,10 @@ def test_scenario_two_trainers_and_a_peer_joining_mid_run(
         maddr,
     )
     wait_for(lambda: serving(late), 120, what="mid-run peer serving")
+    log = late.log_path.read_text(errors="replace")
+    span = (0, 3) if "joining training stage 0:3" in log else (3, 6)
+    assert f"serving blocks {span[0]}:{span[1]}" in log, log[-3000:]
+    replica = peers[0] if span == (0, 3) else peers[1]
     joined_at = [len(t.steps) for t in both]
     for t in both:
         assert t.wait(300) == 0, t.log_tail()
@@ -210,8 +220,58 @@ def test_scenario_two_trainers_and_a_peer_joining_mid_run(
     # It joined while both trained, downloaded the current state and stayed in step after.
     assert all(n < steps for n in joined_at), joined_at
     x = torch.randn(2, 16, 64)
-    outs = forward_outputs(maddr, [peers[0].peer_id, late.peer_id], (0, 3), x)
+    outs = forward_outputs(maddr, [replica.peer_id, late.peer_id], span, x)
     assert (outs[0] - outs[1]).abs().max() < 1e-4
     with torch.no_grad():
-        initial = load_span(str(tiny_model_dir), 0, 3, progress=False)(x)
+        initial = load_span(str(tiny_model_dir), *span, progress=False)(x)
     assert (outs[1] - initial).abs().max() > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_scenario_auto_peer_moves_to_the_bottleneck_stage(
+    tiny_model_dir, text_file, training_peers, trainers
+):
+    maddr, (first,) = start_swarm(training_peers, tiny_model_dir, "runD", ["0:3"])
+    common = ["--model", str(tiny_model_dir), "--train", "--run-id", "runD"]
+    # An auto peer fills the gap the stages leave (blocks 3:6)...
+    mover = training_peers(
+        "join",
+        "--stage",
+        "auto",
+        "--num-blocks",
+        "3",
+        "--max-start-delay",
+        "0",
+        "--rebalance-period",
+        "4",
+        *common,
+        "--initial-peers",
+        maddr,
+    )
+    wait_for(lambda: serving(mover), 120, what="auto peer serving")
+    assert "serving blocks 3:6" in mover.log_path.read_text(errors="replace")
+    # ...then two more replicas make 3:6 the stage with spare throughput and 0:3 the bottleneck.
+    extra = [training_peers("join", "--stage", "3:6", *common, "--initial-peers", maddr)]
+    extra.append(training_peers("join", "--stage", "3:6", *common, "--initial-peers", maddr))
+    for p in extra:
+        wait_for(lambda p=p: serving(p), 120, what="3:6 replica serving")
+    steps = 14
+    trainer = trainers(*train_args(tiny_model_dir, maddr, text_file, "runD", steps=steps))
+    # Once every stage's throughput is measured, the auto peer moves, downloading 0:3's state.
+    wait_for(
+        lambda: "now serving blocks 0:3" in mover.log_path.read_text(errors="replace"),
+        150,
+        what=f"the auto peer moving to 0:3:\n{mover.log_path.read_text(errors='replace')[-3000:]}",
+    )
+    moved_at = len(trainer.steps)
+    assert trainer.wait(300) == 0, trainer.log_tail()
+    assert len(trainer.steps) == steps and trainer.lost == 0, trainer.log_tail()
+    assert moved_at < steps, moved_at
+    assert trainer.losses[-1] < trainer.losses[0] - 0.5, trainer.losses
+    log = mover.log_path.read_text(errors="replace")
+    assert "training rebalance: stage (3, 6) -> (0, 3)" in log, log[-3000:]
+    # It serves 0:3 in step with the stage's other replica (and no longer 3:6).
+    x = torch.randn(2, 16, 64)
+    outs = forward_outputs(maddr, [first.peer_id, mover.peer_id], (0, 3), x)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
