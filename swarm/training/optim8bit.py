@@ -133,6 +133,11 @@ class AdamW:
                 codes, scales = tensors[2 * j], tensors[2 * j + 1]
                 if codes.shape != q.codes.shape or scales.shape != q.scales.shape:
                     raise BadRequest("8-bit optimizer state has the wrong shape")
+                if codes.dtype != q.codes.dtype or scales.dtype != q.scales.dtype:
+                    raise BadRequest(
+                        f"8-bit optimizer state has dtypes {codes.dtype}/{scales.dtype}, "
+                        f"expected {q.codes.dtype}/{q.scales.dtype}"
+                    )
                 new.append(
                     type(q)(q.codec, q.shape, q.dtype, codes.clone(), scales.clone(), q.block_size)
                 )

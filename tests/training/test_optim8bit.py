@@ -59,3 +59,16 @@ def test_config_from_wire_rejects_garbage():
     for bad in (None, [1, 2], ["x", 0.9, 0.99, 1e-8, 0], [1e-3, 1.5, 0.99, 1e-8, 0]):
         with pytest.raises(BadRequest):
             AdamConfig.from_wire(bad)
+
+
+def test_downloaded_8bit_state_of_wrong_dtype_is_refused():
+    w, opt = _run(True, steps=2)
+    other = AdamW([torch.nn.Parameter(w.clone())], AdamConfig(lr=1e-2), eight_bit=True)
+    tensors = opt.state_tensors()
+    tensors[0] = tensors[0].float()  # codes as floats: a peer that lies about its state
+    with pytest.raises(BadRequest, match="dtypes"):
+        other.load_state_tensors(tensors, 2)
+    # 8-bit state offered to an fp32 optimizer (or back) is refused by count, with the hint.
+    fp32 = AdamW([torch.nn.Parameter(w.clone())], AdamConfig(lr=1e-2))
+    with pytest.raises(BadRequest, match="optim-8bit"):
+        fp32.load_state_tensors(opt.state_tensors(), 2)

@@ -31,9 +31,9 @@ def serving(peer) -> bool:
     return peer.log_path.exists() and "serving blocks" in peer.log_path.read_text(errors="replace")
 
 
-def start_swarm(training_peers, model: Path, run_id: str, spans: list[str]):
+def start_swarm(training_peers, model: Path, run_id: str, spans: list[str], extra=()):
     first = training_peers(
-        "join", "--stage", spans[0], "--model", str(model), "--train", "--run-id", run_id
+        "join", "--stage", spans[0], "--model", str(model), "--train", "--run-id", run_id, *extra
     )
     maddr = first.wait_maddrs(90)[0]
     peers = [first] + [
@@ -46,6 +46,7 @@ def start_swarm(training_peers, model: Path, run_id: str, spans: list[str]):
             "--train",
             "--run-id",
             run_id,
+            *extra,
             "--initial-peers",
             maddr,
         )
@@ -232,8 +233,9 @@ def test_scenario_two_trainers_and_a_peer_joining_mid_run(
 def test_scenario_auto_peer_moves_to_the_bottleneck_stage(
     tiny_model_dir, text_file, training_peers, trainers
 ):
-    maddr, (first,) = start_swarm(training_peers, tiny_model_dir, "runD", ["0:3"])
-    common = ["--model", str(tiny_model_dir), "--train", "--run-id", "runD"]
+    # 8-bit optimizer states here, so that they too are downloaded by joiners and movers.
+    common = ["--model", str(tiny_model_dir), "--train", "--run-id", "runD", "--optim-8bit"]
+    maddr, (first,) = start_swarm(training_peers, tiny_model_dir, "runD", ["0:3"], ["--optim-8bit"])
     # An auto peer fills the gap the stages leave (blocks 3:6)...
     mover = training_peers(
         "join",
