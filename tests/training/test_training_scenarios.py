@@ -31,26 +31,20 @@ def serving(peer) -> bool:
     return peer.log_path.exists() and "serving blocks" in peer.log_path.read_text(errors="replace")
 
 
+def join_args(model: Path, run_id: str, stage: str, maddr: str | None, *extra: str) -> list[str]:
+    """`swarm-peer join` arguments of a training peer."""
+    args = ["join", "--stage", stage, "--model", str(model), "--train", "--run-id", run_id, *extra]
+    return args + (["--initial-peers", maddr] if maddr else [])
+
+
+AUTO = ("--num-blocks", "3", "--max-start-delay", "0")
+
+
 def start_swarm(training_peers, model: Path, run_id: str, spans: list[str], extra=()):
-    first = training_peers(
-        "join", "--stage", spans[0], "--model", str(model), "--train", "--run-id", run_id, *extra
-    )
+    first = training_peers(*join_args(model, run_id, spans[0], None, *extra))
     maddr = first.wait_maddrs(90)[0]
     peers = [first] + [
-        training_peers(
-            "join",
-            "--stage",
-            span,
-            "--model",
-            str(model),
-            "--train",
-            "--run-id",
-            run_id,
-            *extra,
-            "--initial-peers",
-            maddr,
-        )
-        for span in spans[1:]
+        training_peers(*join_args(model, run_id, span, maddr, *extra)) for span in spans[1:]
     ]
     for p in peers:
         wait_for(lambda p=p: serving(p), 120, what=f"peer {p.args} serving")
@@ -118,18 +112,7 @@ def test_scenario_two_stages_two_replicas(
         assert (load_span(str(saved), 3, 6, progress=False)(x) - out1[0]).abs().max() < 1e-4
 
     # A peer that joins now serves the trained state, not the checkpoint's.
-    late = training_peers(
-        "join",
-        "--stage",
-        "0:3",
-        "--model",
-        str(tiny_model_dir),
-        "--train",
-        "--run-id",
-        "runA",
-        "--initial-peers",
-        maddr,
-    )
+    late = training_peers(*join_args(tiny_model_dir, "runA", "0:3", maddr))
     wait_for(lambda: serving(late), 120, what="late peer serving")
     (late_out,) = forward_outputs(maddr, [late.peer_id], (0, 3), x)
     with torch.no_grad():
@@ -149,18 +132,7 @@ def test_scenario_replica_killed_mid_run(tiny_model_dir, text_file, training_pee
     killed_at = len(trainer.steps)
     wait_for(lambda: len(trainer.steps) >= killed_at + 2, 150, what="steps after the kill")
     # A replacement joins mid-run, downloads the stage's state and trains on.
-    late = training_peers(
-        "join",
-        "--stage",
-        "3:6",
-        "--model",
-        str(tiny_model_dir),
-        "--train",
-        "--run-id",
-        "runB",
-        "--initial-peers",
-        maddr,
-    )
+    late = training_peers(*join_args(tiny_model_dir, "runB", "3:6", maddr))
     assert trainer.wait(300) == 0, trainer.log_tail()
     assert trainer.lost == 0, trainer.summary
     # The kill was felt: calls to the dead replica were retried or its gradients resent.
@@ -192,22 +164,7 @@ def test_scenario_two_trainers_and_a_peer_joining_mid_run(
     wait_for(lambda: all(t.steps for t in both), 150, what="a step of both trainers")
     # `--stage auto` joins one of the run's stages (the slowest as measured: which one depends on
     # this machine's load; the choice itself is unit-tested), never a span across them.
-    late = training_peers(
-        "join",
-        "--stage",
-        "auto",
-        "--num-blocks",
-        "3",
-        "--max-start-delay",
-        "0",
-        "--model",
-        str(tiny_model_dir),
-        "--train",
-        "--run-id",
-        "runC",
-        "--initial-peers",
-        maddr,
-    )
+    late = training_peers(*join_args(tiny_model_dir, "runC", "auto", maddr, *AUTO))
     wait_for(lambda: serving(late), 120, what="mid-run peer serving")
     log = late.log_path.read_text(errors="replace")
     span = (0, 3) if "joining training stage 0:3" in log else (3, 6)
@@ -234,28 +191,16 @@ def test_scenario_auto_peer_moves_to_the_bottleneck_stage(
     tiny_model_dir, text_file, training_peers, trainers
 ):
     # 8-bit optimizer states here, so that they too are downloaded by joiners and movers.
-    common = ["--model", str(tiny_model_dir), "--train", "--run-id", "runD", "--optim-8bit"]
     maddr, (first,) = start_swarm(training_peers, tiny_model_dir, "runD", ["0:3"], ["--optim-8bit"])
+    common = (tiny_model_dir, "runD")
     # An auto peer fills the gap the stages leave (blocks 3:6)...
     mover = training_peers(
-        "join",
-        "--stage",
-        "auto",
-        "--num-blocks",
-        "3",
-        "--max-start-delay",
-        "0",
-        "--rebalance-period",
-        "4",
-        *common,
-        "--initial-peers",
-        maddr,
+        *join_args(*common, "auto", maddr, "--optim-8bit", *AUTO, "--rebalance-period", "4")
     )
     wait_for(lambda: serving(mover), 120, what="auto peer serving")
     assert "serving blocks 3:6" in mover.log_path.read_text(errors="replace")
     # ...then two more replicas make 3:6 the stage with spare throughput and 0:3 the bottleneck.
-    extra = [training_peers("join", "--stage", "3:6", *common, "--initial-peers", maddr)]
-    extra.append(training_peers("join", "--stage", "3:6", *common, "--initial-peers", maddr))
+    extra = [training_peers(*join_args(*common, "3:6", maddr, "--optim-8bit")) for _ in range(2)]
     for p in extra:
         wait_for(lambda p=p: serving(p), 120, what="3:6 replica serving")
     steps = 14
