@@ -84,26 +84,32 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("hidden", "grad_output", "first", "last", "reply_codec")
+    __slots__ = ("hidden", "grad_output", "first", "last", "reply_codec", "timeout_s", "step")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     hidden: _tensor_pb2.Tensor
     grad_output: _tensor_pb2.Tensor
     first: int
     last: int
     reply_codec: str
-    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., reply_codec: _Optional[str] = ...) -> None: ...
+    timeout_s: float
+    step: int
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., reply_codec: _Optional[str] = ..., timeout_s: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_input", "error")
+    __slots__ = ("grad_input", "error", "step")
     GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     grad_input: _tensor_pb2.Tensor
     error: Error
-    def __init__(self, grad_input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    step: int
+    def __init__(self, grad_input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("session_id", "first", "last", "max_length", "batch_size", "reply_codec")

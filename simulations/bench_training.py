@@ -1,7 +1,8 @@
 """Benchmark of SWARM training over real peer processes on 127.0.0.1, with and without churn.
 
-Figures: samples/s (2 stages x 2 replicas, no churn / a replica SIGKILLed every T s and restarted),
-wire bytes per sample (fp32 vs int8), and a fixed pipeline (1 peer per stage) under the same kills.
+The same 4 peers (2 stages x 2 replicas) train as SWARM (stochastic wiring, background averaging)
+and as fixed pipelines (lane i always on replica i, lock-step all-reduce at the same target batch),
+without churn and with a peer SIGKILLed every T s and restarted. Prints samples/s, loss, lost.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,45 +19,18 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-STEP_RE = re.compile(r"^step (\d+) loss (\S+) samples/s (\S+) retries (\d+)$")
+from swarm.procs import kill_tree
+from swarm.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
 
-TINY = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 256,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+REPO = Path(__file__).resolve().parents[1]
+STEP_RE = re.compile(r"^step (\d+) loss (\S+) samples/s (\S+) retries (\d+)$", re.M)
+
+# The bench model: the tests' tiny Llama, wider, with a byte vocabulary.
+BENCH_CONFIG = {**TINY_CONFIG, "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256}
 
 
 def write_model(folder: Path) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    from swarm.model import LlamaModel, ModelConfig
-
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = LlamaModel(ModelConfig.from_hf(TINY))
-    tensors = {f"model.layers.{k}": v for k, v in model.span.blocks.state_dict().items()}
-    tensors["model.embed_tokens.weight"] = model.client.embed_tokens.weight
-    tensors["model.norm.weight"] = model.client.norm.weight
-    tensors["lm_head.weight"] = model.client.lm_head.weight
-    save_file(
-        {k: v.detach().clone().contiguous() for k, v in tensors.items()},
-        str(folder / "model.safetensors"),
-    )
-    (folder / "config.json").write_text(json.dumps(TINY))
-    return folder
+    return write_tiny_checkpoint(folder, BENCH_CONFIG, std=None)
 
 
 def write_text(path: Path) -> Path:
@@ -92,14 +65,7 @@ class Proc:
             self.got_line.set()
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_tree(self.proc)
         self.log.close()
 
 
@@ -151,15 +117,7 @@ class Swarm:
 
 
 def run_trainer(
-    swarm: Swarm,
-    text: Path,
-    steps: int,
-    compression: str,
-    kill_every: float,
-    workdir: Path,
-    batch: int,
-    seq_len: int,
-    max_wall: float,
+    swarm: Swarm, text: Path, kill_every: float, workdir: Path, args, mode: list[str]
 ) -> dict:
     argv = [
         sys.executable,
@@ -172,30 +130,33 @@ def run_trainer(
         "--data",
         str(text),
         "--steps",
-        str(steps),
+        str(args.steps),
         "--batch-size",
-        str(batch),
+        str(args.batch_size),
         "--seq-len",
-        str(seq_len),
+        str(args.seq_len),
         "--microbatches",
-        "4",
+        str(args.microbatches),
         "--run-id",
         swarm.run_id,
         "--compression",
-        compression,
+        args.codec,
         "--lr",
         "3e-3",
+        "--warmup-steps",
+        "0",
         "--max-attempts",
         "6",
         "--step-timeout",
         "60",
+        *mode,
     ]
     trainer = Proc(argv, workdir / f"{swarm.run_id}-trainer.log")
     rng = random.Random(1)
     kills = 0
     next_kill = time.monotonic() + kill_every if kill_every > 0 else float("inf")
     t0 = time.monotonic()
-    while trainer.proc.poll() is None and time.monotonic() - t0 < max_wall:
+    while trainer.proc.poll() is None and time.monotonic() - t0 < args.max_wall:
         time.sleep(0.2)
         if time.monotonic() >= next_kill:
             name = rng.choice(sorted(swarm.peers))
@@ -212,7 +173,7 @@ def run_trainer(
     # A run cut off by max_wall (a stalled pipeline) counts its time up to the cut.
     end = step_times[-1] if summary_seen(trainer) else t0 + wall
     span_s = end - step_times[0] if step_times else 0.0
-    steady = (len(step_times) - 1) * batch / span_s if span_s > 0 else 0.0
+    steady = (len(step_times) - 1) * args.batch_size / span_s if span_s > 0 else 0.0
     summary = next((x for x in trainer.lines if "lost=" in x), "")
     fields = dict(kv.split("=", 1) for kv in summary.split() if "=" in kv)
     samples = int(fields.get("samples", 0))
@@ -229,6 +190,7 @@ def run_trainer(
         "first_loss": float(steps_seen[0][2]) if steps_seen else None,
         "last_loss": float(steps_seen[-1][2]) if steps_seen else None,
         "finished": bool(summary),
+        "lines": [x for x in trainer.lines if STEP_RE.match(x)],
     }
 
 
@@ -236,83 +198,141 @@ def summary_seen(trainer: Proc) -> bool:
     return any("lost=" in x for x in trainer.lines)
 
 
-def scenario(
-    name: str, replicas: int, compression: str, kill_every: float, args, workdir, model, text, cache
-) -> dict:
+# name -> (kill a peer every --kill-every s?, trainer flags)
+SCENARIOS = {
+    "swarm": (False, []),
+    "pipelines": (False, ["--sync", "--wiring", "fixed"]),
+    "swarm-churn": (True, []),
+    "pipelines-churn": (True, ["--sync", "--wiring", "fixed"]),
+}
+
+
+# Loss against samples on the same data and target batch: --sync, asynchronous, DiLoCo.
+CURVES = {
+    "sync": ["--sync"],
+    "async": [],
+    "average-every-4": ["--average-every", "4"],
+    "average-every-16": ["--average-every", "16"],
+}
+
+
+def scenario(name: str, args, workdir: Path, model: Path, text: Path, cache: Path) -> dict:
+    churn, mode = SCENARIOS[name] if name in SCENARIOS else (False, CURVES[name])
     swarm = Swarm(model, f"bench-{name}", workdir, cache)
     try:
         for stage in ("0:3", "3:6"):
-            for r in range(replicas):
+            for r in range(2):
                 swarm.start_peer(f"{stage}-{r}", stage)
         swarm.wait_serving()
-        result = run_trainer(
-            swarm,
-            text,
-            args.steps,
-            compression,
-            kill_every,
-            workdir,
-            args.batch_size,
-            args.seq_len,
-            args.max_wall,
-        )
+        kill_every = args.kill_every if churn else 0.0
+        result = run_trainer(swarm, text, kill_every, workdir, args, mode)
     finally:
         swarm.stop()
     result["scenario"] = name
-    print(json.dumps(result), flush=True)
+    result["losses"] = [float(m[2]) for m in STEP_RE.finditer("\n".join(result.pop("lines")))]
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per scenario")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="target batch (one trainer): samples per step"
+    )
+    parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between kills")
-    parser.add_argument("--codec", default="int8-block64")
-    parser.add_argument("--max-wall", type=float, default=240.0, help="seconds per scenario")
+    parser.add_argument("--kill-every", type=float, default=30.0, help="seconds between kills")
+    parser.add_argument("--codec", default="none", help="wire codec of activations/gradients")
+    parser.add_argument("--max-wall", type=float, default=300.0, help="seconds per scenario")
     parser.add_argument("--only", nargs="*", default=None, help="scenario names to run")
     parser.add_argument("--png", default=None, help="draw the figures to this PNG")
-    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    parser.add_argument("--json", action="store_true", help="one JSON object per scenario")
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help="instead: loss against samples for --sync, asynchronous and DiLoCo (H=4, 16) "
+        "and single-process training, on the same data and target batch",
+    )
     args = parser.parse_args(argv)
+    if args.curves:
+        return curves(args)
     workdir = Path(tempfile.mkdtemp(prefix="bench_training_"))
     model = write_model(workdir / "bench-llama")
     text = write_text(workdir / "text.txt")
     cache = workdir / "cache"
     cache.mkdir()
-    plans = {
-        "swarm": (2, "none", 0.0),
-        "swarm-int8": (2, args.codec, 0.0),
-        "swarm-churn": (2, "none", args.kill_every),
-        "pipeline-churn": (1, "none", args.kill_every),
-    }
     results = {}
-    for name, (replicas, codec, kill) in plans.items():
+    for name in SCENARIOS:
         if args.only and name not in args.only:
             continue
-        results[name] = scenario(name, replicas, codec, kill, args, workdir, model, text, cache)
+        results[name] = r = scenario(name, args, workdir, model, text, cache)
+        if args.json:
+            print(json.dumps(r), flush=True)
     for name, r in results.items():
         print(
-            f"{name:15s} samples/s {r['samples_per_s']:.2f}  steps {r['steps']}/{args.steps}  "
-            f"bytes/sample {r['wire_bytes_per_sample']:.0f}  lost {r['lost']}  "
-            f"kills {r['kills']}  loss {r['first_loss']} -> {r['last_loss']}"
+            f"{name:16s} samples/s {r['samples_per_s']:.2f}  steps {r['steps']}/{args.steps}  "
+            f"lost {r['lost']}  retries {r['retries']}  kills {r['kills']}  "
+            f"loss {r['first_loss']} -> {r['last_loss']}"
         )
-    if args.json:
-        print(json.dumps(results))
+    for base in ("", "-churn"):
+        sw, pl = results.get("swarm" + base), results.get("pipelines" + base)
+        if sw and pl and pl["samples_per_s"] > 0:
+            ratio = sw["samples_per_s"] / pl["samples_per_s"]
+            print(f"swarm{base} / pipelines{base}: {ratio:.2f}x")
     if args.png:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
         names = list(results)
-        ax[0].bar(names, [results[n]["samples_per_s"] for n in names])
-        ax[0].set_ylabel("samples/s")
-        ax[1].bar(names, [results[n]["wire_bytes_per_sample"] for n in names])
-        ax[1].set_ylabel("wire bytes / sample")
-        for a in ax:
-            a.tick_params(axis="x", rotation=30)
+        ax.bar(names, [results[n]["samples_per_s"] for n in names])
+        ax.set_ylabel("samples/s")
+        ax.set_title(f"target batch {args.batch_size}, a kill every {args.kill_every:.0f} s")
+        fig.tight_layout()
+        fig.savefig(args.png)
+    return 0
+
+
+def curves(args) -> int:
+    from swarm.training.reference import train_local
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_training_"))
+    model = write_model(workdir / "bench-llama")
+    text = write_text(workdir / "text.txt")
+    cache = workdir / "cache"
+    cache.mkdir()
+    results = {"single-process": {"scenario": "single-process"}}
+    results["single-process"]["losses"] = train_local(
+        str(model), [str(text)], args.steps, args.batch_size, args.seq_len, 3e-3
+    )
+    for name in CURVES:
+        if args.only and name not in args.only:
+            continue
+        results[name] = scenario(name, args, workdir, model, text, cache)
+    for name, r in results.items():
+        losses = r["losses"]
+        last5 = sum(losses[-5:]) / max(len(losses[-5:]), 1)
+        r["mean_last5"] = round(last5, 4)
+        if args.json:
+            print(json.dumps(r), flush=True)
+        speed = f"samples/s {r['samples_per_s']:6.2f}" if "samples_per_s" in r else " " * 16
+        print(f"{name:17s} {speed}  steps {len(losses)}  mean loss of the last 5 {last5:.4f}")
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in results.items():
+            xs = [args.batch_size * (i + 1) for i in range(len(r["losses"]))]
+            ax.plot(xs, r["losses"], label=name)
+        ax.set_xlabel("samples")
+        ax.set_ylabel("loss")
+        ax.set_title(f"2 stages x 2 replicas, target batch {args.batch_size}")
+        ax.legend()
         fig.tight_layout()
         fig.savefig(args.png)
     return 0

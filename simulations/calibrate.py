@@ -1,4 +1,4 @@
-"""Calibration of the churn simulator against the real-process harness (simulations/churn_real.py).
+"""Calibration of the churn simulator against the real-process harness (churn_harness.py).
 
 Used by `python -m simulations.churn_real --calibrate`: measures a run without and with churn,
 fits the simulator's compute time to the first and checks its prediction of the second.
@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from simulations.churn_real import TINY_CONFIG, HarnessConfig, HarnessResult, run_harness
+from simulations.churn_harness import TINY_CONFIG, HarnessConfig, HarnessResult, run_harness
 from simulations.sim.model import SimConfig
 from simulations.sim.strategies import simulate
 

@@ -9,7 +9,10 @@ Examples:
 
 Output: a table with one row per (swept value, strategy). With --json, one JSON object per run,
 one per line (JSON lines); a single run (one --strategy, no --sweep) prints exactly one object.
-Each object has at least throughput (samples per virtual second), utilisation and lost_samples.
+Each object has at least throughput (samples per virtual second), utilisation and lost_samples,
+and the step figures: step_batch, steps, mean_round_s, held_fraction (microbatch slots held back
+by the staleness bound or the barrier) and max_staleness. Stages step at --target-batch; SWARM
+averages in the background (--background-averaging 0: lock-step), the pipelines with a barrier.
 Without --strategy all three strategies run. A calibration JSON sets any SimConfig field by name
 (e.g. {"compute_per_sample_s": 0.4, "bandwidth_mbps": 90, "latency_ms": 3}); flags given on the
 command line win over it.
@@ -100,19 +103,21 @@ def run_all(base: dict, strategies: list[str], sweep: tuple[str, list] | None) -
 
 def format_table(rows: list[tuple], sweep_name: str | None) -> str:
     head = f"{sweep_name or '':>16} {'strategy':<18} {'samples/s':>10} {'util':>6} "
-    head += f"{'lost':>6} {'wasted':>7} {'retries':>8} {'preempt':>8} {'moves':>6} {'wall_s':>7}"
+    head += f"{'lost':>6} {'wasted':>7} {'retries':>8} {'preempt':>8} {'moves':>6} "
+    head += f"{'steps':>6} {'round_s':>7} {'held':>5} {'stale':>5} {'wall_s':>7}"
     lines = [head.rstrip() if not sweep_name else head, "-" * len(head)]
     for value, r in rows:
         lines.append(
             f"{'' if value is None else value:>16} {r.strategy:<18} {r.throughput:>10.1f} "
             f"{r.utilisation:>6.3f} {r.lost_samples:>6} {r.wasted_fraction:>7.4f} "
-            f"{r.retries:>8} {r.preemptions:>8} {r.moves:>6} {r.wall_s:>7.1f}"
+            f"{r.retries:>8} {r.preemptions:>8} {r.moves:>6} {r.steps:>6} "
+            f"{r.mean_round_s:>7.1f} {r.held_fraction:>5.2f} {r.max_staleness:>5} {r.wall_s:>7.1f}"
         )
     first = rows[0][1]
     lines.append(
-        f"(microbatch {first.microbatch} samples per simulated task; compute bound "
-        f"{first.compute_bound:.0f} samples/s; network bound {first.network_bound:.0f} for "
-        f"{first.strategy})"
+        f"(microbatch {first.microbatch} samples per simulated task; step {first.step_batch} "
+        f"samples; compute bound {first.compute_bound:.0f} samples/s; network bound "
+        f"{first.network_bound:.0f} for {first.strategy})"
     )
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from swarm.procs import descendants
+from swarm.procs import family, stop_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ class Proc:
                 start_new_session=True,
             )
         self.pid = self.proc.pid
-        self.family: set[int] = set()  # descendants seen, reaped by pid if they outlive us
+        self.family: dict[int, int] = {}  # descendants seen (pid -> start ticks), reaped by pid
 
     def maddrs(self, timeout: float) -> list[str]:
         """The multiaddrs it printed on stdout; raises RuntimeError if none come in time."""
@@ -47,7 +47,7 @@ class Proc:
             found = [ln.strip() for ln in lines if ln.startswith(("/ip4/", "/ip6/"))]
             if found:
                 time.sleep(0.1)
-                self.family.update(descendants(self.pid))
+                self.family.update(family(self.pid))
                 lines = self.out_path.read_text(errors="replace").splitlines()
                 return [ln.strip() for ln in lines if ln.startswith(("/ip4/", "/ip6/"))]
             if self.proc.poll() is not None:
@@ -68,7 +68,7 @@ class Proc:
     def kill(self, sig: int = signal.SIGKILL, group: bool = True) -> None:
         """Send `sig` to the process (and its group); remember its descendants to reap later."""
         if self.alive():
-            self.family.update(descendants(self.pid))
+            self.family.update(family(self.pid))
         try:
             if group:
                 os.killpg(self.pid, sig)
@@ -79,22 +79,7 @@ class Proc:
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM, then SIGKILL of the group and of every descendant seen, by pid."""
-        if self.alive():
-            self.kill(signal.SIGTERM, group=False)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill(signal.SIGKILL)
-        for pid in self.family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_tree(self.proc, signal.SIGTERM, grace, self.family)
 
 
 class LocalSwarm:

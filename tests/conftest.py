@@ -5,7 +5,6 @@ Used by every test package; peers started here are killed by process group (DHT 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,61 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from swarm.procs import descendants
+from swarm.procs import family, kill_tree, stop_tree
+from swarm.tiny_checkpoint import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "torch_dtype": "float32",
-}
-
-
-def write_tiny_checkpoint(folder: Path, config: dict | None = None, seed: int = 0) -> Path:
-    """A Hugging Face-style folder (config.json + model.safetensors) of a random Llama."""
-    from safetensors.torch import save_file
-
-    from swarm.model.config import ModelConfig
-    from swarm.model.llama import LlamaModel
-
-    config = dict(config or TINY_CONFIG)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = LlamaModel(ModelConfig.from_hf(config))
-    with torch.no_grad():
-        for p in model.parameters():
-            # Larger than nn.Linear's init so blocks change their input visibly.
-            p.normal_(0, 0.08)
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-    tensors = {}
-    for name, t in model.span.blocks.state_dict().items():
-        tensors[f"model.layers.{name}"] = t
-    tensors["model.embed_tokens.weight"] = model.client.embed_tokens.weight
-    tensors["model.norm.weight"] = model.client.norm.weight
-    tensors["lm_head.weight"] = model.client.lm_head.weight
-    save_file(
-        {k: v.detach().contiguous().clone() for k, v in tensors.items()},
-        folder / "model.safetensors",
-    )
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +70,7 @@ class PeerProcess:
         self._got_maddr = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self._descendants: set[int] = set()
+        self._family: dict[int, int] = {}  # descendants seen (pid -> start ticks), reaped by pid
 
     def _read(self) -> None:
         for raw in self.proc.stdout:
@@ -141,7 +90,7 @@ class PeerProcess:
             self.kill()
             pytest.fail(f"peer {self.args} printed no multiaddr in {timeout} s:\n{self.log_tail()}")
         time.sleep(0.1)  # the remaining lines follow at once
-        self._descendants.update(descendants(self.pid))
+        self._family.update(family(self.pid))
         return list(self.maddrs)
 
     @property
@@ -167,35 +116,16 @@ class PeerProcess:
 
     def terminate(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (graceful drain), then SIGKILL of the group if it does not exit in time."""
-        if self.proc.poll() is None:
-            self._descendants.update(descendants(self.pid))
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
+        stop_tree(self.proc, signal.SIGTERM, grace=timeout, seen=self._family)
+        self._close_log()
         return self.proc.returncode
 
     def kill(self) -> None:
         """SIGKILL the process group and every descendant seen, by pid (no orphans left)."""
-        if self.proc.poll() is None:
-            self._descendants.update(descendants(self.pid))
-        with_group = [self.pid]
-        for pid in with_group:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in self._descendants:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_tree(self.proc, self._family)
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._log is not subprocess.DEVNULL:
             self._log.close()
 

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from simulations.sim.engine import EventQueue
 from simulations.sim.model import SimConfig, auto_microbatch, stage_costs
 from simulations.sim.network import SOURCE, Network
+from simulations.sim.steps import StepRules
 
 # Event kinds: (time, seq, kind, a, b); a is a microbatch or a peer, b an attempt or an epoch.
 ARRIVE, DONE, FAIL, RETRY, PREEMPT, REJOIN, READY, REFRESH, REBALANCE = range(9)
-STEP = 9  # with step_barrier: the next step's microbatches start
+STEP = 9  # with step_barrier: the next step's microbatches start (steps.py has kinds 10-13)
 OFFLINE, LOADING, ONLINE = 0, 1, 2
 
 
@@ -39,6 +40,12 @@ class SimResult:
     microbatch: int
     events: int
     wall_s: float
+    step_batch: int = 0  # samples per optimizer step (target_batch in whole microbatches)
+    steps: int = 0  # optimizer steps every stage finished
+    mean_round_s: float = 0.0  # a stage's round (background) or a barrier's rounds (blocking)
+    held_fraction: float = 0.0  # of microbatch-slot time held by the staleness bound / barrier
+    max_staleness: int = 0  # most steps a gradient counted later than the step it was sent for
+    resent_samples: int = 0  # gradients lost with a replica and sent again (SWARM)
     timeline: list = field(default_factory=list)  # [(hour, samples/s)]
 
     def to_dict(self, timeline: bool = False) -> dict:
@@ -48,12 +55,13 @@ class SimResult:
         return data
 
 
-class BaseSim:
+class BaseSim(StepRules):
     """Peers with FIFO compute queues and links, a Poisson preemption process, and microbatches.
 
     A microbatch makes 2 * stages hops (forward through every stage, backward in reverse); each
     hop is a transfer into the chosen peer (ARRIVE) and its compute (DONE). Subclasses implement
-    `dispatch` (where the next hop goes) and the on_* hooks for peers dying and joining.
+    `dispatch` (where the next hop goes) and the on_* hooks for peers dying and joining; the
+    step rules (StepRules) decide when a slot may start its next microbatch.
     """
 
     def __init__(self, cfg: SimConfig) -> None:
@@ -82,6 +90,11 @@ class BaseSim:
             for h, s in enumerate(self.stage_of)
         ]
         self.bytes_in = [self.B * b for b in self.hop_bytes()]
+        self.bytes_full = [self.B * b for b in self.stateless_bytes()]  # what a resend carries
+        self.legacy = cfg.step_barrier
+        # Trainers, and the microbatches each keeps in flight.
+        self.trainers = max(1, N // max(1, cfg.peers_per_trainer))
+        self.window = cfg.inflight or max(1, round(cfg.in_flight_per_peer * N / self.trainers))
 
         self.alive_speed = sum(self.speed)
         self.cap_flops = 0.0  # integral of live peers' FLOP/s over time
@@ -103,6 +116,19 @@ class BaseSim:
         """Bytes per sample each hop receives (from the previous hop's peer)."""
         raise NotImplementedError
 
+    def stateless_bytes(self) -> list[float]:
+        """Per-sample hop bytes when the backward carries each stage's input with its gradient."""
+        S, act, tok = self.S, self.costs.act_bytes, self.costs.token_bytes
+        inputs = [tok] + [act] * (S - 1)
+        grads = [act] * (S - 1) + [0.0]  # the last stage computes the loss itself
+        return inputs + [inputs[s] + grads[s] for s in reversed(range(S))]
+
+    def stashed_bytes(self) -> list[float]:
+        """Per-sample hop bytes when each peer kept its input: the backward carries the gradient."""
+        S, act, tok = self.S, self.costs.act_bytes, self.costs.token_bytes
+        grads = [act] * (S - 1) + [0.0]
+        return [tok] + [act] * (S - 1) + [grads[s] for s in reversed(range(S))]
+
     def dispatch(self, t: float, m: int) -> None:
         raise NotImplementedError
 
@@ -123,11 +149,15 @@ class BaseSim:
             REJOIN: self.rejoin,
             READY: self.ready,
             STEP: self.step,
+            **self.step_handlers(),
         }
 
     # Microbatches
 
-    def init_microbatches(self, count: int) -> None:
+    def init_microbatches(
+        self, count: int, issuer_of: list[int], quota: int, blocking: bool
+    ) -> None:
+        """`count` slots; slot m belongs to issuer issuer_of[m], which sends `quota` per step."""
         self.M = count
         self.pos = [0] * count
         self.attempt = [0] * count
@@ -139,8 +169,11 @@ class BaseSim:
         self.c_end = [0.0] * count
         self.sent_at = [0.0] * count
         self.parked: list[int] = []  # with step_barrier: finished microbatches awaiting the step
+        self.init_steps(issuer_of, quota, blocking)
+        if self.legacy:  # one step is the whole window
+            self.step_batch = count * self.B
 
-    def send(self, t: float, m: int, p: int) -> None:
+    def send(self, t: float, m: int, p: int, nbytes: float | None = None) -> None:
         """Start hop pos[m] of microbatch m on peer p: transfer its input, then queue compute."""
         self.mb_peer[m] = p
         self.inflight[p].add(m)
@@ -149,7 +182,9 @@ class BaseSim:
         src = self.src[m]
         if src != SOURCE and self.state[src] == OFFLINE:
             src = SOURCE  # the trainer kept a copy of what a dead peer had sent
-        arrival = self.net.transfer(src, p, self.bytes_in[self.pos[m]], t)
+        if nbytes is None:
+            nbytes = self.bytes_in[self.pos[m]]
+        arrival = self.net.transfer(src, p, nbytes, t)
         self.q.push(arrival, ARRIVE, m, self.attempt[m])
 
     def arrive(self, t: float, m: int, att: int) -> None:
@@ -171,26 +206,41 @@ class BaseSim:
         h = self.pos[m]
         self.work[m] += self.hop_flops[h]
         self.on_done(t, m, p, h)
+        if h >= self.S and not self.legacy:
+            self.count_gradient(t, m, p, self.stage_of[h])
         h += 1
         self.tries[m] = 0
         if h == 2 * self.S:
             self.samples += self.B
-            self.bins[int(t / self.bin_s)] += self.B
-            self.restart(m)
-            if self.park(t, m):
-                return
-        else:
-            self.pos[m] = h
-            self.src[m] = p
+            self.credit(t, m)
+            self.complete(t, m)
+            return
+        self.pos[m] = h
+        self.src[m] = p
         self.dispatch(t, m)
+
+    def credit(self, t: float, m: int) -> None:
+        """Microbatch m's samples count toward throughput in the bin of `t`."""
+        self.bins[int(t / self.bin_s)] += self.B
+
+    def complete(self, t: float, m: int) -> None:
+        """Microbatch m finished or was lost: its slot goes on by the step rules."""
+        if not self.legacy:
+            self.finish(t, m)
+            return
+        self.restart(m)
+        if not self.park(t, m):
+            self.dispatch(t, m)
 
     def park(self, t: float, m: int) -> bool:
         """With step_barrier, hold finished (or lost) microbatch m until the whole step is done."""
         if not self.cfg.step_barrier:
             return False
+        self.active[m] = False
         self.parked.append(m)
         if len(self.parked) == self.M:
             wait = self.cfg.step_overhead_s + (self.cfg.averaging_s if self.averaging() else 0.0)
+            self.round_time += wait
             self.q.push(t + wait, STEP)
         return True
 
@@ -200,7 +250,10 @@ class BaseSim:
 
     def step(self, t: float, _a: int, _b: int) -> None:
         parked, self.parked = self.parked, []
+        self.rounds += 1
+        self.completed = [c + 1 for c in self.completed]
         for m in parked:
+            self.active[m] = True
             self.dispatch(t, m)
 
     def on_done(self, t: float, m: int, p: int, h: int) -> None:
@@ -297,12 +350,17 @@ class BaseSim:
     def run(self) -> SimResult:
         started = wallclock.perf_counter()
         for m in range(self.M):
-            self.dispatch(0.0, m)
+            if self.legacy:
+                self.active[m] = True
+                self.dispatch(0.0, m)
+            else:
+                self.issue(0.0, m)
         if self.cfg.preempt_per_hour > 0:
             self.q.push(self.churn_gap(), PREEMPT)
         events = self.q.run(self.handlers(), until=self.horizon)
         self.account(self.horizon)
         useful = self.samples * self.costs.flops_per_sample
+        slot_s = self.M * self.horizon
         return SimResult(
             strategy=self.cfg.strategy,
             throughput=self.samples / self.horizon,
@@ -319,6 +377,12 @@ class BaseSim:
             microbatch=self.B,
             events=events,
             wall_s=wallclock.perf_counter() - started,
+            step_batch=self.step_batch,
+            steps=min(self.completed),
+            mean_round_s=self.round_time / self.rounds if self.rounds else 0.0,
+            held_fraction=self.held_seconds(self.horizon) / slot_s if slot_s else 0.0,
+            max_staleness=self.max_staleness,
+            resent_samples=self.resent_samples,
             timeline=[
                 ((i + 0.5) * self.bin_s / 3600.0, n / self.bin_s)
                 for i, n in enumerate(self.bins[:-1])

@@ -34,11 +34,26 @@ class SimConfig:
     periodic_churn: bool = False
     # Preempt only online peers whose stage keeps another online replica (the harness's rule).
     spare_last_replica: bool = False
-    # Synchronous steps (swarm-train): the in-flight microbatches form one step; a new step starts
-    # step_overhead_s (the stages' averaging) after the last of them finishes or is lost.
+    # Optimizer steps. A stage steps when its replicas together hold target_batch samples (0: the
+    # samples of every trainer's in-flight window, one step per window); rounded to whole
+    # microbatches per trainer (per pipeline for the pipeline strategy).
+    target_batch: int = 0
+    # An averaging round: hivemind's min_matchmaking_time, then an all-reduce of this many bytes
+    # per parameter over the replicas' links (fp32 gradients + fp32 parameters, as
+    # swarm.training.stage averages them); a replica alone steps at once.
+    matchmaking_s: float = 1.0
+    averaging_bytes_per_param: float = 8.0
+    # SWARM: rounds run while the peers keep computing (gradients that arrive meanwhile count
+    # toward the next step) and trainers stay at most one step ahead of the slowest stage. False:
+    # lock-step (swarm-train --sync): trainers wait for every stage's round. The pipeline
+    # strategy always steps with a barrier.
+    background_averaging: bool = True
+    # The calibration's lock-step (the harness's swarm-train): the in-flight microbatches form one
+    # step; the next starts step_overhead_s after the last of them finishes or is lost, plus
+    # averaging_s while any stage has two or more online replicas. Measured costs: it replaces
+    # target_batch and the modelled rounds above.
     step_barrier: bool = False
     step_overhead_s: float = 0.0
-    # ... plus this while any stage has two or more online replicas (they average to step).
     averaging_s: float = 0.0
     hours: float = 24.0
     strategy: str = "swarm"
@@ -51,8 +66,18 @@ class SimConfig:
     bytes_per_activation: float = 1.0  # int8 on the wire; 2.0 for fp16
     state_bytes_per_param: float = 16.0  # fp32 weights + 2 optimizer moments + fp16 copy
     microbatch: int = 0  # samples per simulated task; 0 picks the smallest within max_hops
-    in_flight_per_peer: float = 2.0  # microbatches in flight per serving peer
+    in_flight_per_peer: float = 2.0  # sets inflight when that is 0
+    # Microbatches each trainer keeps in flight, pipelined through the stages (0: in_flight_per_peer
+    # x peers / trainers). The pipeline strategy splits the trainers' total over its pipelines.
+    inflight: int = 0
     peers_per_trainer: int = 50  # each trainer keeps its own wiring
+    # Variants of the backward's traffic. SWARM (not in swarm.training today): a backward returns
+    # to the replica that ran the forward, which kept its input, so only the gradient travels
+    # (elsewhere, with the input, if that replica is gone).
+    swarm_stash_inputs: bool = False
+    # Pipeline: the backward resends each stage's input, as swarm-train --wiring fixed does,
+    # instead of the peers stashing their activations (GPipe, the default here).
+    pipeline_resends_inputs: bool = False
     detect_s: float = 30.0  # time for a trainer to notice that a peer died (SWARM's timeout)
     ban_s: float = 60.0  # how long a failed peer is banned (its DHT record's expiry)
     dht_refresh_s: float = 30.0  # how stale the trainers' view of the stages is
@@ -73,6 +98,9 @@ class SimConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.preempt_per_hour < 0 or self.latency_ms < 0:
             raise ValueError("preempt_per_hour and latency_ms must be >= 0")
+        for name in ("target_batch", "inflight", "matchmaking_s", "averaging_bytes_per_param"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
 
     def replace(self, **changes: object) -> SimConfig:
         return dataclasses.replace(self, **changes)
@@ -99,6 +127,7 @@ class StageCosts:
     act_bytes: float  # one activation (or its gradient) at a stage boundary
     token_bytes: float  # the inputs of stage 0
     state_bytes: tuple[float, ...]  # what a joining peer downloads for each stage
+    params: tuple[float, ...]  # parameters of each stage (what a round averages)
     median_speed: float  # FLOP/s
 
     @property
@@ -126,6 +155,7 @@ def stage_costs(cfg: SimConfig) -> StageCosts:
         act_bytes=cfg.seq_len * cfg.hidden * cfg.bytes_per_activation,
         token_bytes=cfg.seq_len * 4.0,
         state_bytes=tuple(p * cfg.state_bytes_per_param for p in params),
+        params=tuple(params),
         median_speed=speed,
     )
 

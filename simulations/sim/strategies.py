@@ -31,6 +31,8 @@ class SwarmSim(BaseSim):
     A hop on a peer that died fails after detect_s and is retried elsewhere (the peer is banned);
     completed hops are never redone, since the trainer keeps each stage's inputs. With
     rebalancing, peers periodically apply choose_move and joining peers pick the bottleneck.
+    Stages step in the background by default (StepRules); each trainer keeps `window`
+    microbatches in flight.
     """
 
     def __init__(self, cfg: SimConfig) -> None:
@@ -72,14 +74,22 @@ class SwarmSim(BaseSim):
         guess = self.cap(order[0], S // 2)
         self.wirings = [
             StochasticWiring(random.Random(cfg.seed * 104729 + i), default_throughput=guess)
-            for i in range(max(1, N // max(1, cfg.peers_per_trainer)))
+            for i in range(self.trainers)
         ]
         for w in self.wirings:
             for s in range(S):
                 w.set_peers(s, self.members[s])
-        self.init_microbatches(max(1, round(cfg.in_flight_per_peer * N)))
-        self.trainer = [m % len(self.wirings) for m in range(self.M)]
+        T = self.trainers
+        count = T * self.window
+        quota = self.window
+        if cfg.target_batch:
+            quota = max(1, round(cfg.target_batch / (T * self.B)))
+        self.trainer = [m % T for m in range(count)]
+        self.init_microbatches(count, self.trainer, quota, not cfg.background_averaging)
         self.mb_name = [""] * self.M
+        self.stash = cfg.swarm_stash_inputs
+        if self.stash:  # who ran each stage's forward of each microbatch
+            self.fwd_name = [[""] * S for _ in range(self.M)]
         self.q.push(cfg.dht_refresh_s, REFRESH)
         if self.rebalance:
             for p in range(N):
@@ -92,11 +102,8 @@ class SwarmSim(BaseSim):
         return table
 
     def hop_bytes(self) -> list[float]:
-        S, act = self.S, self.costs.act_bytes
-        forward = [self.costs.token_bytes] + [act] * (S - 1)
-        # Stateless backward: the last stage gets its input back; others input + output grad.
-        backward = [act] + [2 * act] * (S - 1)
-        return forward + backward
+        # Stateless backward: each stage gets its input back with its output's gradient.
+        return self.stashed_bytes() if self.cfg.swarm_stash_inputs else self.stateless_bytes()
 
     def cap(self, p: int, stage: int) -> float:
         """Samples/s peer p would sustain in `stage`: its compute or its link, the slower."""
@@ -106,6 +113,18 @@ class SwarmSim(BaseSim):
 
     def dispatch(self, t: float, m: int) -> None:
         h = self.pos[m]
+        if self.stash and h >= self.S:
+            name = self.fwd_name[m][self.stage_of[h]]
+            p = self.peer_of.get(name, -1)
+            if p >= 0 and self.name[p] == name and self.state[p] == ONLINE:
+                self.mb_name[m] = name
+                self.send(t, m, p)  # it kept the input: only the gradient travels
+                return
+            self.send_or_fail(t, m, h, self.bytes_full[h])
+            return
+        self.send_or_fail(t, m, h, None)
+
+    def send_or_fail(self, t: float, m: int, h: int, nbytes: float | None) -> None:
         wiring = self.wirings[self.trainer[m]]
         try:
             name = wiring.choose(self.stage_of[h], t, self.task_size[h])
@@ -119,12 +138,14 @@ class SwarmSim(BaseSim):
             delay = 2 * self.net.latency_s if name in self.moved_names else self.cfg.detect_s
             self.q.push(t + delay, FAIL, m, self.attempt[m])
             return
-        self.send(t, m, p)
+        self.send(t, m, p, nbytes)
 
     def on_done(self, t: float, m: int, p: int, h: int) -> None:
         self.wirings[self.trainer[m]].report_success(
             self.mb_name[m], self.task_size[h], t - self.sent_at[m]
         )
+        if self.stash and h < self.S:
+            self.fwd_name[m][h] = self.mb_name[m]
 
     def retry(self, t: float, m: int, att: int) -> None:
         if att == self.attempt[m]:
@@ -140,9 +161,8 @@ class SwarmSim(BaseSim):
         if self.tries[m] > self.cfg.max_retries:
             self.lost_samples += self.B
             self.wasted_flops += self.work[m]
-            self.restart(m)
-            if self.park(t, m):
-                return
+            self.complete(t, m)
+            return
         self.dispatch(t, m)
 
     def refresh(self, t: float, _a: int, _b: int) -> None:
@@ -181,6 +201,17 @@ class SwarmSim(BaseSim):
     def averaging(self) -> bool:
         return any(len(members) > 1 for members in self.members)
 
+    def averaging_group(self, stage: int) -> list[int]:
+        # Sorted: a set's order changes with PYTHONHASHSEED, and event order with it.
+        return sorted(self.peer_of[n] for n in self.members[stage])
+
+    def owns(self, p: int, stage: int) -> bool:
+        return self.stage[p] == stage and self.state[p] == ONLINE
+
+    def resend_target(self, stage: int) -> int:
+        names = sorted(self.members[stage])
+        return self.peer_of[names[self.rng.randrange(len(names))]] if names else -1
+
     def may_preempt(self, p: int) -> bool:
         if not self.cfg.spare_last_replica:
             return True
@@ -190,6 +221,8 @@ class SwarmSim(BaseSim):
 
     def on_kill(self, t: float, p: int, tasks: list[int]) -> None:
         if self.state[p] != OFFLINE:
+            if not self.legacy:
+                self.drop_gradients(t, p, self.stage[p])
             self.leave_stage(p)
         for m in tasks:
             self.attempt[m] += 1
@@ -219,6 +252,8 @@ class SwarmSim(BaseSim):
             self.q.push(t + self.rng.uniform(0.5, 1.5) * period, REBALANCE, p, epoch)
             return
         self.moves += 1
+        if not self.legacy:
+            self.drop_gradients(t, p, old)
         self.leave_stage(p)
         self.moved_names.add(self.name[p])
         # Queued work drains; work whose input has not arrived is refused and goes elsewhere.
@@ -237,43 +272,69 @@ class PipelineSim(BaseSim):
 
     Losing a peer stalls its pipeline: every microbatch in flight in it is redone (the dead peer
     held their stashed activations), and the pipeline waits until a spare or a rejoining peer has
-    loaded the stage. Pipelines run asynchronously (no step barrier across them), which flatters
-    this baseline.
+    loaded the stage. Steps have a barrier: every pipeline finishes its share of the step, then
+    each stage's peers all-reduce (matchmaking + transfer), then the next step starts; so all
+    pipelines wait for a stalled one, and the one that lost a peer also redoes the microbatches
+    it had finished this step (the dead peer's gradients for them are gone).
     """
 
     def __init__(self, cfg: SimConfig) -> None:
         super().__init__(cfg)
         S, N = self.S, self.N
-        self.k = N // S
+        self.k = k = N // S
         order = list(range(N))
         self.rng.shuffle(order)
-        self.slot = [[order[j * S + s] for s in range(S)] for j in range(self.k)]
+        self.slot = [[order[j * S + s] for s in range(S)] for j in range(k)]
         self.peer_slot: list[tuple[int, int] | None] = [None] * N
-        for j in range(self.k):
+        for j in range(k):
             for s in range(S):
                 self.peer_slot[self.slot[j][s]] = (j, s)
-        self.spares = deque(order[self.k * S :])
+        self.spares = deque(order[k * S :])
         self.vacancies: deque[tuple[int, int]] = deque()
-        per_pipe = max(1, round(cfg.in_flight_per_peer * S))
-        self.init_microbatches(self.k * per_pipe)
-        self.pipe = [m // per_pipe for m in range(self.M)]
-        self.pipe_mbs = [list(range(j * per_pipe, (j + 1) * per_pipe)) for j in range(self.k)]
-        self.waiting: list[list[int]] = [[] for _ in range(self.k)]
+        # The trainers' microbatches in flight, shared out over the pipelines.
+        per_pipe = max(1, round(self.trainers * self.window / k))
+        quota = per_pipe
+        if cfg.target_batch:
+            quota = max(1, round(cfg.target_batch / (k * self.B)))
+        self.pipe = [m // per_pipe for m in range(k * per_pipe)]
+        self.init_microbatches(k * per_pipe, self.pipe, quota, blocking=True)
+        self.pipe_mbs = [list(range(j * per_pipe, (j + 1) * per_pipe)) for j in range(k)]
+        self.waiting: list[list[int]] = [[] for _ in range(k)]
+        self.broken = [False] * k  # a slot is empty or loading: the pipeline stalls
+        self.done_in_step = [0] * k  # microbatches finished this step, and where they were credited
+        self.credited: list[list[int]] = [[] for _ in range(k)]
 
     def hop_bytes(self) -> list[float]:
-        S, act = self.S, self.costs.act_bytes
-        forward = [self.costs.token_bytes] + [act] * (S - 1)
+        if self.cfg.pipeline_resends_inputs:
+            return self.stateless_bytes()
         # Each stage kept its inputs: backward carries only the gradient (none into the last).
-        backward = [0.0] + [act] * (S - 1)
-        return forward + backward
+        return self.stashed_bytes()
 
     def dispatch(self, t: float, m: int) -> None:
         j = self.pipe[m]
-        p = self.slot[j][self.stage_of[self.pos[m]]]
-        if p < 0 or self.state[p] != ONLINE:
+        if self.broken[j]:
             self.waiting[j].append(m)
             return
-        self.send(t, m, p)
+        self.send(t, m, self.slot[j][self.stage_of[self.pos[m]]])
+
+    def averaging_group(self, stage: int) -> list[int]:
+        return [
+            p
+            for p in (self.slot[j][stage] for j in range(self.k))
+            if p >= 0 and self.state[p] == ONLINE
+        ]
+
+    def credit(self, t: float, m: int) -> None:
+        b = int(t / self.bin_s)
+        self.bins[b] += self.B
+        if not self.legacy:
+            j = self.pipe[m]
+            self.done_in_step[j] += 1
+            self.credited[j].append(b)
+
+    def on_barrier(self, t: float) -> None:
+        self.done_in_step = [0] * self.k
+        self.credited = [[] for _ in range(self.k)]
 
     def on_kill(self, t: float, p: int, tasks: list[int]) -> None:
         if p in self.spares:
@@ -284,7 +345,10 @@ class PipelineSim(BaseSim):
         j, s = where
         self.slot[j][s] = -1
         self.peer_slot[p] = None
+        self.broken[j] = True
         for m in self.pipe_mbs[j]:
+            if not self.active[m]:
+                continue  # held by the barrier: nothing in flight
             q = self.mb_peer[m]
             if q >= 0 and m in self.inflight[q]:
                 self.inflight[q].discard(m)
@@ -296,12 +360,35 @@ class PipelineSim(BaseSim):
             self.wasted_flops += self.work[m]
             self.attempt[m] += 1
             self.restart(m)
-        self.waiting[j] = list(self.pipe_mbs[j])
+        self.waiting[j] = [m for m in self.pipe_mbs[j] if self.active[m]]
+        if not self.legacy:
+            self.redo_step(t, j, p)
         if self.spares:
             q = self.spares.popleft()
             self.assign(q, j, s, t + self.load_s(s))
         else:
             self.vacancies.append((j, s))
+
+    def redo_step(self, t: float, j: int, p: int) -> None:
+        """Pipeline j lost peer p: what it finished this step must be computed again."""
+        self.acc_peer[p] = 0
+        n = self.done_in_step[j]
+        if not n:
+            return
+        B = self.B
+        self.step_done -= n
+        self.samples -= n * B
+        for b in self.credited[j]:
+            self.bins[b] -= B
+        self.redone_samples += n * B
+        self.wasted_flops += n * B * self.costs.flops_per_sample
+        self.done_in_step[j] = 0
+        self.credited[j] = []
+        if self.next_label[j] > self.step_no:
+            self.next_label[j] = self.step_no
+            self.issued[j] = self.quota
+        self.issued[j] -= n
+        self.release(t, j)
 
     def assign(self, p: int, j: int, s: int, ready_at: float) -> None:
         self.slot[j][s] = p
@@ -327,6 +414,7 @@ class PipelineSim(BaseSim):
             return
         j, _ = where
         if all(q >= 0 and self.state[q] == ONLINE for q in self.slot[j]):
+            self.broken[j] = False
             waiting, self.waiting[j] = self.waiting[j], []
             for m in waiting:
                 self.dispatch(t, m)

@@ -9,33 +9,9 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import MISSING, fields
-from typing import Any
 
+from swarm.cli.options import add_config_options, config_from_args
 from swarm.peer.config import HELP, PeerConfig
-
-LIST_FIELDS = {"initial_peers", "announce_maddrs"}
-TYPES: dict[str, Any] = {
-    "num_blocks": int,
-    "port": int,
-    "cache_tokens": int,
-    "max_request_tokens": int,
-    "seed": int,
-}
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for f in fields(PeerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()
-        if f.name in LIST_FIELDS:
-            parser.add_argument(flag, nargs="*", default=default, help=HELP[f.name])
-            continue
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=HELP[f.name])
-            continue
-        kind = TYPES.get(f.name) or (float if isinstance(default, float) else str)
-        parser.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} ({default})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     join = sub.add_parser("join", help="join (or start) a swarm and serve a span of blocks")
-    _add_config_flags(join)
+    add_config_options(join, PeerConfig, HELP)
     status = sub.add_parser("status", help="show every block and the peers serving it")
     status.add_argument("--initial-peers", nargs="+", required=True, help="a peer's multiaddr")
     status.add_argument(
@@ -66,7 +42,7 @@ def _print_maddrs(maddrs: list[str]) -> None:
 def join(args: argparse.Namespace) -> int:
     from swarm.peer.server import Peer
 
-    config = PeerConfig(**{f.name: getattr(args, f.name) for f in fields(PeerConfig)})
+    config = config_from_args(PeerConfig, args)
     try:
         if config.train:
             from swarm.training.peer import TrainingPeer

@@ -81,6 +81,22 @@ class SpanBackend:
             (grad,) = torch.autograd.grad(out, x, grad_output.to(out.dtype))
         return grad.to(hidden.dtype)
 
+    def backward_counted(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        first: int,
+        last: int,
+        deadline: float | None = None,
+        step: int = 0,
+    ) -> tuple[torch.Tensor, int]:
+        """`backward`, and the optimizer step the gradient counts toward (0: none, not training).
+
+        deadline: time.monotonic() after which a training peer must not count the gradient.
+        step: the optimizer step a training peer should count it toward (0: the coming one).
+        """
+        return self.backward(hidden, grad_output, first, last), 0
+
     def load_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replace the span's weights (training peers after an optimizer step or a download)."""
         self.span.load_state_dict(state_dict, strict=True)

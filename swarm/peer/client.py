@@ -114,12 +114,33 @@ class PeerClient:
         timeout: float = 75.0,
     ) -> torch.Tensor:
         """Gradient w.r.t. `hidden` of (blocks [first, last)(hidden) * grad_out).sum()."""
+        grad, _ = await self.backward_counted(peer_id, hidden, grad_out, first, last, timeout)
+        return grad
+
+    async def backward_counted(
+        self,
+        peer_id: PeerID | str,
+        hidden: torch.Tensor,
+        grad_out: torch.Tensor,
+        first: int,
+        last: int,
+        timeout: float = 75.0,
+        step: int = 0,
+    ) -> tuple[torch.Tensor, int]:
+        """`backward`, and the optimizer step a training peer counts the gradient toward.
+
+        The step is 0 where the peer does not train. A training peer counts the gradient only if
+        it finished well within `timeout`, so a call resent after a timeout never counts twice.
+        step: the optimizer step it is meant for (0: the coming one; asynchronous training).
+        """
         request = peer_pb2.BackwardRequest(
             hidden=wire.encode(hidden, self.compression),
             grad_output=wire.encode(grad_out, self.compression),
             first=first,
             last=last,
             reply_codec=self.compression,
+            timeout_s=timeout,
+            step=step,
         )
         reply = await self._call(
             peer_id,
@@ -129,7 +150,7 @@ class PeerClient:
             peer_pb2.BackwardResponse,
             timeout,
         )
-        return _decoded(reply.grad_input, hidden)
+        return _decoded(reply.grad_input, hidden), int(reply.step)
 
     async def _call(self, peer_id, unary: str, stream: str, request, reply_type, timeout: float):
         peer = as_peer_id(peer_id)

@@ -40,6 +40,7 @@ class PeerConfig:
     train: bool = False  # SWARM training: fp32 trainable span, replicas average (swarm.training)
     run_id: str = "swarm"  # the training run this peer's stage belongs to (with --train)
     optim_8bit: bool = False  # with --train: AdamW moments in 8-bit block-wise dynamic codes
+    matchmaking_time: float = 1.0  # with --train: seconds a round waits for the stage's replicas
 
     @property
     def version(self) -> str:
@@ -100,6 +101,7 @@ HELP = {
     "train": "serve the span for SWARM training (trainable fp32 weights, replicas average)",
     "run_id": "name of the training run (with --train; letters, digits, - and _)",
     "optim_8bit": "with --train: keep optimizer moments in 8 bits",
+    "matchmaking_time": "with --train: seconds an averaging round waits for the other replicas",
 }
 
 assert set(HELP) == {f.name for f in fields(PeerConfig)}, "every PeerConfig field needs help"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from typing import AsyncIterator  # noqa: UP035 - hivemind reads typing.AsyncIterator hints
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 5.0  # how long we read a finished stream's leftovers before dropping it
 ENCODE_IN_THREAD = 1 << 16  # replies with more elements are encoded off the event loop
+# Share of a backward's timeout within which a training peer still counts its gradient.
+COMMIT_FRACTION = 0.8
 
 
 class PeerHandler(ServicerBase):
@@ -105,7 +108,7 @@ class PeerHandler(ServicerBase):
         self, request: peer_pb2.BackwardRequest, context: P2PContext
     ) -> peer_pb2.BackwardResponse:
         try:
-            return peer_pb2.BackwardResponse(grad_input=await self._backward(request))
+            return await self._backward(request)
         except Exception as e:
             return peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
 
@@ -114,7 +117,7 @@ class PeerHandler(ServicerBase):
     ) -> AsyncIterator[peer_pb2.Part]:
         try:
             request = await self._read_one(requests, peer_pb2.BackwardRequest)
-            reply = peer_pb2.BackwardResponse(grad_input=await self._backward(request))
+            reply = await self._backward(request)
         except Exception as e:
             reply = peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
         for part in wire.split(reply):
@@ -145,7 +148,8 @@ class PeerHandler(ServicerBase):
             self.inflight -= 1
         return await self._encode(out, codec)
 
-    async def _backward(self, request: peer_pb2.BackwardRequest):
+    async def _backward(self, request: peer_pb2.BackwardRequest) -> peer_pb2.BackwardResponse:
+        received = time.monotonic()
         backend = self.backend
         first, last = self._check_range(backend, request.first, request.last)
         hidden = self._decode(request.hidden, "hidden")
@@ -153,15 +157,25 @@ class PeerHandler(ServicerBase):
         if grad.shape != hidden.shape:
             raise BadRequest(f"grad_output {list(grad.shape)} != hidden {list(hidden.shape)}")
         codec = self._reply_codec(request.reply_codec)
+        budget = request.timeout_s
+        if not math.isfinite(budget) or budget < 0:
+            raise BadRequest(f"timeout_s must be a non-negative number, got {budget}")
+        # Commit only well before the caller gives up: a call it resends elsewhere never counts
+        # twice as long as the round trip takes under a fifth of its timeout.
+        deadline = received + COMMIT_FRACTION * budget if budget > 0 else None
         self.inflight += 1
         try:
-            out = await asyncio.wait_for(
-                self.worker.call(lambda: backend.backward(hidden, grad, first, last)),
+            out, step = await asyncio.wait_for(
+                self.worker.call(
+                    lambda: backend.backward_counted(
+                        hidden, grad, first, last, deadline, int(request.step)
+                    )
+                ),
                 self.config.request_timeout,
             )
         finally:
             self.inflight -= 1
-        return await self._encode(out, codec)
+        return peer_pb2.BackwardResponse(grad_input=await self._encode(out, codec), step=step)
 
     # ---- inference sessions -------------------------------------------------------------------
     async def rpc_inference(

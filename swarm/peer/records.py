@@ -54,6 +54,7 @@ class SpanRecord:
     inference_rps: float = 0.0  # single-token steps/s through the whole span (batch 1)
     forward_tps: float = 0.0  # tokens/s of large forward batches through the whole span
     addrs: tuple[str, ...] = ()  # multiaddrs to dial, when announced
+    run_id: str = ""  # training peers: the run whose stage this is ("" when serving inference)
     # Round trips (s) to peers serving block `end`: the router's server->server edges.
     next_pings: dict[str, float] = field(default_factory=dict, hash=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown fields, kept
@@ -70,6 +71,7 @@ class SpanRecord:
         _need(all(isinstance(c, str) for c in self.codecs), "codecs must be strings")
         _need(all(isinstance(a, str) for a in self.addrs), "addrs must be strings")
         _need(isinstance(self.quant, str) and isinstance(self.version, str), "bad quant/version")
+        _need(isinstance(self.run_id, str) and len(self.run_id) <= 64, "bad run_id")
         _need(isinstance(self.next_pings, dict), "next_pings must be a dict")
         for peer, rtt in self.next_pings.items():
             _need(isinstance(peer, str) and _num(rtt) and rtt >= 0, f"bad next_pings[{peer!r}]")
@@ -89,6 +91,8 @@ class SpanRecord:
             "addrs": list(self.addrs),
             "next_pings": {k: float(v) for k, v in self.next_pings.items()},
         }
+        if self.run_id:
+            info["run_id"] = self.run_id
         return (WIRE_VERSION, self.state, float(self.throughput), info)
 
     @classmethod
@@ -109,6 +113,7 @@ class SpanRecord:
             "forward_tps",
             "addrs",
             "next_pings",
+            "run_id",
         }
         codecs, addrs = info.get("codecs", []), info.get("addrs", [])
         _need(isinstance(codecs, (list, tuple)) and isinstance(addrs, (list, tuple)), "bad lists")
@@ -125,6 +130,7 @@ class SpanRecord:
             inference_rps=info.get("inference_rps", 0.0),
             forward_tps=info.get("forward_tps", 0.0),
             addrs=tuple(addrs),
+            run_id=info.get("run_id", ""),
             next_pings=_pings(info.get("next_pings")),
             extra={k: v for k, v in info.items() if k not in known},
         )

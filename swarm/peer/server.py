@@ -233,6 +233,7 @@ class Peer:
             inference_rps=self.block_speed.inference_rps / n,
             forward_tps=self.block_speed.forward_tps / n,
             addrs=tuple(self.maddrs),
+            run_id=self.config.run_id if self.config.train else "",
             next_pings=dict(self.next_pings),
         )
 

@@ -24,8 +24,8 @@ class StageAverager(DecentralizedAverager):
     """A DecentralizedAverager whose downloadable state is whatever `state_getter` returns.
 
     averaged_tensors: the buffers one round averages in place (gradients and parameters).
-    state_getter: called in this process when a joining replica downloads our state; returns
-    (small msgpack-able metadata, tensors).
+    The downloadable state comes from `set_state_getter`'s callable, called in this process when
+    a joining replica downloads it: (small msgpack-able metadata, tensors).
     """
 
     def __init__(
@@ -34,12 +34,12 @@ class StageAverager(DecentralizedAverager):
         dht: DHT,
         *,
         prefix: str,
-        state_getter: StateGetter,
         min_matchmaking_time: float,
         request_timeout: float,
         next_chunk_timeout: float,
     ) -> None:
-        self._state_getter = state_getter
+        self._state_getter: StateGetter | None = None
+        self.buffers = list(averaged_tensors)
         super().__init__(
             averaged_tensors,
             dht,
@@ -55,7 +55,12 @@ class StageAverager(DecentralizedAverager):
             allow_state_sharing=False,
         )
 
+    def set_state_getter(self, getter: StateGetter) -> None:
+        self._state_getter = getter
+
     def get_current_state(self):
+        if self._state_getter is None:
+            raise PeerUnavailable("this replica has no state to share yet")
         metadata, tensors = self._state_getter()
         return metadata, tensors, None
 

@@ -88,7 +88,6 @@ def download_span(
         [torch.zeros(1)],
         dht,
         prefix=stage_prefix(run_id, start, end),
-        state_getter=lambda: ({}, []),
         min_matchmaking_time=1.0,
         request_timeout=0.5,
         next_chunk_timeout=timeout / 2,

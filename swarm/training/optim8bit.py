@@ -27,9 +27,16 @@ class AdamConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    warmup_steps: int = 0  # the learning rate rises linearly to `lr` over this many steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (1-based)."""
+        if self.warmup_steps <= 0:
+            return self.lr
+        return self.lr * min(1.0, step / self.warmup_steps)
 
     def to_wire(self) -> list[float]:
-        return [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay]
+        return [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.warmup_steps]
 
     @classmethod
     def from_wire(cls, value: object) -> AdamConfig:
@@ -39,9 +46,12 @@ class AdamConfig:
             lr, b1, b2, eps, wd = (float(v) for v in value[:5])
         except (TypeError, ValueError) as e:
             raise BadRequest(f"bad optimizer config record: {value!r}") from e
+        warmup = value[5] if len(value) > 5 else 0  # absent in version-1 records
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup < 1 << 30:
+            raise BadRequest(f"bad warm-up in optimizer config record: {value!r}")
         if not (lr >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1 and eps > 0 and wd >= 0):
             raise BadRequest(f"optimizer config out of range: {value!r}")
-        return cls(lr, b1, b2, eps, wd)
+        return cls(lr, b1, b2, eps, wd, warmup)
 
 
 def _quantize(x: torch.Tensor):
@@ -77,24 +87,27 @@ class AdamW:
             self._v = [_quantize(v) for v in self._v]
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One AdamW update from each parameter's `.grad` (parameters without one are skipped)."""
+    def step(self, grads: Sequence[torch.Tensor | None] | None = None) -> None:
+        """One AdamW update from `grads` (default: each parameter's `.grad`; None skips one)."""
         c = self.config
         self.step_count += 1
+        lr = c.lr_at(self.step_count)
         bias1 = 1 - c.beta1**self.step_count
         bias2 = 1 - c.beta2**self.step_count
-        for i, p in enumerate(self.params):
-            if p.grad is None:
+        if grads is None:
+            grads = [p.grad for p in self.params]
+        for i, (p, grad) in enumerate(zip(self.params, grads, strict=True)):
+            if grad is None:
                 continue
-            g = p.grad.float()
+            g = grad.float()
             m = _dequantize(self._m[i]) if self.eight_bit else self._m[i]
             v = _dequantize(self._v[i]) if self.eight_bit else self._v[i]
             m.mul_(c.beta1).add_(g, alpha=1 - c.beta1)
             v.mul_(c.beta2).addcmul_(g, g, value=1 - c.beta2)
             if c.weight_decay:
-                p.mul_(1 - c.lr * c.weight_decay)
+                p.mul_(1 - lr * c.weight_decay)
             denom = (v / bias2).sqrt_().add_(c.eps)
-            p.addcdiv_(m, denom, value=-c.lr / bias1)
+            p.addcdiv_(m, denom, value=-lr / bias1)
             if self.eight_bit:
                 self._m[i], self._v[i] = _quantize(m), _quantize(v)
 

@@ -12,9 +12,8 @@ from swarm.errors import NoRoute
 from swarm.peer.backend import SpanBackend
 from swarm.peer.server import Peer
 from swarm.training.progress import check_run_id, fetch_progress
-from swarm.training.rebalance import StageStats, choose_join_stage, choose_move
-from swarm.training.stage import StageTrainingConfig, TrainableStage
-from swarm.training.trainer import choose_stages
+from swarm.training.rebalance import choose_stages, training_join, training_move
+from swarm.training.stage import StageTrainingConfig, TrainableStage, stage_averager
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +35,18 @@ class TrainingPeer(Peer):
         super().__init__(config, on_maddrs)
         self.rebalance_min_gain = 0.2
         self.stage_config = stage_config or StageTrainingConfig(
-            run_id=config.run_id, optim_8bit=config.optim_8bit
+            run_id=config.run_id,
+            optim_8bit=config.optim_8bit,
+            matchmaking_time=config.matchmaking_time,
+            dht_timeout=config.dht_timeout,
         )
 
     async def _load(self, start: int, end: int) -> SpanBackend:
+        # Before the weights load (its process forks), on the main thread (it sets a signal
+        # handler when it starts).
+        averager = stage_averager(self.model_config, start, end, self.dht, self.stage_config)
         served = await super()._load(start, end)
-        # On the main thread: hivemind's averager sets a signal handler when it starts.
-        stage = TrainableStage(served.span, self.dht, self.stage_config)
+        stage = TrainableStage(served.span, self.dht, self.stage_config, averager)
         # Download the stage's current state before we announce ourselves online.
         await asyncio.to_thread(stage.join)
         stage.queue_length = lambda: self.handler.inflight if self.handler is not None else 0
@@ -114,50 +118,3 @@ class TrainingPeer(Peer):
         logger.info("training rebalance: stage %s -> %s", keys[mine], target)
         await self._move(*target)
         return True
-
-
-def training_move(
-    keys: list[tuple[int, int]],
-    speeds: list[float],
-    replicas: list[int],
-    mine: int,
-    my_speed: float,
-    min_gain: float = 0.2,
-) -> tuple[int, int] | None:
-    """The span a peer of stage `mine` should move to, or None.
-
-    keys: the stages' spans; speeds: their summed measured samples/s (from progress records);
-    replicas: peers per stage; my_speed: our samples/s on our own span. Every stage must process
-    every sample, so demand is equal; our speed elsewhere scales with the span length.
-    """
-    if not keys or any(s <= 0 for s in speeds) or my_speed <= 0:
-        return None  # not everything measured yet: moving on guesses would thrash
-    stats = [
-        StageStats(demand=1.0, throughput=s, replicas=n)
-        for s, n in zip(speeds, replicas, strict=True)
-    ]
-    length = keys[mine][1] - keys[mine][0]
-    per_stage = [my_speed * length / (e - s) for s, e in keys]
-    target = choose_move(stats, mine, per_stage, min_gain)
-    return None if target is None else keys[target]
-
-
-def training_join(
-    keys: list[tuple[int, int]], speeds: list[float], replicas: list[int]
-) -> tuple[int, int]:
-    """The stage a joining training peer serves: the bottleneck.
-
-    With every stage measured (speeds in samples/s, from progress records) that is the slowest
-    stage; otherwise the one with the fewest replicas per block (a peer on a longer span is
-    slower). Ties go to the earliest stage.
-    """
-    if not keys or len(keys) != len(speeds) or len(keys) != len(replicas):
-        raise ValueError("one speed and one replica count per stage")
-    if all(s > 0 for s in speeds):
-        stats = [StageStats(1.0, s, n) for s, n in zip(speeds, replicas, strict=True)]
-    else:
-        stats = [
-            StageStats(float(end - start), float(n), n)
-            for (start, end), n in zip(keys, replicas, strict=True)
-        ]
-    return keys[choose_join_stage(stats)]

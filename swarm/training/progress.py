@@ -46,56 +46,146 @@ def run_key(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class ReplicaProgress:
-    """One replica's place in its stage: its epoch (optimizer steps) and samples since."""
+    """One replica's place in its stage: its epoch (optimizer steps) and samples since.
+
+    averaging: the epoch whose averaging round this replica is in (-1: none); while it is, its
+    `samples` already count toward the step after that round.
+    """
 
     peer_id: str
     epoch: int
     samples: int
     throughput: float = 0.0  # samples/s of backward work it measured (for rebalancing)
     queue: int = 0  # requests waiting in its compute queue when it wrote the record
+    averaging: int = -1
 
     def to_wire(self) -> list:
-        return [WIRE_VERSION, self.epoch, self.samples, float(self.throughput), self.queue]
+        return [
+            WIRE_VERSION,
+            self.epoch,
+            self.samples,
+            float(self.throughput),
+            self.queue,
+            self.averaging,
+        ]
 
     @classmethod
     def from_wire(cls, peer_id: str, value: Any) -> ReplicaProgress:
         ok = isinstance(value, (list, tuple)) and len(value) >= 5
         if ok:
             version, epoch, samples, throughput, queue = value[:5]
+            averaging = value[5] if len(value) > 5 else -1
             ok = (
-                all(isinstance(v, int) and not isinstance(v, bool) for v in (version, epoch))
-                and isinstance(samples, int)
-                and isinstance(queue, int)
+                all(_is_int(v) for v in (version, epoch, samples, queue, averaging))
                 and isinstance(throughput, (int, float))
                 and math.isfinite(throughput)
                 and version >= 1
                 and epoch >= 0
                 and samples >= 0
+                and averaging >= -1
             )
         if not ok:
             raise BadRequest(f"bad progress record from {peer_id}: {value!r}")
-        return cls(peer_id, epoch, samples, float(throughput), queue)
+        return cls(peer_id, epoch, samples, float(throughput), queue, averaging)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
 class TrainerRecord:
-    """What a trainer promises per step: its batch size, and the optimizer everyone must use."""
+    """What a trainer promises and asks of the stages: its batch, the optimizer, the run's rules.
+
+    batch_size: samples it sends per optimizer step. target_batch: the run's global batch per
+    step (0: the sum of the live trainers' batch sizes). sync: today's lock-step mode, where a
+    stage steps only with every live replica and trainers wait for it. average_every: optimizer
+    steps between averaging rounds (1: every step; H > 1: DiLoCo, local steps and an outer
+    Nesterov step on the averaged parameter deltas).
+    """
 
     trainer_id: str
     batch_size: int
     adam: AdamConfig
+    target_batch: int = 0
+    sync: bool = False
+    average_every: int = 1
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
     def to_wire(self) -> list:
-        return [WIRE_VERSION, self.batch_size, self.adam.to_wire()]
+        return [
+            WIRE_VERSION,
+            self.batch_size,
+            self.adam.to_wire(),
+            self.target_batch,
+            self.sync,
+            self.average_every,
+            self.outer_lr,
+            self.outer_momentum,
+        ]
 
     @classmethod
     def from_wire(cls, trainer_id: str, value: Any) -> TrainerRecord:
         if not isinstance(value, (list, tuple)) or len(value) < 3:
             raise BadRequest(f"bad trainer record from {trainer_id}: {value!r}")
         batch = value[1]
-        if not isinstance(batch, int) or batch <= 0:
+        if not _is_int(batch) or batch <= 0:
             raise BadRequest(f"bad batch size in trainer record from {trainer_id}: {batch!r}")
-        return cls(trainer_id, batch, AdamConfig.from_wire(value[2]))
+        # Records of version 1 end after the optimizer: lock-step, every-step averaging.
+        target, sync, every, outer_lr, outer_mom = (
+            list(value[3:8]) + [0, True, 1, 0.7, 0.9][len(value[3:8]) :]
+        )
+        ok = (
+            _is_int(target)
+            and 0 <= target < 1 << 30
+            and isinstance(sync, bool)
+            and _is_int(every)
+            and 1 <= every <= 1 << 20
+            and all(isinstance(x, (int, float)) and math.isfinite(x) for x in (outer_lr, outer_mom))
+            and outer_lr > 0
+            and 0 <= outer_mom < 1
+        )
+        if not ok:
+            raise BadRequest(f"bad run settings in trainer record from {trainer_id}: {value!r}")
+        return cls(
+            trainer_id,
+            batch,
+            AdamConfig.from_wire(value[2]),
+            target,
+            sync,
+            every,
+            float(outer_lr),
+            float(outer_mom),
+        )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How the stages of a run step, as the live trainers ask (the first trainer id's rules)."""
+
+    target_batch: int
+    sync: bool
+    average_every: int
+    outer_lr: float
+    outer_momentum: float
+    adam: AdamConfig
+
+
+def run_plan(trainers: list[TrainerRecord]) -> RunPlan | None:
+    """The plan of the live trainers (sorted by id), or None when no trainer is live.
+
+    In sync mode the target is the sum of their batch sizes (each waits for every step); else
+    the largest target any of them asks for, or that sum where none asks.
+    """
+    if not trainers:
+        return None
+    lead = trainers[0]
+    total = sum(t.batch_size for t in trainers)
+    target = total if lead.sync else max(t.target_batch for t in trainers) or total
+    return RunPlan(
+        target, lead.sync, lead.average_every, lead.outer_lr, lead.outer_momentum, lead.adam
+    )
 
 
 def _get_dict(dht: DHT, key: str, timeout: float) -> dict[str, Any] | None:
@@ -161,9 +251,13 @@ def store_trainer(dht: DHT, run_id: str, rec: TrainerRecord, ttl: float, timeout
     return _store(dht, run_key(run_id), rec.trainer_id, rec.to_wire(), ttl, timeout)
 
 
-def fetch_trainers(dht: DHT, run_id: str, timeout: float) -> list[TrainerRecord]:
+def fetch_trainers(dht: DHT, run_id: str, timeout: float) -> list[TrainerRecord] | None:
+    """The run's live trainers, sorted by id; None if the DHT did not answer."""
+    found = _get_dict(dht, run_key(run_id), timeout)
+    if found is None:
+        return None
     out = []
-    for trainer_id, value in (_get_dict(dht, run_key(run_id), timeout) or {}).items():
+    for trainer_id, value in found.items():
         if value is None:
             continue
         try:

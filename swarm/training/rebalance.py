@@ -1,13 +1,17 @@
-"""SWARM adaptive rebalancing: when a training peer should leave its stage for the bottleneck.
+"""Placement of training peers: the run's chain of stages, which stage to join, when to move.
 
-Used by training peers (from the stage loads on the DHT) and by the churn simulator.
+Used by the trainer (`choose_stages`), training peers (join and move) and the churn simulator.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from swarm.errors import NoRoute
+from swarm.peer.records import SpanRecord
 
 
 @dataclass(frozen=True)
@@ -98,3 +102,73 @@ def choose_move(
     if source_after.capacity >= dst.capacity + min_gain * gained / dst.demand:
         return target
     return None
+
+
+def training_move(
+    keys: list[tuple[int, int]],
+    speeds: list[float],
+    replicas: list[int],
+    mine: int,
+    my_speed: float,
+    min_gain: float = 0.2,
+) -> tuple[int, int] | None:
+    """The span a peer of stage `mine` should move to, or None.
+
+    keys: the stages' spans; speeds: their summed measured samples/s (from progress records);
+    replicas: peers per stage; my_speed: our samples/s on our own span. Every stage must process
+    every sample, so demand is equal; our speed elsewhere scales with the span length.
+    """
+    if not keys or any(s <= 0 for s in speeds) or my_speed <= 0:
+        return None  # not everything measured yet: moving on guesses would thrash
+    stats = [
+        StageStats(demand=1.0, throughput=s, replicas=n)
+        for s, n in zip(speeds, replicas, strict=True)
+    ]
+    length = keys[mine][1] - keys[mine][0]
+    per_stage = [my_speed * length / (e - s) for s, e in keys]
+    target = choose_move(stats, mine, per_stage, min_gain)
+    return None if target is None else keys[target]
+
+
+def training_join(
+    keys: list[tuple[int, int]], speeds: list[float], replicas: list[int]
+) -> tuple[int, int]:
+    """The stage a joining training peer serves: the bottleneck.
+
+    With every stage measured (speeds in samples/s, from progress records) that is the slowest
+    stage; otherwise the one with the fewest replicas per block (a peer on a longer span is
+    slower). Ties go to the earliest stage.
+    """
+    if not keys or len(keys) != len(speeds) or len(keys) != len(replicas):
+        raise ValueError("one speed and one replica count per stage")
+    if all(s > 0 for s in speeds):
+        stats = [StageStats(1.0, s, n) for s, n in zip(speeds, replicas, strict=True)]
+    else:
+        stats = [
+            StageStats(float(end - start), float(n), n)
+            for (start, end), n in zip(keys, replicas, strict=True)
+        ]
+    return keys[choose_join_stage(stats)]
+
+
+def choose_stages(
+    records: list[SpanRecord], num_layers: int
+) -> list[tuple[tuple[int, int], list[str]]]:
+    """A chain of spans [0, a), [a, b), ... [z, num_layers) and each span's online peers.
+
+    At each block the span with the most replicas wins (ties: the longer one). Raises NoRoute if
+    online peers do not cover the model.
+    """
+    by_span: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for r in records:
+        if r.state == "online" and r.end <= num_layers:
+            by_span[(r.start, r.end)].append(r.peer_id)
+    chain, pos = [], 0
+    while pos < num_layers:
+        options = [(k, v) for k, v in by_span.items() if k[0] == pos]
+        if not options:
+            raise NoRoute(f"no online training peer serves a span starting at block {pos}")
+        key, peers = max(options, key=lambda kv: (len(kv[1]), kv[0][1]))
+        chain.append((key, sorted(peers)))
+        pos = key[1]
+    return chain

@@ -27,6 +27,7 @@ def train_local(
     lr: float,
     seed: int = 0,
     weight_decay: float = 0.0,
+    warmup_steps: int = 0,
 ) -> list[float]:
     """Per-step mean losses of plain AdamW training on whole batches in this process."""
     source = resolve_model(model)
@@ -40,7 +41,7 @@ def train_local(
     params = list(net.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = AdamW(params, AdamConfig(lr=lr, weight_decay=weight_decay))
+    opt = AdamW(params, AdamConfig(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps))
     losses = []
     batches = windows.batches(batch_size, seed)
     for _ in range(steps):

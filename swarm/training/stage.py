@@ -20,9 +20,11 @@ from swarm.training.averaging import StageAverager
 from swarm.training.optim8bit import AdamConfig, AdamW
 from swarm.training.progress import (
     ReplicaProgress,
+    RunPlan,
     fetch_progress,
     fetch_trainers,
     retract_progress,
+    run_plan,
     stage_prefix,
     store_progress,
 )
@@ -41,10 +43,34 @@ class StageTrainingConfig:
     progress_ttl: float = 6.0  # a replica not heard of for this long is gone
     matchmaking_time: float = 1.0  # how long a round waits for the stage's replicas to gather
     averaging_timeout: float = 10.0  # bound on one averaging round
-    max_failed_rounds: int = 2  # after this many failed rounds in one epoch, step locally
+    # Lock-step: failed rounds in one epoch before stepping alone. Long enough for a dead
+    # partner's progress record to expire (progress_ttl) and the trainers to resend its share.
+    max_failed_rounds: int = 8
     load_state_timeout: float = 30.0
     load_state_attempts: int = 3
     dht_timeout: float = 5.0
+
+
+def stage_averager(
+    model_config, start: int, end: int, dht: DHT, config: StageTrainingConfig
+) -> StageAverager:
+    """The averager of blocks [start, end): buffers for their gradients and weights.
+
+    Make it before the span's weights load: hivemind forks the averager's process, and a fork
+    after loading would keep a copy-on-write image of every weight and moment the parent then
+    changes (about 12 bytes per parameter more per peer).
+    """
+    with torch.device("meta"):
+        shapes = [p.shape for p in BlockSpan(model_config, start, end).parameters()]
+    buffers = [torch.zeros(s, dtype=torch.float32) for s in shapes * 2]
+    return StageAverager(
+        buffers,
+        dht,
+        prefix=stage_prefix(config.run_id, start, end),
+        min_matchmaking_time=config.matchmaking_time,
+        request_timeout=max(0.2, config.matchmaking_time / 2),
+        next_chunk_timeout=config.averaging_timeout / 2,
+    )
 
 
 class TrainableStage(SpanBackend):
@@ -52,13 +78,27 @@ class TrainableStage(SpanBackend):
 
     `forward` runs without autograd; `backward(inputs, grad_out)` recomputes the forward from the
     resent inputs, accumulates parameter gradients and returns the input gradient. When the
-    replicas of the stage have together accumulated the target batch (the sum of the live
-    trainers' batch sizes), they average gradients and parameters (weighted by samples) and all
-    take one AdamW step. A failed round is retried; after `max_failed_rounds` a replica steps on
-    its own gradients and the next round's parameter averaging brings it back in line.
+    replicas of the stage together hold the run's target batch they average gradients and
+    parameters (weighted by samples) and all take one AdamW step. How, the trainers' records say:
+    - asynchronous (default): the round runs in the step thread while backward calls go on; what
+      arrives meanwhile counts toward the next step (at most one step stale). A failed round
+      steps alone; the next round's parameter averaging brings the replicas back in line.
+    - lock-step (`swarm-train --sync`): a failed round is retried (the trainers resend what a dead
+      replica held); after `max_failed_rounds` the replica steps alone.
+    - DiLoCo (`--average-every H`): local AdamW steps; every H steps an outer Nesterov step on
+      the replicas' averaged parameter deltas.
+    Memory per parameter: weights 4 B, accumulated gradients 4 B, AdamW moments 8 B (2 B with
+    --optim-8bit), averaging buffers 8 B (gradients and weights), during a step 4 B more (the
+    gradients being stepped on while new ones accumulate); DiLoCo adds 8 B (anchor, momentum).
     """
 
-    def __init__(self, span: BlockSpan, dht: DHT, config: StageTrainingConfig) -> None:
+    def __init__(
+        self,
+        span: BlockSpan,
+        dht: DHT,
+        config: StageTrainingConfig,
+        averager: StageAverager | None = None,
+    ) -> None:
         super().__init__(span.float(), torch.float32)
         self.span.train()
         self.queue_length = lambda: 0  # the peer points this at its handler's in-flight count
@@ -84,17 +124,25 @@ class TrainableStage(SpanBackend):
         self._step_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._grad_bufs = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self._param_bufs = [p.detach().clone() for p in self.params]
-        self.averager = StageAverager(
-            self._grad_bufs + self._param_bufs,
-            dht,
-            prefix=stage_prefix(config.run_id, *self.key),
-            state_getter=self._state_for_download,
-            min_matchmaking_time=config.matchmaking_time,
-            request_timeout=max(0.2, config.matchmaking_time / 2),
-            next_chunk_timeout=config.averaging_timeout / 2,
-        )
+        if averager is None:
+            averager = stage_averager(span.config, *self.key, dht, config)
+        shapes = [p.shape for p in self.params]
+        if [t.shape for t in averager.buffers] != shapes * 2:
+            raise ValueError("the averager's buffers do not match this span's parameters")
+        self.averager = averager
+        self.averager.set_state_getter(self._state_for_download)
+        # Asynchronous mode: gradients meant for a later step wait in its bucket,
+        # step -> [summed gradients, samples]; the coming step's are in p.grad.
+        self._later: dict[int, list] = {}
+        self.plan: RunPlan | None = None  # the run's rules, from the live trainers' records
+        self._last_plan: RunPlan | None = None
+        self._averaging = -1  # epoch of the round in flight (asynchronous mode), -1: none
+        # DiLoCo: parameters at the last outer step, outer momentum, samples since then.
+        self._anchor: list[torch.Tensor] | None = None
+        self._outer_m: list[torch.Tensor] | None = None
+        self._since_anchor = 0
+        # Records are built and stored under one lock: a stale one must never be stored last.
+        self._publish_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._beat: threading.Thread | None = None
 
@@ -152,8 +200,11 @@ class TrainableStage(SpanBackend):
                 "step_count": self.optimizer.step_count,
                 "optim_8bit": self.optimizer.eight_bit,
                 "span": list(self.key),
+                "outer": self._anchor is not None,
             }
             tensors = [p.detach().clone() for p in self.params] + self.optimizer.state_tensors()
+            if self._anchor is not None:
+                tensors += [t.clone() for t in self._anchor + self._outer_m]
         return metadata, tensors
 
     def _load_state(self, metadata: dict, tensors: list[torch.Tensor]) -> None:
@@ -169,10 +220,28 @@ class TrainableStage(SpanBackend):
                     raise BadRequest(f"downloaded parameter shape {tuple(t.shape)} != {p.shape}")
             # Gradients that arrived meanwhile are kept: they count toward the coming step,
             # and dropping them would leave the stage short of its target batch.
+            rest = tensors[n:]
+            outer = None
+            if metadata.get("outer") is True:
+                if len(rest) < 2 * n:
+                    raise BadRequest("downloaded state lacks its outer-step tensors")
+                outer, rest = rest[len(rest) - 2 * n :], rest[: len(rest) - 2 * n]
+                for p, t in zip(self.params * 2, outer, strict=True):
+                    if p.shape != t.shape or t.dtype != torch.float32:
+                        raise BadRequest("downloaded outer-step state has the wrong shape")
             for p, t in zip(self.params, tensors[:n], strict=True):
                 p.copy_(t)
-            self.optimizer.load_state_tensors(tensors[n:], steps)
+            self.optimizer.load_state_tensors(rest, steps)
+            if outer is not None:
+                self._anchor = [t.clone() for t in outer[:n]]
+                self._outer_m = [t.clone() for t in outer[n:]]
             self.epoch = epoch
+            # Buckets the download overtook count toward the coming step.
+            for step in [k for k in self._later if k <= epoch + 1]:
+                grads, count = self._later.pop(step)
+                for p, g in zip(self.params, grads, strict=True):
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+                self.samples += count
 
     # Compute (called by the peer's compute worker)
 
@@ -190,18 +259,59 @@ class TrainableStage(SpanBackend):
         last: int | None = None,
     ) -> torch.Tensor:
         """Recompute the forward on `hidden`, accumulate parameter grads, return d loss/d hidden."""
+        return self.backward_counted(hidden, grad_out, first, last)[0]
+
+    def backward_counted(
+        self,
+        hidden: torch.Tensor,
+        grad_out: torch.Tensor,
+        first: int | None = None,
+        last: int | None = None,
+        deadline: float | None = None,
+        step: int = 0,
+    ) -> tuple[torch.Tensor, int]:
+        """`backward`, and the optimizer step (epoch + 1, or + 2 during a round) it counts toward.
+
+        Past `deadline` (time.monotonic()) the gradient is not counted and BadRequest is raised:
+        the caller has given up on this call and resends it elsewhere. `step` (asynchronous
+        mode) asks for a later step than the coming one: the gradient waits in that step's
+        bucket (at most two ahead), so every step gets the batch its trainers meant for it.
+        """
         if hidden.shape != grad_out.shape:
             raise BadRequest(f"grad_out {tuple(grad_out.shape)} != inputs {tuple(hidden.shape)}")
-        with self._lock, torch.enable_grad():
-            t0 = time.perf_counter()  # compute only: waiting for the lock is not capacity
-            x = hidden.detach().float().requires_grad_(True)
-            out = self.span(x, 0, None, first, last)
-            torch.autograd.backward(out, grad_out.float())
-            self.samples += x.shape[0]
+        t0 = time.perf_counter()  # compute only: waiting for the lock is not capacity
+        with self._lock:
+            # Under the lock: an optimizer step must not change weights mid-recompute.
+            with torch.enable_grad():
+                x = hidden.detach().float().requires_grad_(True)
+                out = self.span(x, 0, None, first, last)
+                grads = torch.autograd.grad(out, [x, *self.params], grad_out.float())
+            if deadline is not None and time.monotonic() > deadline:
+                raise BadRequest("backward finished after the caller's deadline: not counted")
+            n = x.shape[0]
+            current = self.epoch + (2 if self._averaging >= 0 else 1)
+            rules = self.plan or self._last_plan
+            if rules is not None and not rules.sync and step > current:
+                step = min(step, current + 2)
+                bucket = self._later.get(step)
+                if bucket is None:
+                    self._later[step] = [[g.clone() for g in grads[1:]], n]
+                else:
+                    for acc, g in zip(bucket[0], grads[1:], strict=True):
+                        acc.add_(g)
+                    bucket[1] += n
+            else:
+                step = current
+                for p, g in zip(self.params, grads[1:], strict=True):
+                    if p.grad is None:
+                        p.grad = g
+                    else:
+                        p.grad.add_(g)
+                self.samples += n
             self._busy_s += time.perf_counter() - t0
-            self._done += x.shape[0]
+            self._done += n
         self._wake.set()
-        return x.grad.to(hidden.dtype)
+        return grads[0].to(hidden.dtype), step
 
     def load_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         with self._lock:
@@ -224,25 +334,37 @@ class TrainableStage(SpanBackend):
         return found
 
     def _publish(self) -> None:
-        with self._lock:
-            rec = ReplicaProgress(
-                self.peer_id, self.epoch, self.samples, self.throughput, int(self.queue_length())
+        with self._publish_lock:
+            with self._lock:
+                rec = ReplicaProgress(
+                    self.peer_id,
+                    self.epoch,
+                    self.samples,
+                    self.throughput,
+                    int(self.queue_length()),
+                    self._averaging,
+                )
+            self._published_samples = rec.samples
+            store_progress(
+                self.dht,
+                self.train_config.run_id,
+                self.key,
+                rec,
+                self.train_config.progress_ttl,
+                self.train_config.dht_timeout,
             )
-        self._published_samples = rec.samples
-        store_progress(
-            self.dht,
-            self.train_config.run_id,
-            self.key,
-            rec,
-            self.train_config.progress_ttl,
-            self.train_config.dht_timeout,
-        )
 
     def _refresh_run(self) -> None:
         trainers = fetch_trainers(self.dht, self.train_config.run_id, self.train_config.dht_timeout)
-        if trainers:
-            self.target_batch = sum(t.batch_size for t in trainers)
-            self.optimizer.config = trainers[0].adam
+        if trainers is None:
+            return  # the DHT did not answer: keep the plan we have
+        plan = run_plan(trainers)
+        self.plan = plan
+        if plan is not None:
+            self._last_plan = plan
+        if plan is not None:
+            self.target_batch = plan.target_batch
+            self.optimizer.config = plan.adam
 
     def _run(self) -> None:
         last_run = 0.0
@@ -254,7 +376,12 @@ class TrainableStage(SpanBackend):
                 if now - last_run > 1.0:
                     self._refresh_run()
                     last_run = now
-                self._maybe_step()
+                # With no trainer live, the last one's rules still say how to finish.
+                rules = self.plan or self._last_plan
+                if rules is None or rules.sync:
+                    self._maybe_step_sync()
+                else:
+                    self._maybe_step_async(rules)
             except Exception:  # the step loop must outlive one bad round
                 logger.exception("stage %s:%s: step loop error", *self.key)
                 time.sleep(self.train_config.poll_period)
@@ -267,7 +394,9 @@ class TrainableStage(SpanBackend):
             except Exception:
                 logger.exception("stage %s:%s: publishing progress failed", *self.key)
 
-    def _maybe_step(self) -> None:
+    # Lock-step mode (--sync): a stage steps once per trainer step, with every live replica
+
+    def _maybe_step_sync(self) -> None:
         others = self._others()
         ahead = [r for r in others.values() if r.epoch > self.epoch]
         same = [r for r in others.values() if r.epoch == self.epoch]
@@ -285,9 +414,62 @@ class TrainableStage(SpanBackend):
             self._catch_up()
         elif ahead:
             # A replica has already stepped this epoch: follow it now, on our own gradients.
-            self._step(average=False)
+            self._step(average=False, retry_failed=True)
         elif self.target_batch > 0 and total >= self.target_batch:
-            self._step(average=bool(same))
+            self._step(average=bool(same), retry_failed=True)
+
+    # Asynchronous mode (default): averaging in the background, at most one step stale
+
+    def _maybe_step_async(self, plan: RunPlan) -> None:
+        """Start this epoch's step when the replicas together hold the target batch.
+
+        Gradients that arrive while the round runs count toward the next step. A replica that
+        another has left behind catches up (downloads) or follows on its own gradients.
+        """
+        others = self._others()
+        with self._lock:
+            mine = self.samples
+        if mine and mine != self._published_samples:
+            self._publish()
+        ahead = [r for r in others.values() if r.epoch > self.epoch]
+        if ahead:
+            if any(r.epoch > self.epoch + 1 for r in ahead) or not mine:
+                self._catch_up()
+            elif plan.average_every > 1:
+                self._local_step(plan, rounds_with=True)  # the others' outer round waits for us
+            else:
+                self._step(average=False, retry_failed=False)
+            return
+        same = [r for r in others.values() if r.epoch == self.epoch]
+        started = any(r.averaging == self.epoch for r in same)
+        total = mine + sum(r.samples for r in same if r.averaging != self.epoch)
+        if not started and not (self.target_batch > 0 and total >= self.target_batch):
+            if not (self.plan_ended() and mine):
+                return
+        if plan.average_every > 1:
+            self._local_step(plan, rounds_with=bool(others))
+        else:
+            self._step(average=bool(same), retry_failed=False)
+
+    def _take_next_bucket(self) -> None:
+        """Under the lock, once the current gradients are taken: the next step's bucket is now
+        current (it counts toward epoch + 2 during a round, epoch + 2 after a local step)."""
+        current = self.epoch + 2
+        grads, n = self._later.pop(current, [[None] * len(self.params), 0])
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        self.samples = n
+
+    def plan_ended(self) -> bool:
+        """No trainer is live: what is left accumulated is stepped on rather than kept."""
+        return self.plan is None
+
+    def _others_at(self, epoch: int) -> bool:
+        """Whether another live replica is at `epoch` (a round may still form with it)."""
+        try:
+            return any(r.epoch == epoch for r in self._others().values())
+        except PeerUnavailable:
+            return False
 
     def _catch_up(self) -> None:
         logger.warning(
@@ -301,71 +483,78 @@ class TrainableStage(SpanBackend):
             logger.warning("catch-up download failed: %s", e)
         self._publish()
 
-    def _step(self, average: bool) -> None:
+    def _step(self, average: bool, retry_failed: bool) -> None:
         with self._step_lock:
-            self._step_locked(average)
+            self._step_locked(average, retry_failed)
 
-    def _step_locked(self, average: bool) -> None:
+    def _step_locked(self, average: bool, retry_failed: bool) -> None:
         with self._lock:
             n = self.samples
-            grad_sums = [
-                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                for p in self.params
-            ]
-            for p in self.params:
-                p.grad = None
-            self.samples = 0
+            own = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            self._take_next_bucket()
             with self.averager.get_tensors() as bufs:
                 k = len(self.params)
-                for buf, g in zip(bufs[:k], grad_sums, strict=True):
-                    buf.copy_(g / max(n, 1))
+                for buf, g in zip(bufs[:k], own, strict=True):
+                    torch.div(g, max(n, 1), out=buf)
                 for buf, p in zip(bufs[k:], self.params, strict=True):
                     buf.copy_(p.detach())
+            if not retry_failed:
+                self._averaging = self.epoch  # new gradients now count toward the next step
         averaged = False
         if average:
-            t0 = time.monotonic()
-            try:
-                size = self.averager.average(float(n), self.train_config.averaging_timeout)
-                averaged = True
-                logger.info(
-                    "stage %s:%s epoch %d: averaged %d samples with %d replicas in %.2fs",
-                    *self.key,
-                    self.epoch,
-                    n,
-                    size,
-                    time.monotonic() - t0,
-                )
-            except PeerUnavailable as e:
-                self._failed_rounds += 1
-                logger.warning("stage %s:%s epoch %d: %s", *self.key, self.epoch, e)
-                if self._failed_rounds <= self.train_config.max_failed_rounds:
-                    # A replica may have died holding samples: keep ours and wait until the
-                    # trainers resend the lost ones to live replicas.
-                    self._restore(grad_sums, n)
-                    return
+            if not retry_failed:
+                self._publish()  # replicas that see it join this round at once
+            averaged = self._average(n, own, retry_failed)
+            if averaged is None:
+                return  # lock-step: gradients restored, the round is tried again
+            if not averaged and self._others_at(self.epoch):
+                # A partner that entered late failed alone too: once more, together.
+                averaged = bool(self._average(n, own, retry_failed))
         with self._lock, torch.no_grad(), self.averager.get_tensors() as bufs:
             k = len(self.params)
             finite = all(torch.isfinite(b).all() for b in bufs)
             if averaged and finite:
-                for p, buf, gbuf in zip(self.params, bufs[k:], bufs[:k], strict=True):
+                for p, buf in zip(self.params, bufs[k:], strict=True):
                     p.copy_(buf)
-                    p.grad = gbuf.clone()
+                grads = [b.clone() for b in bufs[:k]]
                 self.steps_averaged += 1
             else:
-                for p, g in zip(self.params, grad_sums, strict=True):
-                    p.grad = g / max(n, 1)
+                grads = [g / max(n, 1) for g in own]
                 self.steps_local += 1
                 logger.info(
                     "stage %s:%s epoch %d: stepped alone on %d samples", *self.key, self.epoch, n
                 )
             if averaged or n > 0:
-                self.optimizer.step()
-            for p in self.params:
-                p.grad = None
+                self.optimizer.step(grads)
             self.epoch += 1
+            self._averaging = -1
             self._failed_rounds = 0
         self.averager.state_sharing_priority = float(self.epoch)
         self._publish()
+
+    def _average(self, n: int, own: list[torch.Tensor], retry_failed: bool) -> bool | None:
+        """One round over the buffers; False if it failed (None: lock-step retries later)."""
+        t0 = time.monotonic()
+        try:
+            size = self.averager.average(max(float(n), 1e-3), self.train_config.averaging_timeout)
+        except PeerUnavailable as e:
+            self._failed_rounds += 1
+            logger.warning("stage %s:%s epoch %d: %s", *self.key, self.epoch, e)
+            if retry_failed and self._failed_rounds <= self.train_config.max_failed_rounds:
+                # A replica may have died holding samples: keep ours and wait until the
+                # trainers resend the lost ones to live replicas.
+                self._restore(own, n)
+                return None
+            return False
+        logger.info(
+            "stage %s:%s epoch %d: averaged %d samples with %d replicas in %.2fs",
+            *self.key,
+            self.epoch,
+            n,
+            size,
+            time.monotonic() - t0,
+        )
+        return True
 
     def _restore(self, grad_sums: list[torch.Tensor], n: int) -> None:
         with self._lock:
@@ -373,6 +562,62 @@ class TrainableStage(SpanBackend):
                 p.grad = g if p.grad is None else p.grad + g
             self.samples += n
         self._publish()
+
+    # DiLoCo (--average-every H > 1): local steps, an outer step on averaged deltas every H
+
+    def _local_step(self, plan: RunPlan, rounds_with: bool) -> None:
+        with self._step_lock:
+            with self._lock, torch.no_grad():
+                if self._anchor is None:
+                    self._anchor = [p.detach().clone() for p in self.params]
+                    self._outer_m = [torch.zeros_like(p) for p in self.params]
+                n = self.samples
+                grads = [p.grad / max(n, 1) if p.grad is not None else None for p in self.params]
+                self._take_next_bucket()
+                if n > 0:
+                    self.optimizer.step(grads)
+                self._since_anchor += n
+                self.epoch += 1
+                self.steps_local += 1
+                outer = self.epoch % plan.average_every == 0
+                if outer:
+                    with self.averager.get_tensors() as bufs:
+                        k = len(self.params)
+                        for buf, a, p in zip(bufs[:k], self._anchor, self.params, strict=True):
+                            torch.sub(a, p, out=buf)  # the pseudo-gradient of DiLoCo
+                        for buf, a in zip(bufs[k:], self._anchor, strict=True):
+                            buf.copy_(a)
+            self._publish()
+            if outer:
+                self._outer_step(plan, rounds_with)
+
+    def _outer_step(self, plan: RunPlan, rounds_with: bool) -> None:
+        averaged = False
+        if rounds_with:
+            averaged = bool(self._average(self._since_anchor, [], retry_failed=False))
+            if not averaged and self._others_at(self.epoch):
+                averaged = bool(self._average(self._since_anchor, [], retry_failed=False))
+        with self._lock, torch.no_grad(), self.averager.get_tensors() as bufs:
+            k = len(self.params)
+            if not all(torch.isfinite(b).all() for b in bufs):
+                logger.warning("stage %s:%s: non-finite outer round, skipped", *self.key)
+                return
+            for i, p in enumerate(self.params):
+                delta, anchor, m = bufs[i], self._anchor[i], self._outer_m[i]
+                if averaged:
+                    anchor.copy_(bufs[k + i])
+                # Nesterov momentum on the averaged delta, as DiLoCo's outer SGD.
+                m.mul_(plan.outer_momentum).add_(delta)
+                anchor.sub_(delta + plan.outer_momentum * m, alpha=plan.outer_lr)
+                p.copy_(anchor)
+            self._since_anchor = 0
+            self.steps_averaged += int(averaged)
+        logger.info(
+            "stage %s:%s epoch %d: outer step (%s)",
+            *self.key,
+            self.epoch,
+            "averaged" if averaged else "alone",
+        )
 
     # Inspection and shutdown
 

@@ -1,6 +1,6 @@
 """The SWARM trainer: embeddings and head here, microbatches through stage replicas, retries.
 
-Used by `swarm-train` and the training benchmark.
+Used by `swarm-train` (and through it the training benchmark, tests and churn harness).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +22,28 @@ from swarm.errors import BadRequest, NoRoute, SwarmError
 from swarm.model.loading import load_client_parts, load_config, load_tokenizer, resolve_model
 from swarm.peer.client import PeerClient
 from swarm.peer.dht_view import fetch_swarm_async
-from swarm.peer.records import SpanRecord, block_key
 from swarm.training.data import ByteTokenizer, TokenWindows, split_microbatches
 from swarm.training.optim8bit import AdamConfig, AdamW
 from swarm.training.progress import (
+    ReplicaProgress,
     TrainerRecord,
     check_run_id,
     fetch_progress,
+    fetch_trainers,
     store_trainer,
 )
-from swarm.training.wiring import BACKWARD_TASK_FACTOR, NoReplica, StochasticWiring
+from swarm.training.rebalance import choose_stages
+from swarm.training.wiring import BACKWARD_TASK_FACTOR, FixedWiring, NoReplica, StochasticWiring
 
 logger = logging.getLogger(__name__)
+
+
+class NoRunPeers(NoRoute):
+    """The run's training peers do not cover the model (yet, if `loading`: some still load)."""
+
+    def __init__(self, message: str, loading: bool = False) -> None:
+        super().__init__(message)
+        self.loading = loading
 
 
 # A replica's progress record must be absent this long before its microbatches are resent.
@@ -41,37 +52,119 @@ MISSING_GRACE_S = 2.0
 
 @dataclass
 class TrainerConfig:
-    """Settings of `swarm-train`; the CLI reads its defaults here."""
+    """Settings of `swarm-train`; the CLI reads its defaults and help here."""
 
-    model: str = "smollm2-135m"
-    initial_peers: list[str] = field(default_factory=list)
-    data: list[str] = field(default_factory=list)
-    steps: int = 10
-    batch_size: int = 8  # sequences per step, over all microbatches
-    seq_len: int = 64
-    microbatches: int = 2
-    run_id: str = "swarm"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optim_8bit: bool = False
-    compression: str = "none"  # codec of activations and gradients, both ways
-    seed: int = 0
-    forward_timeout: float = 30.0  # SWARM's values
-    backward_timeout: float = 75.0
-    max_attempts: int = 8  # per stage call: how many replicas we try before a microbatch is lost
-    ban_s: float = 15.0  # a failed replica is skipped this long
-    step_timeout: float = 120.0  # bound on waiting for the stages to step together
-    stall_timeout: float = 120.0  # longest a stage may have no callable replica
-    dht_timeout: float = 10.0
-    save: str | None = None  # folder for a Hugging Face-style checkpoint at the end
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "model name or checkpoint, as the peers'"}
+    )
+    initial_peers: list[str] = field(
+        default_factory=list, metadata={"help": "multiaddrs of peers of the swarm (required)"}
+    )
+    data: list[str] = field(default_factory=list, metadata={"help": "text files to train on"})
+    steps: int = field(default=10, metadata={"help": "optimizer steps to run"})
+    batch_size: int = field(
+        default=8, metadata={"help": "sequences this trainer sends per optimizer step"}
+    )
+    seq_len: int = field(default=64, metadata={"help": "tokens per sequence"})
+    microbatches: int = field(
+        default=2, metadata={"help": "microbatches per trainer step, pipelined through the stages"}
+    )
+    target_batch: int = field(
+        default=0,
+        metadata={
+            "help": "the run's global batch per optimizer step, summed over trainers "
+            "(0: the sum of the live trainers' --batch-size)"
+        },
+    )
+    sync: bool = field(
+        default=False,
+        metadata={
+            "help": "lock-step: every step waits for the stages to average (equals "
+            "single-process training); default: averaging in the background, one step stale"
+        },
+    )
+    average_every: int = field(
+        default=1,
+        metadata={
+            "help": "optimizer steps between averaging rounds (H > 1: DiLoCo local steps and "
+            "an outer Nesterov step on the averaged deltas)"
+        },
+    )
+    outer_lr: float = field(default=0.7, metadata={"help": "DiLoCo outer learning rate"})
+    outer_momentum: float = field(default=0.9, metadata={"help": "DiLoCo outer Nesterov momentum"})
+    max_inflight: int = field(
+        default=0,
+        metadata={"help": "most microbatches in flight at once (0: two steps' worth)"},
+    )
+    wiring: str = field(
+        default="stochastic",
+        metadata={
+            "help": "stochastic (SWARM: any replica, by measured speed) or fixed (pipelines: "
+            "lane i always uses replica i of each stage, the baseline)"
+        },
+    )
+    run_id: str = field(default="swarm", metadata={"help": "name of the run (the peers' --run-id)"})
+    # Fine-tuning a pretrained model: 1e-3 made SmolLM2's loss rise, 1e-4 with warm-up falls.
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (used by every stage)"})
+    warmup_steps: int = field(
+        default=5, metadata={"help": "steps over which the learning rate rises to --lr"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    optim_8bit: bool = field(
+        default=False, metadata={"help": "keep the trainer's AdamW moments in 8 bits"}
+    )
+    compression: str = field(
+        default="none",
+        metadata={"help": "codec of activations and gradients both ways (none, int8-block64, ...)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of data order and replica choice"})
+    forward_timeout: float = field(  # SWARM's values
+        default=30.0, metadata={"help": "seconds before a forward call is retried elsewhere"}
+    )
+    backward_timeout: float = field(
+        default=75.0, metadata={"help": "seconds before a backward call is retried elsewhere"}
+    )
+    max_attempts: int = field(
+        default=8, metadata={"help": "replicas tried per stage call before a microbatch is lost"}
+    )
+    ban_s: float = field(default=15.0, metadata={"help": "seconds a failed replica is skipped"})
+    step_timeout: float = field(
+        default=120.0, metadata={"help": "most seconds to wait for the stages to step"}
+    )
+    stall_timeout: float = field(
+        default=120.0,
+        metadata={"help": "most seconds a stage may have no replica to call before work is lost"},
+    )
+    join_timeout: float = field(
+        default=20.0,
+        metadata={"help": "most seconds to wait at start for training peers of the run"},
+    )
+    dht_timeout: float = field(default=10.0, metadata={"help": "bound on each DHT read or write"})
+    save: str | None = field(
+        default=None,
+        metadata={"help": "write a Hugging Face-style checkpoint folder here at the end"},
+    )
 
     def validate(self) -> None:
         check_run_id(self.run_id)
         for name in ("steps", "batch_size", "seq_len", "microbatches", "max_attempts"):
             if getattr(self, name) <= 0:
                 raise BadRequest(f"--{name.replace('_', '-')} must be positive")
+        if self.target_batch < 0 or self.max_inflight < 0 or self.warmup_steps < 0:
+            raise BadRequest("--target-batch, --max-inflight and --warmup-steps must be >= 0")
+        if self.average_every < 1:
+            raise BadRequest("--average-every must be at least 1")
+        if self.sync and self.average_every > 1:
+            raise BadRequest("--sync averages every step: it cannot take --average-every")
+        if self.wiring not in ("stochastic", "fixed"):
+            raise BadRequest(f"--wiring must be stochastic or fixed, not {self.wiring!r}")
         if not self.data:
             raise BadRequest("give at least one --data file")
+        if not self.initial_peers:
+            raise BadRequest(
+                "give --initial-peers: the multiaddr a training peer printed "
+                "(swarm-peer join --train --run-id ...)"
+            )
 
 
 @dataclass
@@ -86,10 +179,28 @@ class StepStats:
 
 @dataclass
 class _Held:
-    """What the trainer keeps of one microbatch at one stage until the stage has stepped."""
+    """What the trainer keeps of one microbatch at one stage until the stage has stepped on it."""
 
     inputs: torch.Tensor
     grad_out: torch.Tensor
+    step: int = 0  # the stage's optimizer step it counts toward (0: unknown)
+    lane: int = 0
+
+
+@dataclass
+class _StepAcc:
+    """One trainer step in asynchronous mode: its microbatches' client gradients and losses."""
+
+    expected: int
+    done: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> summed grad
+
+    def add(self, params, grads) -> None:
+        for p, g in zip(params, grads, strict=True):
+            have = self.grads.get(id(p))
+            self.grads[id(p)] = g.detach().clone() if have is None else have.add_(g)
 
 
 class Trainer:
@@ -107,7 +218,9 @@ class Trainer:
         self.client_parts = load_client_parts(self.source).float().train()
         for p in self.client_parts.parameters():
             p.requires_grad_(True)
-        self.adam = AdamConfig(lr=config.lr, weight_decay=config.weight_decay)
+        self.adam = AdamConfig(
+            lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps
+        )
         self.optimizer = AdamW(
             list(self.client_parts.parameters()), self.adam, eight_bit=config.optim_8bit
         )
@@ -120,54 +233,93 @@ class Trainer:
             tokenizer, config.data, config.seq_len, self.model_config.vocab_size
         )
         self.dht = DHT(
-            initial_peers=config.initial_peers or None,
+            initial_peers=config.initial_peers,
             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
             start=True,
         )
         self.trainer_id = f"trainer-{uuid.uuid4().hex[:12]}"
-        self.wiring = StochasticWiring(random.Random(config.seed))
+        # Fixed pipelines learn their count from the swarm on the first look (refresh_stages).
+        self.wiring: Any = StochasticWiring(random.Random(config.seed))
         self.stages: list[tuple[int, int]] = []
         self.retries = self.resent = self.lost = 0
         self.samples_done = 0
         self.wire_bytes = 0  # tensor payload of successful calls, all four directions
+        self.max_staleness = 0  # most optimizer steps a microbatch's stages ran ahead of it
         self.history: list[StepStats] = []
+        self.epochs: list[int] = []  # asynchronous mode: each stage's epoch as last read
+        self.pending: list[int] = []  # asynchronous mode: our samples each stage holds unapplied
+        self._lane = 0
 
     # Discovery
 
     async def refresh_stages(self) -> None:
-        """Re-read the swarm: a chain of spans from block 0 to the last, with their replicas."""
+        """Re-read the swarm: the run's chain of spans from block 0 to the last, and replicas.
+
+        Only peers that publish progress records of this run count: peers of another run (or
+        serving peers) are never trained through. Raises NoRoute naming the run otherwise.
+        """
+        records = await fetch_swarm_async(
+            self.dht, self.prefix, self.model_config.num_layers, self.config.dht_timeout
+        )
+        spans = sorted({(r.start, r.end) for r in records if r.state == "online"})
+        progress = await asyncio.gather(*(self._progress(key) for key in spans))
+        ours = {
+            (key, peer)
+            for key, found in zip(spans, progress, strict=True)
+            for peer in (found or {})
+        }
+        mine = [r for r in records if ((r.start, r.end), r.peer_id) in ours]
+        run = self.config.run_id
+        if not mine:
+            joining = [r for r in records if r.run_id == run and r.state == "joining"]
+            others = sorted({r.run_id for r in records if r.run_id and r.run_id != run})
+            raise NoRunPeers(
+                f"no training peer of run {run!r} is ready"
+                + (f" ({len(joining)} still loading)" if joining else "")
+                + f"; {len({r.peer_id for r in records})} peers serve {self.prefix}"
+                + (f", training runs {others}" if others else "")
+                + f": start peers with `swarm-peer join --train --run-id {run}` or pass the "
+                "--run-id they use",
+                bool(joining),
+            )
+        loading = any(r.run_id == run and r.state == "joining" for r in records)
         try:
-            records = await fetch_swarm_async(
-                self.dht, self.prefix, self.model_config.num_layers, self.config.dht_timeout
-            )
-        except Exception as e:  # fall back to plain DHT reads if the batched view fails
-            logger.debug("fetch_swarm failed (%r); reading block records one by one", e)
-            records = await asyncio.to_thread(
-                read_span_records,
-                self.dht,
-                self.prefix,
-                self.model_config.num_layers,
-                self.config.dht_timeout,
-            )
-        stages = choose_stages(records, self.model_config.num_layers)
+            stages = choose_stages(mine, self.model_config.num_layers)
+        except NoRoute as e:
+            raise NoRunPeers(f"the training peers of run {run!r}: {e}", loading) from None
         self.stages = [key for key, _ in stages]
+        if self.config.wiring == "fixed" and not isinstance(self.wiring, FixedWiring):
+            self.wiring = FixedWiring(pipelines=min(len(peers) for _, peers in stages))
+        now = time.monotonic()
         for index, (_, peers) in enumerate(stages):
-            self.wiring.set_peers(index, peers)
+            self.wiring.set_peers(index, peers, now)
+
+    async def _progress(self, key: tuple[int, int]) -> dict[str, ReplicaProgress] | None:
+        return await asyncio.to_thread(
+            fetch_progress, self.dht, self.config.run_id, key, self.config.dht_timeout
+        )
 
     async def wait_for_swarm(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        """Wait up to `timeout` s for the run's chain; longer (stall_timeout) while peers of the
+        run are still loading, so a trainer started with its peers does not give up on them."""
+        t0 = time.monotonic()
         while True:
             try:
                 await self.refresh_stages()
                 return
             except (NoRoute, SwarmError) as e:
-                if time.monotonic() > deadline:
-                    raise NoRoute(f"no chain of training peers covers the model: {e}") from e
+                waited = time.monotonic() - t0
+                loading = isinstance(e, NoRunPeers) and e.loading
+                if waited > (max(timeout, self.config.stall_timeout) if loading else timeout):
+                    raise NoRoute(f"{e} (waited {waited:.0f} s)") from None
                 await asyncio.sleep(1.0)
 
     # One call to one stage, retried on other replicas
 
-    async def _call(self, client: PeerClient, stage: int, kind: str, *tensors) -> tuple:
+    async def _call(
+        self, client: PeerClient, stage: int, kind: str, *tensors, lane: int = 0, step: int = 0
+    ) -> tuple[torch.Tensor, str, int]:
+        """(output, peer, step the stage counts a backward toward) of one forward or backward."""
         start, end = self.stages[stage]
         n = tensors[0].shape[0]
         task = n * (BACKWARD_TASK_FACTOR if kind == "backward" else 1.0)
@@ -177,7 +329,7 @@ class Trainer:
         deadline = time.monotonic() + self.config.stall_timeout
         while failures < self.config.max_attempts:
             try:
-                peer = self.wiring.choose(stage, time.monotonic(), task)
+                peer = self.wiring.choose(stage, time.monotonic(), task, lane=lane)
             except NoReplica as e:
                 last_error = e
                 if time.monotonic() > deadline:
@@ -189,19 +341,21 @@ class Trainer:
                     last_error = e2
                 continue
             t0 = time.monotonic()
+            counted = 0
             try:
                 if kind == "forward":
                     out = await client.forward(
                         peer, tensors[0], start, end, timeout=self.config.forward_timeout
                     )
                 else:
-                    out = await client.backward(
+                    out, counted = await client.backward_counted(
                         peer,
                         tensors[0],
                         tensors[1],
                         start,
                         end,
                         timeout=self.config.backward_timeout,
+                        step=step,
                     )
             except SwarmError as e:
                 last_error = e
@@ -213,23 +367,31 @@ class Trainer:
             self.wiring.report_success(peer, task, time.monotonic() - t0)
             codec = self.config.compression
             self.wire_bytes += sum(payload_bytes(t, codec) for t in (*tensors, out))
-            return out, peer
+            return out, peer, counted
         raise NoRoute(
             f"{kind} at stage {start}:{end} failed {failures} times "
             f"(no replica for up to {self.config.stall_timeout:.0f} s): {last_error}"
         )
 
+    def _next_lane(self) -> int:
+        self._lane += 1
+        return self._lane - 1
+
     async def _microbatch(
         self, client: PeerClient, ids: torch.Tensor, held: list[dict[str, list[_Held]]]
     ) -> float | None:
-        """Forward and backward of one microbatch; its loss, or None if it was lost."""
+        """Lock-step: forward and backward of one microbatch; its loss, or None if it was lost.
+
+        Client gradients accumulate in `.grad` (the caller steps once per trainer step).
+        """
         n = ids.shape[0]
+        lane = self._next_lane()
         try:
             h0 = self.client_parts.embed(ids)
             inputs = [h0.detach()]
             h = inputs[0]
             for s in range(len(self.stages)):
-                h, _ = await self._call(client, s, "forward", h)
+                h, _, _ = await self._call(client, s, "forward", h, lane=lane)
                 inputs.append(h)
             last = inputs[-1].clone().requires_grad_(True)
             logits = self.client_parts.logits(last)
@@ -240,8 +402,10 @@ class Trainer:
             (loss * n).backward()
             grad = last.grad
             for s in reversed(range(len(self.stages))):
-                grad_in, peer = await self._call(client, s, "backward", inputs[s], grad)
-                held[s][peer].append(_Held(inputs[s], grad))
+                grad_in, peer, step = await self._call(
+                    client, s, "backward", inputs[s], grad, lane=lane
+                )
+                held[s][peer].append(_Held(inputs[s], grad, step, lane))
                 grad = grad_in
             h0.backward(grad)
             return float(loss.detach())
@@ -250,23 +414,43 @@ class Trainer:
             self.lost += 1
             return None
 
-    # Waiting for the stages to step together
+    # Lock-step mode: wait for the stages to step together
 
     async def _stage_epochs(self) -> list[dict[str, int] | None]:
         """Per stage: peer id -> epoch of each live replica (None where the DHT did not answer)."""
+        found = await asyncio.gather(*(self._progress(key) for key in self.stages))
+        return [None if recs is None else {p: r.epoch for p, r in recs.items()} for recs in found]
 
-        async def one(key: tuple[int, int]) -> dict[str, int] | None:
-            recs = await asyncio.to_thread(
-                fetch_progress, self.dht, self.config.run_id, key, self.config.dht_timeout
-            )
-            return None if recs is None else {p: r.epoch for p, r in recs.items()}
-
-        return list(await asyncio.gather(*(one(key) for key in self.stages)))
+    async def _resend(
+        self, client: PeerClient, s: int, peer: str, held: list[dict[str, list[_Held]]]
+    ) -> None:
+        """Resend the backward calls a vanished replica held to live replicas of stage s."""
+        items = held[s].pop(peer, [])
+        logger.info(
+            "replica %s of stage %s is gone: resending %d backward",
+            peer,
+            self.stages[s],
+            len(items),
+        )
+        for item in items:
+            try:
+                _, new_peer, step = await self._call(
+                    client, s, "backward", item.inputs, item.grad_out, lane=item.lane
+                )
+            except NoRoute as e:
+                logger.warning("resend failed: %s", e)
+                self.lost += 1
+                if s < len(self.pending):
+                    self.pending[s] -= item.inputs.shape[0]
+                continue
+            item.step = step
+            held[s][new_peer].append(item)
+            self.resent += 1
 
     async def _wait_for_stages(
         self,
         client: PeerClient,
-        before: list[dict[str, int]],
+        before: list[dict[str, int] | None],
         held: list[dict[str, list[_Held]]],
     ) -> None:
         """Wait until every live replica of every stage has stepped past its epoch at step start.
@@ -288,8 +472,6 @@ class Trainer:
                     continue
                 if live and all(e > base[s] for e in live.values()):
                     continue
-                if not live and base[s] < 0:
-                    continue  # not a training stage (no progress records): nothing to wait for
                 done = False
                 if any(e > base[s] for e in live.values()):
                     continue  # the stage stepped; stragglers follow
@@ -299,91 +481,356 @@ class Trainer:
                         continue
                     # A record may miss one read (DHT lag): resend only when it stays gone.
                     first_missed = missing_since.setdefault((s, peer), now)
-                    if now - first_missed < MISSING_GRACE_S:
-                        continue
-                    items = held[s].pop(peer)
-                    logger.info(
-                        "replica %s of stage %s is gone: resending %d backward",
-                        peer,
-                        self.stages[s],
-                        len(items),
-                    )
-                    for item in items:
-                        try:
-                            _, new_peer = await self._call(
-                                client, s, "backward", item.inputs, item.grad_out
-                            )
-                        except NoRoute as e:
-                            logger.warning("resend failed: %s", e)
-                            self.lost += 1
-                            continue
-                        held[s][new_peer].append(item)
-                        self.resent += 1
+                    if now - first_missed >= MISSING_GRACE_S:
+                        await self._resend(client, s, peer, held)
             if done:
                 return
             await asyncio.sleep(0.2)
         logger.warning("stages did not all step within %.0f s", self.config.step_timeout)
 
-    # The loop
-
-    async def run(self, on_step=None) -> list[StepStats]:
-        """Train for `config.steps` steps; `on_step(StepStats)` is called after each."""
+    async def _run_sync(self, client: PeerClient, record: TrainerRecord, on_step) -> None:
         cfg = self.config
-        p2p = await self.dht.replicate_p2p()
-        client = PeerClient(p2p, cfg.compression)
-        await self.wait_for_swarm(timeout=60.0)
-        record = TrainerRecord(self.trainer_id, cfg.batch_size, self.adam)
-        await asyncio.to_thread(store_trainer, self.dht, cfg.run_id, record, 30.0, cfg.dht_timeout)
-        # Stages read trainer records every second or two: let them learn the target batch.
-        await asyncio.sleep(2.5)
         batches = self.data.batches(cfg.batch_size, cfg.seed)
+        for step in range(1, cfg.steps + 1):
+            t0 = time.monotonic()
+            retries0 = self.retries
+            try:
+                await self.refresh_stages()
+            except SwarmError as e:
+                logger.warning("swarm incomplete (%s); waiting for peers", e)
+                await self.wait_for_swarm(self.config.stall_timeout)
+            await asyncio.to_thread(
+                store_trainer, self.dht, cfg.run_id, record, 30.0, cfg.dht_timeout
+            )
+            before = await self._stage_epochs()
+            held: list[dict[str, list[_Held]]] = [defaultdict(list) for _ in self.stages]
+            batch = next(batches)
+            mbs = split_microbatches(batch, cfg.microbatches)
+            losses = await asyncio.gather(*(self._microbatch(client, mb, held) for mb in mbs))
+            ok = [
+                (loss, mb.shape[0])
+                for loss, mb in zip(losses, mbs, strict=True)
+                if loss is not None
+            ]
+            n_ok = sum(n for _, n in ok)
+            if n_ok:
+                with torch.no_grad():
+                    for p in self.client_parts.parameters():
+                        if p.grad is not None:
+                            p.grad /= n_ok
+                self.optimizer.step()
+            self.client_parts.zero_grad(set_to_none=True)
+            t_wait = time.monotonic()
+            await self._wait_for_stages(client, before, held)
+            logger.info(
+                "step %d: compute %.2fs, waiting for stages %.2fs",
+                step,
+                t_wait - t0,
+                time.monotonic() - t_wait,
+            )
+            elapsed = time.monotonic() - t0
+            self.samples_done += n_ok
+            loss = sum(x * n for x, n in ok) / n_ok if n_ok else float("nan")
+            stats = StepStats(
+                step, loss, n_ok / elapsed, self.retries - retries0, self.resent, self.lost
+            )
+            self.history.append(stats)
+            if on_step is not None:
+                on_step(stats)
+
+    # Asynchronous mode: microbatches in flight up to a bound, at most one step stale
+
+    async def _microbatch_async(
+        self,
+        client: PeerClient,
+        ids: torch.Tensor,
+        acc: _StepAcc,
+        held: list[dict[str, list[_Held]]],
+        issued: list[int],
+        tags: list[int],
+    ) -> None:
+        """One microbatch through the stages; client gradients go to `acc` (not `.grad`), since
+        microbatches of two trainer steps are in flight at once.
+
+        issued: each stage's epoch when it was sent, to measure how stale its gradients got.
+        tags: per stage, the optimizer step its gradient is meant for.
+        """
+        n = ids.shape[0]
+        lane = self._next_lane()
+        cp = self.client_parts
+        committed = 0  # stages, from the last, that counted its gradient
         try:
-            for step in range(1, cfg.steps + 1):
-                t0 = time.monotonic()
-                retries0 = self.retries
+            with torch.no_grad():
+                h = cp.embed(ids)
+            inputs = [h]
+            for s in range(len(self.stages)):
+                h, _, _ = await self._call(client, s, "forward", h, lane=lane)
+                inputs.append(h)
+            # No await from here to the gradients: the head is not stepped in between.
+            last = inputs[-1].clone().requires_grad_(True)
+            head = [cp.norm.weight, cp.lm_head.weight]
+            logits = cp.logits(last)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+            )
+            grads = torch.autograd.grad(loss * n, [last, *head])
+            acc.add(head, grads[1:])
+            grad = grads[0]
+            for s in reversed(range(len(self.stages))):
+                grad, peer, step = await self._call(
+                    client, s, "backward", inputs[s], grad, lane=lane, step=tags[s]
+                )
+                held[s][peer].append(_Held(inputs[s], grad, step, lane))
+                committed += 1
+                if step and s < len(issued):
+                    self.max_staleness = max(self.max_staleness, step - 1 - issued[s])
+            # The embedding's gradient is a scatter of the input gradient onto its rows.
+            emb = cp.embed_tokens.weight
+            g_emb = torch.zeros_like(emb).index_add_(
+                0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(emb.dtype)
+            )
+            acc.add([emb], [g_emb])
+            acc.samples += n
+            acc.loss_sum += float(loss.detach()) * n
+        except NoRoute as e:
+            logger.warning("microbatch lost: %s", e)
+            self.lost += 1
+            for s in range(len(self.pending) - committed):
+                self.pending[s] -= n  # stages it never reached will not count it
+        finally:
+            acc.done += 1
+
+    def _release(self, s: int, items: list[_Held]) -> None:
+        for item in items:
+            self.pending[s] -= item.inputs.shape[0]
+
+    async def _watch(
+        self,
+        client: PeerClient,
+        held: list[dict[str, list[_Held]]],
+        stop: asyncio.Event,
+        changed: asyncio.Event,
+    ) -> None:
+        """Track each stage's epoch; release what stages stepped on; resend what died unstepped."""
+        missing_since: dict[tuple[int, str], float] = {}
+        last_refresh = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() - last_refresh > 2.0:
+                last_refresh = time.monotonic()
                 try:
                     await self.refresh_stages()
                 except SwarmError as e:
-                    logger.warning("swarm incomplete (%s); waiting for peers", e)
-                    await self.wait_for_swarm(self.config.stall_timeout)
-                await asyncio.to_thread(
-                    store_trainer, self.dht, cfg.run_id, record, 30.0, cfg.dht_timeout
+                    logger.warning("swarm incomplete: %s", e)
+            found = await asyncio.gather(*(self._progress(key) for key in self.stages))
+            now = time.monotonic()
+            for s, live in enumerate(found):
+                if live is None or s >= len(held) or s >= len(self.epochs):
+                    continue  # no answer, or the chain changed shape under us
+                if live:
+                    self.epochs[s] = max(r.epoch for r in live.values())
+                for peer in list(held[s]):
+                    # A stage's next round takes all it holds, so `step` is exact: once the
+                    # stage reached it, the gradient is applied and its inputs can go.
+                    keep, done = [], []
+                    for it in held[s][peer]:
+                        (keep if it.step > self.epochs[s] else done).append(it)
+                    self._release(s, done)
+                    held[s][peer] = keep
+                    if not keep:
+                        del held[s][peer]
+                    elif peer in live:
+                        missing_since.pop((s, peer), None)
+                    elif now - missing_since.setdefault((s, peer), now) >= MISSING_GRACE_S:
+                        await self._resend(client, s, peer, held)
+            changed.set()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _wait_pending(self, limit: int, changed: asyncio.Event, what: str) -> float:
+        """Wait until no stage holds more than `limit` of our samples unapplied; seconds waited.
+
+        Bounded by step_timeout: past it we go on (staler) rather than stall the run.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + self.config.step_timeout
+        while max(self.pending, default=0) > limit:
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "stages still hold %s of our samples unapplied after %.0f s (%s)",
+                    self.pending,
+                    self.config.step_timeout,
+                    what,
                 )
-                before = await self._stage_epochs()
-                held: list[dict[str, list[_Held]]] = [defaultdict(list) for _ in self.stages]
-                batch = next(batches)
-                mbs = split_microbatches(batch, cfg.microbatches)
-                losses = await asyncio.gather(*(self._microbatch(client, mb, held) for mb in mbs))
-                ok = [
-                    (loss, mb.shape[0])
-                    for loss, mb in zip(losses, mbs, strict=True)
-                    if loss is not None
-                ]
-                n_ok = sum(n for _, n in ok)
-                if n_ok:
-                    with torch.no_grad():
-                        for p in self.client_parts.parameters():
-                            if p.grad is not None:
-                                p.grad /= n_ok
-                    self.optimizer.step()
-                self.client_parts.zero_grad(set_to_none=True)
-                t_wait = time.monotonic()
-                await self._wait_for_stages(client, before, held)
-                logger.info(
-                    "step %d: compute %.2fs, waiting for stages %.2fs",
-                    step,
-                    t_wait - t0,
-                    time.monotonic() - t_wait,
+                break
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        return time.monotonic() - t0
+
+    async def _wait_epochs(self, wanted: list[int], changed: asyncio.Event) -> float:
+        """Wait until each stage s has applied `wanted[s]` steps; seconds waited (bounded)."""
+        t0 = time.monotonic()
+        deadline = t0 + self.config.step_timeout
+        while any(have < want for have, want in zip(self.epochs, wanted, strict=False)):
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "stages at steps %s stayed below %s for %.0f s: going on, staler",
+                    self.epochs,
+                    wanted,
+                    self.config.step_timeout,
                 )
-                elapsed = time.monotonic() - t0
-                self.samples_done += n_ok
-                loss = sum(x * n for x, n in ok) / n_ok if n_ok else float("nan")
+                break
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        return time.monotonic() - t0
+
+    def _share(self, trainers: list[TrainerRecord] | None) -> int:
+        """Samples this trainer sends per optimizer step: its part of the target batch."""
+        cfg = self.config
+        if not cfg.target_batch:
+            return cfg.batch_size
+        others = [t for t in trainers or [] if t.trainer_id != self.trainer_id]
+        total = cfg.batch_size + sum(t.batch_size for t in others)
+        return max(1, round(cfg.target_batch * cfg.batch_size / total))
+
+    async def _run_async(self, client: PeerClient, record: TrainerRecord, on_step) -> None:
+        """Steps without a barrier: step k's microbatches go out while the stages still average
+        step k - 1, so gradients are at most one step stale; each is tagged with the stage
+        step it is meant for, so every stage step gets exactly the batch meant for it."""
+        cfg = self.config
+        trainers = await asyncio.to_thread(fetch_trainers, self.dht, cfg.run_id, cfg.dht_timeout)
+        share = self._share(trainers)
+        mb_count = min(cfg.microbatches, share)
+        window = asyncio.Semaphore(cfg.max_inflight or 2 * mb_count)
+        self.epochs = [0] * len(self.stages)
+        self.pending = [0] * len(self.stages)  # per stage: our samples sent but not applied
+        held: list[dict[str, list[_Held]]] = [defaultdict(list) for _ in self.stages]
+        stop, changed = asyncio.Event(), asyncio.Event()
+        for s, live in enumerate(await asyncio.gather(*map(self._progress, self.stages))):
+            self.epochs[s] = max((r.epoch for r in (live or {}).values()), default=0)
+        base = list(self.epochs)  # our step k is each stage's step base + k
+        watcher = asyncio.create_task(self._watch(client, held, stop, changed))
+        batches = self.data.batches(share, cfg.seed)
+        accs: dict[int, _StepAcc] = {}
+        tasks: set[asyncio.Task] = set()
+        applied = 0
+        waited = 0.0
+        t_last = time.monotonic()
+        retries0 = self.retries
+        last_store = time.monotonic()
+
+        def apply_ready() -> None:
+            nonlocal applied, t_last, retries0
+            while applied + 1 in accs and accs[applied + 1].done == accs[applied + 1].expected:
+                acc = accs.pop(applied + 1)
+                applied += 1
+                if acc.samples:
+                    self.optimizer.step(
+                        [
+                            acc.grads[id(p)] / acc.samples if id(p) in acc.grads else None
+                            for p in self.optimizer.params
+                        ]
+                    )
+                now = time.monotonic()
+                self.samples_done += acc.samples
+                loss = acc.loss_sum / acc.samples if acc.samples else float("nan")
                 stats = StepStats(
-                    step, loss, n_ok / elapsed, self.retries - retries0, self.resent, self.lost
+                    applied,
+                    loss,
+                    acc.samples / max(now - t_last, 1e-9),
+                    self.retries - retries0,
+                    self.resent,
+                    self.lost,
                 )
+                t_last, retries0 = now, self.retries
                 self.history.append(stats)
                 if on_step is not None:
                     on_step(stats)
+
+        def finished(t: asyncio.Task) -> None:
+            tasks.discard(t)
+            window.release()
+
+        try:
+            for k in range(1, cfg.steps + 1):
+                # Our head too is at most one step stale: step k waits for step k - 2's update.
+                while applied < k - 2 and tasks:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    apply_ready()
+                if time.monotonic() - last_store > 10.0:
+                    last_store = time.monotonic()
+                    await asyncio.to_thread(
+                        store_trainer, self.dht, cfg.run_id, record, 30.0, cfg.dht_timeout
+                    )
+                # Step k's gradients are meant for each stage's step base + k; they go out once
+                # every stage has applied step base + k - 2 (its round for k - 1 may still run).
+                waited += await self._wait_epochs([b + k - 2 for b in base], changed)
+                mbs = split_microbatches(next(batches), mb_count)
+                acc = accs[k] = _StepAcc(len(mbs))
+                tags = [b + k for b in base]
+                for mb in mbs:
+                    n = mb.shape[0]
+                    await window.acquire()
+                    for s in range(len(self.pending)):
+                        self.pending[s] += n
+                    task = asyncio.create_task(
+                        self._microbatch_async(client, mb, acc, held, list(self.epochs), tags)
+                    )
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+                apply_ready()
+            while tasks:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                apply_ready()
+            apply_ready()
+            # The last steps: with our record gone, stages step on what they hold; wait
+            # (bounded) until they applied all we sent them.
+            await asyncio.to_thread(
+                _retract, self.dht, cfg.run_id, self.trainer_id, cfg.dht_timeout
+            )
+            waited += await self._wait_pending(0, changed, "the last steps")
+        finally:
+            stop.set()
+            await watcher
+        logger.info(
+            "asynchronous run: waited %.1f s for the staleness bound; max staleness %d",
+            waited,
+            self.max_staleness,
+        )
+
+    # The loop
+
+    async def run(self, on_step=None) -> list[StepStats]:
+        """Train for `config.steps` optimizer steps; `on_step(StepStats)` is called after each."""
+        cfg = self.config
+        p2p = await self.dht.replicate_p2p()
+        client = PeerClient(p2p, cfg.compression)
+        await self.wait_for_swarm(timeout=cfg.join_timeout)
+        record = TrainerRecord(
+            self.trainer_id,
+            cfg.batch_size,
+            self.adam,
+            cfg.target_batch,
+            cfg.sync,
+            cfg.average_every,
+            cfg.outer_lr,
+            cfg.outer_momentum,
+        )
+        await asyncio.to_thread(store_trainer, self.dht, cfg.run_id, record, 30.0, cfg.dht_timeout)
+        # Stages read trainer records every second or two: let them learn the target batch.
+        await asyncio.sleep(2.5)
+        try:
+            if cfg.sync:
+                await self._run_sync(client, record, on_step)
+            else:
+                await self._run_async(client, record, on_step)
         finally:
             # A tombstone so that stages stop counting our batch size.
             await asyncio.to_thread(
@@ -416,48 +863,3 @@ def _retract(dht: DHT, run_id: str, trainer_id: str, timeout: float) -> None:
         ).result(timeout=timeout)
     except Exception as e:  # best effort: the record expires anyway
         logger.debug("could not retract trainer record: %r", e)
-
-
-def read_span_records(dht: DHT, prefix: str, num_blocks: int, timeout: float) -> list[SpanRecord]:
-    """Every peer's freshest span record, read key by key (a fallback of `fetch_swarm`)."""
-    best: dict[str, tuple[float, SpanRecord]] = {}
-    for block in range(num_blocks):
-        try:
-            found = dht.get(block_key(prefix, block), latest=True, return_future=True).result(
-                timeout=timeout
-            )
-        except Exception as e:
-            raise NoRoute(f"the DHT did not answer for block {block}: {e!r}") from e
-        if found is None or not isinstance(found.value, dict):
-            continue
-        for subkey, item in found.value.items():
-            try:
-                rec = SpanRecord.from_wire(subkey, item.value)
-            except (ValueError, TypeError):
-                continue
-            if subkey not in best or item.expiration_time > best[subkey][0]:
-                best[subkey] = (item.expiration_time, rec)
-    return [r for _, r in best.values()]
-
-
-def choose_stages(
-    records: list[SpanRecord], num_layers: int
-) -> list[tuple[tuple[int, int], list[str]]]:
-    """A chain of spans [0, a), [a, b), ... [z, num_layers) and each span's online peers.
-
-    At each block the span with the most replicas wins (ties: the longer one). Raises NoRoute if
-    online peers do not cover the model.
-    """
-    by_span: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for r in records:
-        if r.state == "online" and r.end <= num_layers:
-            by_span[(r.start, r.end)].append(r.peer_id)
-    chain, pos = [], 0
-    while pos < num_layers:
-        options = [(k, v) for k, v in by_span.items() if k[0] == pos]
-        if not options:
-            raise NoRoute(f"no online training peer serves a span starting at block {pos}")
-        key, peers = max(options, key=lambda kv: (len(kv[1]), kv[0][1]))
-        chain.append((key, sorted(peers)))
-        pos = key[1]
-    return chain

@@ -72,7 +72,7 @@ class StochasticWiring:
 
     # Membership
 
-    def set_peers(self, stage: int, peer_ids: Iterable[str]) -> None:
+    def set_peers(self, stage: int, peer_ids: Iterable[str], now: float = 0.0) -> None:
         """Sync one stage with the DHT's view: new peers join at the front, gone peers leave."""
         st = self._stages.setdefault(stage, _Stage())
         wanted = set(peer_ids)
@@ -102,8 +102,9 @@ class StochasticWiring:
 
     # Choice
 
-    def choose(self, stage: int, now: float, task_size: float = 1.0) -> str:
-        """The replica of `stage` to send a task of `task_size` samples to.
+    def choose(self, stage: int, now: float, task_size: float = 1.0, lane: int = 0) -> str:
+        """The replica of `stage` to send a task of `task_size` samples to (`lane` is unused:
+        stochastic wiring routes every microbatch anew).
 
         Raises NoReplica when the stage has no peer that is not banned at `now`.
         """
@@ -182,3 +183,53 @@ class StochasticWiring:
         for peer_id in expired:
             del st.banned_until[peer_id]
             self._push(st, peer_id, self._front(st))
+
+
+class FixedWiring:
+    """Fixed pipelines: lane i of every stage is always the same peer (the baseline SWARM beats).
+
+    Each stage keeps a list of slots; microbatch lanes map onto them. A peer that leaves or is
+    banned keeps its slot empty until a newcomer (its replacement) takes it, so a lane stalls
+    while its peer is down, as a fixed pipeline does. Same interface as StochasticWiring.
+    """
+
+    def __init__(self, pipelines: int) -> None:
+        if pipelines <= 0:
+            raise ValueError(f"pipelines must be positive, got {pipelines}")
+        self.pipelines = pipelines
+        self._slots: dict[int, list[str | None]] = {}
+        self._banned_until: dict[str, float] = {}
+
+    def set_peers(self, stage: int, peer_ids: Iterable[str], now: float = 0.0) -> None:
+        """Keep each stage's `pipelines` slots: gone peers leave holes, newcomers fill them
+        (or replace a banned peer); peers beyond the slots are spares."""
+        slots = self._slots.setdefault(stage, [None] * self.pipelines)
+        wanted = sorted(peer_ids)
+        for i, peer in enumerate(slots):
+            if peer not in wanted:
+                slots[i] = None
+        newcomers = [p for p in wanted if p not in slots]
+        for i, peer in enumerate(slots):
+            if newcomers and (peer is None or self.is_banned(peer, now)):
+                slots[i] = newcomers.pop(0)
+
+    def peers(self, stage: int) -> list[str]:
+        return sorted(p for p in self._slots.get(stage, []) if p is not None)
+
+    def choose(self, stage: int, now: float, task_size: float = 1.0, lane: int = 0) -> str:
+        slots = self._slots.get(stage) or []
+        if not slots:
+            raise NoReplica(f"stage {stage} has no known replica")
+        peer = slots[lane % self.pipelines]
+        if peer is None or self.is_banned(peer, now):
+            raise NoReplica(f"the peer of lane {lane} at stage {stage} is down")
+        return peer
+
+    def report_success(self, peer_id: str, task_size: float, elapsed_s: float) -> None:
+        """Fixed lanes do not adapt to speed."""
+
+    def report_failure(self, peer_id: str, now: float, ban_s: float) -> None:
+        self._banned_until[peer_id] = now + ban_s
+
+    def is_banned(self, peer_id: str, now: float) -> bool:
+        return self._banned_until.get(peer_id, float("-inf")) > now

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from swarm.model.tokenizer import _bytes_to_unicode
+
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
@@ -27,14 +29,8 @@ CHAT_TEMPLATE = (
 
 
 def byte_alphabet() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """GPT-2's printable spelling of the 256 bytes, in the order a byte-level vocabulary has."""
+    return list(_bytes_to_unicode().values())
 
 
 def vocab_tokens() -> list[str]:

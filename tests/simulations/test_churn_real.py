@@ -1,6 +1,7 @@
 """The real-process churn harness: one small scenario with real peers, a trainer and one SIGKILL.
 
-Covers simulations/churn_real.py end to end; every process the harness started must be gone.
+Covers simulations/churn_harness.py (the harness of simulations/churn_real.py) end to end;
+every process the harness started must be gone.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import signal
 
 import pytest
 
-from simulations.churn_real import HarnessConfig, alive, run_harness, spans
+from simulations.churn_harness import HarnessConfig, run_harness, spans
+from swarm.procs import alive
 
 
 def test_spans_cover_the_model_half_open() -> None:

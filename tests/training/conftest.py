@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from swarm.procs import descendants
+from swarm.procs import kill_tree
+from swarm.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
 from tests.conftest import REPO, PeerProcess
 
 STEP_RE = re.compile(r"^step (\d+) loss ([0-9.naninf]+) samples/s ([0-9.]+) retries (\d+)$")
@@ -75,20 +75,7 @@ class TrainerProcess:
         return "\n".join(text.splitlines()[-n:] + self.lines[-10:])
 
     def kill(self) -> None:
-        pids = [self.proc.pid, *descendants(self.proc.pid)] if self.proc.poll() is None else []
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_tree(self.proc)
         self._log.close()
 
 
@@ -103,6 +90,28 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "text.txt"
     path.write_text("\n".join(lines))
     return path
+
+
+# The model issue 11 found the old trainer failing on: SmolLM2's tokenizer (vocabulary 49152),
+# hidden 64, 6 blocks, GQA 8/2 heads, untied head, weights from N(0, 0.2).
+WIDE_VOCAB_CONFIG = {
+    **TINY_CONFIG,
+    "vocab_size": 49152,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def wide_vocab_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with SmolLM2's real tokenizer (from its GGUF), unlike the byte-level one."""
+    from swarm.model.loading import load_tokenizer
+
+    folder = write_tiny_checkpoint(
+        tmp_path_factory.mktemp("models") / "wide-vocab-llama", WIDE_VOCAB_CONFIG, std=0.2
+    )
+    load_tokenizer("smollm2-135m").backend.save(str(folder / "tokenizer.json"))
+    return folder
 
 
 @pytest.fixture

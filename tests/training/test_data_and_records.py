@@ -14,9 +14,11 @@ from swarm.training.progress import (
     ReplicaProgress,
     TrainerRecord,
     check_run_id,
+    run_plan,
     stage_prefix,
 )
-from swarm.training.trainer import choose_stages, payload_bytes
+from swarm.training.rebalance import choose_stages
+from swarm.training.trainer import TrainerConfig, payload_bytes
 
 
 def test_windows_are_deterministic_and_in_vocab(tmp_path):
@@ -53,10 +55,52 @@ def test_records_round_trip_and_reject_bad_values():
     ):
         with pytest.raises(BadRequest):
             ReplicaProgress.from_wire("peerA", bad)
-    t = TrainerRecord("t1", 8, AdamConfig(lr=0.01))
-    assert TrainerRecord.from_wire("t1", t.to_wire()) == t
+    busy = ReplicaProgress("peerA", epoch=3, samples=2, averaging=3)
+    assert ReplicaProgress.from_wire("peerA", busy.to_wire()) == busy
     with pytest.raises(BadRequest):
-        TrainerRecord.from_wire("t1", [1, 0, AdamConfig().to_wire()])
+        ReplicaProgress.from_wire("peerA", [1, 3, 2, 0.0, 0, -2])
+    # Version-1 records (five fields) still parse: no round in flight.
+    assert ReplicaProgress.from_wire("peerA", [1, 3, 5, 2.5, 1]).averaging == -1
+    t = TrainerRecord("t1", 8, AdamConfig(lr=0.01, warmup_steps=3), target_batch=32)
+    assert TrainerRecord.from_wire("t1", t.to_wire()) == t
+    old = TrainerRecord.from_wire("t1", [1, 8, [0.01, 0.9, 0.999, 1e-8, 0.0]])
+    assert old.sync and old.average_every == 1 and old.adam.warmup_steps == 0
+    for bad in (
+        [1, 0, AdamConfig().to_wire()],
+        [1, 8, AdamConfig().to_wire(), -1],
+        [1, 8, AdamConfig().to_wire(), 0, "yes"],
+        [1, 8, AdamConfig().to_wire(), 0, False, 0],
+        [1, 8, AdamConfig().to_wire(), 0, False, 1, float("inf")],
+    ):
+        with pytest.raises(BadRequest):
+            TrainerRecord.from_wire("t1", bad)
+
+
+def test_run_plan_of_the_live_trainers():
+    adam = AdamConfig()
+    assert run_plan([]) is None
+    a, b = TrainerRecord("a", 8, adam), TrainerRecord("b", 4, adam, target_batch=32)
+    assert run_plan([a]).target_batch == 8  # no target asked: the sum of batch sizes
+    assert run_plan([a, b]).target_batch == 32
+    lock = run_plan([TrainerRecord("a", 8, adam, target_batch=99, sync=True), b])
+    assert lock.sync and lock.target_batch == 12  # lock-step: every trainer's batch, each step
+
+
+def test_warmup_raises_the_learning_rate_linearly():
+    c = AdamConfig(lr=1e-3, warmup_steps=4)
+    assert [c.lr_at(s) for s in (1, 2, 4, 9)] == [2.5e-4, 5e-4, 1e-3, 1e-3]
+    assert AdamConfig(lr=1e-3).lr_at(1) == 1e-3
+
+
+def test_trainer_settings_fail_early_with_a_clear_message(tmp_path):
+    data = tmp_path / "t.txt"
+    data.write_text("hello")
+    with pytest.raises(BadRequest, match="--initial-peers"):
+        TrainerConfig(data=[str(data)]).validate()
+    with pytest.raises(BadRequest, match="--average-every"):
+        TrainerConfig(data=[str(data)], initial_peers=["x"], sync=True, average_every=4).validate()
+    with pytest.raises(BadRequest, match="--wiring"):
+        TrainerConfig(data=[str(data)], initial_peers=["x"], wiring="ring").validate()
 
 
 def test_run_ids_cannot_break_averager_prefixes():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hivemind import DHT
 
+from swarm.errors import BadRequest
 from swarm.model import BlockSpan, ModelConfig
 from swarm.training.optim8bit import AdamConfig, AdamW
 from swarm.training.progress import TrainerRecord, store_trainer
@@ -48,11 +49,12 @@ def make_stage(dht, span, run_id="t1"):
 
 
 @pytest.mark.timeout(120)
-def test_two_replicas_average_and_match_single_process(dhts):
+@pytest.mark.parametrize("sync", [True, False], ids=["lock-step", "asynchronous"])
+def test_two_replicas_average_and_match_single_process(dhts, sync):
     torch.manual_seed(0)
     span = BlockSpan(CFG, 0, 2)
     adam = AdamConfig(lr=1e-2)
-    store_trainer(dhts[3], "t1", TrainerRecord("tr", 6, adam), ttl=60, timeout=5)
+    store_trainer(dhts[3], "t1", TrainerRecord("tr", 6, adam, sync=sync), ttl=60, timeout=5)
     a, b = make_stage(dhts[0], span), make_stage(dhts[1], span)
     try:
         assert a.join() is False
@@ -88,6 +90,51 @@ def test_two_replicas_average_and_match_single_process(dhts):
             assert c.optimizer.step_count == 2
         finally:
             c.shutdown()
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_backward_past_its_deadline_is_not_counted(dhts):
+    torch.manual_seed(0)
+    a = make_stage(dhts[0], BlockSpan(CFG, 0, 2), run_id="t2")
+    try:
+        a.join()
+        x, g = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+        with pytest.raises(BadRequest, match="deadline"):
+            a.backward_counted(x, g, deadline=time.monotonic() - 1.0)
+        assert a.samples == 0 and all(p.grad is None for p in a.params)
+        _, step = a.backward_counted(x, g, deadline=time.monotonic() + 30.0)
+        assert a.samples == 2 and step == a.epoch + 1  # counts toward the coming step
+    finally:
+        a.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_diloco_local_steps_then_an_outer_step_brings_replicas_together(dhts):
+    torch.manual_seed(0)
+    span = BlockSpan(CFG, 0, 2)
+    record = TrainerRecord(
+        "tr", 4, AdamConfig(lr=1e-2), average_every=2, outer_lr=1.0, outer_momentum=0.0
+    )
+    store_trainer(dhts[3], "t3", record, ttl=60, timeout=5)
+    a, b = make_stage(dhts[0], span, "t3"), make_stage(dhts[1], span, "t3")
+    try:
+        a.join()
+        b.join()
+        before = a.parameters_vector()
+        for step in range(2):
+            # Different data on each replica: local steps make them drift apart...
+            a.backward(torch.randn(2, 5, 32), torch.randn(2, 5, 32))
+            b.backward(torch.randn(2, 5, 32), torch.randn(2, 5, 32))
+            wait_for(lambda s=step: a.epoch > s and b.epoch > s, 30, f"epoch {step + 1}")
+        # ...until the outer step at epoch 2 averages their deltas (outer lr 1: the mean).
+        wait_for(lambda: a.steps_averaged == 1 and b.steps_averaged == 1, 30, "an outer step")
+        va, vb = a.parameters_vector(), b.parameters_vector()
+        assert (va - vb).abs().max() < 1e-5
+        assert (va - before).abs().max() > 1e-3
+        assert a.steps_local == 2
     finally:
         a.shutdown()
         b.shutdown()

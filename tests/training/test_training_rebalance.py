@@ -3,7 +3,7 @@
 Stages have equal demand; a peer's speed on another span scales with the span's length.
 """
 
-from swarm.training.peer import training_join, training_move
+from swarm.training.rebalance import training_join, training_move
 
 KEYS = [(0, 3), (3, 6)]
 

@@ -11,6 +11,7 @@ import pytest
 from swarm.errors import NoRoute
 from swarm.training.wiring import (
     BACKWARD_TASK_FACTOR,
+    FixedWiring,
     NoReplica,
     StochasticWiring,
     ThroughputEMA,
@@ -121,3 +122,25 @@ def test_rejects_bad_task_size():
         wiring.choose(0, now=0.0, task_size=0)
     with pytest.raises(ValueError):
         wiring.report_success("a", 0, 1.0)
+
+
+def test_fixed_lanes_stall_until_a_replacement_takes_the_slot():
+    wiring = FixedWiring(pipelines=2)
+    wiring.set_peers(0, ["a", "b"])
+    wiring.set_peers(1, ["c", "d"])
+    # Lane i is always the i-th peer of each stage: no adapting to speed.
+    assert [wiring.choose(0, 0.0, lane=i) for i in range(4)] == ["a", "b", "a", "b"]
+    wiring.report_failure("b", now=0.0, ban_s=10.0)
+    with pytest.raises(NoReplica):
+        wiring.choose(0, now=1.0, lane=1)  # its pipeline waits for b...
+    assert wiring.choose(0, now=1.0, lane=0) == "a"
+    wiring.set_peers(0, ["a", "b", "e"], now=1.0)  # ...until a replacement joins
+    assert wiring.choose(0, now=1.0, lane=1) == "e"
+    # A newcomer while every slot is taken is a spare; it fills the next hole.
+    wiring.set_peers(1, ["c", "d", "f"], now=20.0)
+    assert [wiring.choose(1, 20.0, lane=i) for i in range(2)] == ["c", "d"]
+    wiring.set_peers(1, ["c", "f"], now=21.0)
+    assert wiring.choose(1, now=21.0, lane=1) == "f"
+    wiring.set_peers(1, ["c"], now=22.0)  # a peer gone with no spare leaves its lane stalled
+    with pytest.raises(NoReplica):
+        wiring.choose(1, now=22.0, lane=1)

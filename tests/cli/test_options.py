@@ -1,0 +1,48 @@
+"""The one options builder: flags, defaults and help generated from a config dataclass."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import pytest
+
+from swarm.cli.options import add_config_options, config_from_args
+from swarm.peer.config import HELP, PeerConfig
+from swarm.training.trainer import TrainerConfig
+
+
+@dataclass
+class Example:
+    count: int = field(default=3, metadata={"help": "how many"})
+    ratio: float = field(default=0.5, metadata={"help": "a share"})
+    name: str | None = field(default=None, metadata={"help": "a name"})
+    limit: int | None = field(default=None, metadata={"help": "a bound"})
+    items: list[str] = field(default_factory=list, metadata={"help": "several"})
+    quiet: bool = field(default=False, metadata={"help": "a switch"})
+
+
+def parse(cls, argv, help=None):
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, cls, help)
+    return config_from_args(cls, parser.parse_args(argv))
+
+
+def test_types_defaults_and_switches_come_from_the_dataclass():
+    assert parse(Example, []) == Example()
+    got = parse(Example, ["--count", "7", "--limit", "2", "--items", "a", "b", "--quiet"])
+    assert got == Example(count=7, limit=2, items=["a", "b"], quiet=True)
+    with pytest.raises(SystemExit):
+        parse(Example, ["--count", "seven"])
+
+
+def test_every_cli_config_has_help_and_the_cli_keeps_its_defaults():
+    assert parse(TrainerConfig, []) == TrainerConfig()
+    assert parse(PeerConfig, [], HELP) == PeerConfig()
+
+    @dataclass
+    class Silent:
+        x: int = 1
+
+    with pytest.raises(ValueError, match="no help"):
+        parse(Silent, [])
