@@ -92,8 +92,10 @@ class Swarm:
             "--run-id",
             self.run_id,
         ]
-        if self.maddr:
-            argv += ["--initial-peers", self.maddr]
+        # Every live peer's address: a restarted peer must not depend on one that was killed.
+        live = [p.lines[0] for p in self.peers.values() if p.lines and p.proc.poll() is None]
+        if live:
+            argv += ["--initial-peers", *live]
         self.count += 1
         proc = Proc(argv, self.workdir / f"{self.run_id}-{name}-{self.count}.log", self.env)
         self.peers[name], self.spans[name] = proc, span

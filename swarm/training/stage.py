@@ -237,11 +237,8 @@ class TrainableStage(SpanBackend):
                 self._outer_m = [t.clone() for t in outer[n:]]
             self.epoch = epoch
             # Buckets the download overtook count toward the coming step.
-            for step in [k for k in self._later if k <= epoch + 1]:
-                grads, count = self._later.pop(step)
-                for p, g in zip(self.params, grads, strict=True):
-                    p.grad = g if p.grad is None else p.grad.add_(g)
-                self.samples += count
+            if any(k <= epoch + 1 for k in self._later):
+                self._merge_later()
 
     # Compute (called by the peer's compute worker)
 
@@ -444,8 +441,12 @@ class TrainableStage(SpanBackend):
         started = any(r.averaging == self.epoch for r in same)
         total = mine + sum(r.samples for r in same if r.averaging != self.epoch)
         if not started and not (self.target_batch > 0 and total >= self.target_batch):
-            if not (self.plan_ended() and mine):
+            if not self.plan_ended():
                 return
+            with self._lock:
+                self._merge_later()  # no trainer left to fill them: step on all we hold
+                if not self.samples:
+                    return
         if plan.average_every > 1:
             self._local_step(plan, rounds_with=bool(others))
         else:
@@ -459,6 +460,14 @@ class TrainableStage(SpanBackend):
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
         self.samples = n
+
+    def _merge_later(self) -> None:
+        """Under the lock: fold every later step's bucket into the coming step's gradients."""
+        for step in sorted(self._later):
+            grads, count = self._later.pop(step)
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g if p.grad is None else p.grad.add_(g)
+            self.samples += count
 
     def plan_ended(self) -> bool:
         """No trainer is live: what is left accumulated is stepped on rather than kept."""

@@ -37,7 +37,9 @@ LOSS_TOLERANCE = 2e-3
 # this runs at 3e-4, where the loss still falls by more than a nat.
 ASYNC_TOLERANCE = 0.05
 ASYNC_LR = 3e-4
-PEER_ARGS = ("--matchmaking-time", "0.5")  # rounds of two local replicas gather within this
+# hivemind's matchmaking requests time out at half the matchmaking time: at 0.5 s (0.25 s
+# requests) a loaded machine saw one replica average "with 2" while the other found no group.
+PEER_ARGS: tuple[str, ...] = ()
 
 
 def serving(peer) -> bool:
@@ -175,16 +177,15 @@ def test_scenario_replica_killed_mid_run(tiny_model_dir, text_file, training_pee
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("kill", [False, True], ids=["steady", "replica-killed"])
 def test_scenario_sync_equals_single_process_on_a_wide_vocabulary(
-    kill, wide_vocab_model_dir, text_file, training_peers, trainers
+    wide_vocab_model_dir, text_file, training_peers, trainers
 ):
+    # Steady for 10 steps, then a replica SIGKILLed (the tiny model runs both cases separately;
+    # here one run covers both to keep the suite's time).
     model = wide_vocab_model_dir
-    run = f"wide{int(kill)}"
-    maddr, peers = start_swarm(training_peers, model, run, TWO_BY_TWO)
-    trainer = trainers(*train_args(model, maddr, text_file, run))
-    if kill:
-        kill_at_step(trainer, peers[1], 10)  # a replica of the first stage
+    maddr, peers = start_swarm(training_peers, model, "wide", TWO_BY_TWO)
+    trainer = trainers(*train_args(model, maddr, text_file, "wide"))
+    kill_at_step(trainer, peers[1], 10)  # a replica of the first stage
     assert trainer.wait(360) == 0, trainer.log_tail()
     assert len(trainer.losses) == STEPS and trainer.lost == 0, trainer.log_tail()
     expected = reference(model, text_file)
