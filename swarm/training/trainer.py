@@ -648,20 +648,18 @@ class Trainer:
             except asyncio.TimeoutError:
                 pass
 
-    async def _wait_pending(self, limit: int, changed: asyncio.Event, what: str) -> float:
-        """Wait until no stage holds more than `limit` of our samples unapplied; seconds waited.
+    async def _wait_until(self, done, changed: asyncio.Event, what) -> float:
+        """Wait (woken by the watcher) until `done()`; seconds waited.
 
-        Bounded by step_timeout: past it we go on (staler) rather than stall the run.
+        Bounded by step_timeout: past it we go on, staler, rather than stall the run; `what()`
+        says what was still missing.
         """
         t0 = time.monotonic()
         deadline = t0 + self.config.step_timeout
-        while max(self.pending, default=0) > limit:
+        while not done():
             if time.monotonic() > deadline:
                 logger.warning(
-                    "stages still hold %s of our samples unapplied after %.0f s (%s)",
-                    self.pending,
-                    self.config.step_timeout,
-                    what,
+                    "%s after %.0f s: going on, staler", what(), self.config.step_timeout
                 )
                 break
             changed.clear()
@@ -673,23 +671,11 @@ class Trainer:
 
     async def _wait_epochs(self, wanted: list[int], changed: asyncio.Event) -> float:
         """Wait until each stage s has applied `wanted[s]` steps; seconds waited (bounded)."""
-        t0 = time.monotonic()
-        deadline = t0 + self.config.step_timeout
-        while any(have < want for have, want in zip(self.epochs, wanted, strict=False)):
-            if time.monotonic() > deadline:
-                logger.warning(
-                    "stages at steps %s stayed below %s for %.0f s: going on, staler",
-                    self.epochs,
-                    wanted,
-                    self.config.step_timeout,
-                )
-                break
-            changed.clear()
-            try:
-                await asyncio.wait_for(changed.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
-        return time.monotonic() - t0
+        return await self._wait_until(
+            lambda: all(have >= want for have, want in zip(self.epochs, wanted, strict=False)),
+            changed,
+            lambda: f"stages at steps {self.epochs} stayed below {wanted}",
+        )
 
     def _share(self, trainers: list[TrainerRecord] | None) -> int:
         """Samples this trainer sends per optimizer step: its part of the target batch."""
@@ -795,7 +781,11 @@ class Trainer:
             await asyncio.to_thread(
                 _retract, self.dht, cfg.run_id, self.trainer_id, cfg.dht_timeout
             )
-            waited += await self._wait_pending(0, changed, "the last steps")
+            waited += await self._wait_until(
+                lambda: max(self.pending, default=0) <= 0,
+                changed,
+                lambda: f"stages still hold {self.pending} of our samples unapplied",
+            )
         finally:
             stop.set()
             await watcher

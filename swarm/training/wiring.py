@@ -213,9 +213,6 @@ class FixedWiring:
             if newcomers and (peer is None or self.is_banned(peer, now)):
                 slots[i] = newcomers.pop(0)
 
-    def peers(self, stage: int) -> list[str]:
-        return sorted(p for p in self._slots.get(stage, []) if p is not None)
-
     def choose(self, stage: int, now: float, task_size: float = 1.0, lane: int = 0) -> str:
         slots = self._slots.get(stage) or []
         if not slots:
