@@ -26,7 +26,8 @@ def add_config_options(
     """A `--field-name` flag per field of dataclass `cls`, with its default and type.
 
     Help comes from `help[name]` or the field's `metadata["help"]`; every field must have one.
-    Booleans become switches, lists take several values, `X | None` takes an X.
+    `metadata["choices"]` limits the values. Booleans become switches, lists take several values,
+    `X | None` takes an X. The default is shown unless it is None or the help already says it.
     """
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
@@ -42,7 +43,17 @@ def add_config_options(
             parser.add_argument(flag, nargs="*", default=default, help=text)
         else:
             kind = hint if hint in (int, float) else str
-            parser.add_argument(flag, type=kind, default=default, help=f"{text} ({default})")
+            choices = f.metadata.get("choices")
+            if default is not None and "default" not in text:
+                text = f"{text} (default: {default})"
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                choices=choices,
+                metavar="{" + ",".join(map(str, choices)) + "}" if choices else None,
+                help=text,
+            )
 
 
 def config_from_args(cls: type, args: argparse.Namespace):

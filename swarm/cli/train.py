@@ -10,8 +10,9 @@ import asyncio
 import logging
 import sys
 
+from swarm.cli.errors import run_main
 from swarm.cli.options import add_config_options, config_from_args
-from swarm.errors import SwarmError
+from swarm.procs import reap_children_on_exit
 from swarm.training.trainer import StepStats, Trainer, TrainerConfig
 
 
@@ -26,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = config_from_args(TrainerConfig, args)
-    try:
-        trainer = Trainer(config)
-    except (SwarmError, ValueError) as e:
-        print(f"swarm-train: {e}", file=sys.stderr)
-        return 2
+    return run_main("swarm-train", lambda: train(config_from_args(TrainerConfig, args)))
+
+
+def train(config: TrainerConfig) -> int:
+    reap_children_on_exit()
+    trainer = Trainer(config)
 
     def on_step(s: StepStats) -> None:
         print(
@@ -45,9 +46,6 @@ def main(argv: list[str] | None = None) -> int:
             from swarm.training.checkpoint import save_checkpoint
 
             save_checkpoint(trainer, config.save)
-    except SwarmError as e:
-        print(f"swarm-train: {e}", file=sys.stderr)
-        return 1
     finally:
         trainer.shutdown()
     first = history[0].loss if history else float("nan")

@@ -19,6 +19,7 @@ import torch
 
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
+from swarm.net import check_initial_peers, ensure_port_free
 from swarm.peer import balancer, pings
 from swarm.peer.backend import SpanBackend
 from swarm.peer.client import PeerClient
@@ -78,6 +79,8 @@ class Peer:
             if config.num_blocks
             else memory_span_length(self.model_config, config.quant, self.dtype, self.num_layers)
         )
+        check_initial_peers(config.initial_peers)
+        ensure_port_free(config.host, config.port)
         host_maddrs = [f"/ip4/{config.host}/tcp/{config.port}"]
         if ":" in config.host:
             host_maddrs = [f"/ip6/{config.host}/tcp/{config.port}"]

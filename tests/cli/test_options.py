@@ -46,3 +46,22 @@ def test_every_cli_config_has_help_and_the_cli_keeps_its_defaults():
 
     with pytest.raises(ValueError, match="no help"):
         parse(Silent, [])
+
+
+def test_help_shows_defaults_and_choices_but_not_none():
+    @dataclass
+    class Choosy:
+        quant: str = field(
+            default="none", metadata={"help": "weights", "choices": ("none", "int8")}
+        )
+        span: int | None = field(default=None, metadata={"help": "blocks (default: all)"})
+        rate: float = field(default=0.5, metadata={"help": "a rate"})
+
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, Choosy)
+    text = " ".join(parser.format_help().split())
+    assert "--quant {none,int8} weights (default: none)" in text
+    assert "(default: all)" in text and "None" not in text
+    assert "a rate (default: 0.5)" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quant", "int4"])
