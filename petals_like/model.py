@@ -1,6 +1,6 @@
 """DistributedModelForCausalLM: embeddings and head kept locally, every block served by the swarm.
 
-Used by `swarm-generate` (petals_like.distributed_cli), the demo, benchmarks and user code.
+Used by `swarm-generate` (petals_like.distributed_cli, run by the swarm demo), benchmarks, users.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Choice of a chain of peers covering a block range, at the least expected step latency.
 
-Pure functions over span records: used by the router (petals_like/router.py) and its tests.
+Pure functions over span records: used by the router (petals_like/router.py), sessions and the CLI.
 """
 
 from __future__ import annotations

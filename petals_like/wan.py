@@ -1,7 +1,6 @@
 """User-space WAN emulation: a peer client whose every request pays a fixed delay each way.
 
-Used by DistributedModelForCausalLM.from_pretrained (hop_delay, `swarm-generate --hop-delay`) and
-the inference benchmark; the router sees it as a slower network and needs no branch of its own.
+Used by DistributedModelForCausalLM.from_pretrained (hop_delay, `swarm-generate --hop-delay`).
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ import asyncio
 from typing import Any
 
 import torch
+
+from swarm.errors import BadRequest
 
 
 class DelayedStream:
@@ -32,12 +33,13 @@ class DelayedClient:
     """Wraps a swarm.peer.client.PeerClient (what the router calls of it) with `delay` s each way.
 
     inner: the real client. delay: seconds before the request and again before its answer,
-    as a network with a round trip of 2 * delay would add (no netem in this kernel).
+    as a network with a round trip of 2 * delay would add (no netem in this kernel). The router
+    sees a slower network: its latency fit and timeouts need no branch for emulation.
     """
 
     def __init__(self, inner: Any, delay: float):
         if delay < 0:
-            raise ValueError(f"delay must be >= 0 s, got {delay}")
+            raise BadRequest(f"the hop delay must be >= 0 s, got {delay}")
         self.inner, self.delay = inner, delay
 
     # Arguments pass through untouched, so the wrapper follows PeerClient's signatures.

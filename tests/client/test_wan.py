@@ -8,6 +8,7 @@ import torch
 from petals_like.router import RouterConfig, SwarmRouter
 from petals_like.session import RemoteInferenceSession
 from petals_like.wan import with_delay
+from swarm.errors import BadRequest
 from tests.client.conftest import FakeClient
 
 DELAY = 0.05
@@ -47,5 +48,5 @@ async def test_pings_opens_and_steps_pay_the_delay(fake_swarm, tiny_model):
 def test_no_delay_is_the_client_itself(fake_swarm):
     client = FakeClient(fake_swarm, "none")
     assert with_delay(client, 0.0) is client
-    with pytest.raises(ValueError, match="delay"):
+    with pytest.raises(BadRequest, match="delay"):
         with_delay(client, -1.0)
