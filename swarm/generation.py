@@ -1,4 +1,4 @@
-"""Token sampling (greedy, temperature, top-k, top-p, repetition penalty) and local generation.
+"""Token sampling (greedy, temperature, top-k, top-p, repetition penalty) and the generation loop.
 
 Used by `swarm-generate --local`, the distributed client's generate(), demos and benchmarks.
 """
@@ -6,12 +6,13 @@ Used by `swarm-generate --local`, the distributed client's generate(), demos and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from swarm.errors import BadRequest
+from swarm.model.config import ModelConfig
 from swarm.model.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,55 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def eos_ids(tokenizer: object | None, config: ModelConfig) -> list[int]:
+    """End-of-sequence ids: the tokenizer's `eos_token_ids` if it has any, else the config's."""
+    return sorted(set(getattr(tokenizer, "eos_token_ids", None) or config.eos_token_id))
+
+
+def generation_loop(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    feed: torch.Tensor,
+    history: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos: Collection[int] = (),
+    stop_on_eos: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Sample up to `max_new_tokens` new tokens per row; returns them as [B, new].
+
+    step: token ids [B, T] at the next T positions -> logits [B, V] of the last one (it owns the
+        caches, local or on the swarm).
+    feed: [B, T] ids of the first step. history: [B, S] every id so far, feed included (what the
+        repetition penalty looks at).
+    eos, stop_on_eos: a row that sampled an id of `eos` is finished and pads with eos from then
+        on; the loop stops when every row is finished.
+    on_token: called with each new [B] tensor of ids, as soon as it is sampled (streaming).
+    """
+    generator = sampling.make_generator()
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    pad = int(eos_t[0]) if len(eos_t) else 0
+    finished = torch.zeros(feed.shape[0], dtype=torch.bool)
+    new: list[torch.Tensor] = []
+    step_input = feed
+    while len(new) < max_new_tokens:
+        nxt = sample_next(step(step_input), history, sampling, generator)
+        if stop_on_eos:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        new.append(nxt)
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        if on_token is not None:
+            on_token(nxt)
+        if stop_on_eos:
+            finished |= torch.isin(nxt, eos_t)
+            if bool(finished.all()):
+                break
+        step_input = nxt[:, None]
+    if not new:
+        return torch.zeros(feed.shape[0], 0, dtype=torch.long)
+    return torch.stack(new, dim=1)
+
+
 @torch.inference_mode()
 def generate_local(
     model: LlamaModel,
@@ -129,23 +179,24 @@ def generate_local(
     if len(prompt) + max_new_tokens > context:
         logger.warning("stopping at the model's context of %d tokens", context)
         max_new_tokens = context - len(prompt)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_id)
-    generator = sampling.make_generator()
     caches = model.new_caches(1, len(prompt) + max_new_tokens)
-    ids = torch.tensor([prompt], dtype=torch.long)
-    out: list[int] = []
     pos = 0
-    step_input = ids
-    while len(out) < max_new_tokens:
-        logits = model(step_input, pos, caches)[:, -1]
-        pos += step_input.shape[1]
-        nxt = sample_next(logits, ids, sampling, generator)
-        token = int(nxt[0])
-        out.append(token)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if on_token is not None:
-            on_token(token)
-        if stop_on_eos and token in eos:
-            break
-        step_input = nxt[:, None]
-    return out
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        nonlocal pos
+        logits = model(x, pos, caches)[:, -1]
+        pos += x.shape[1]
+        return logits
+
+    ids = torch.tensor([prompt], dtype=torch.long)
+    new = generation_loop(
+        step,
+        ids,
+        ids,
+        max_new_tokens,
+        sampling,
+        eos_ids(tokenizer, model.config),
+        stop_on_eos,
+        None if on_token is None else lambda nxt: on_token(int(nxt[0])),
+    )
+    return new[0].tolist()
