@@ -20,7 +20,7 @@ from petals_like.routing import Hop, RouteCosts
 from petals_like.session import Failover, RemoteInferenceSession
 from petals_like.wan import with_delay
 from swarm.errors import BadRequest, CheckpointError, PeerUnavailable
-from swarm.generation import SamplingConfig, eos_ids, generation_loop
+from swarm.generation import SamplingConfig, eos_ids, generation_loop, new_token_budget
 from swarm.model.config import ModelConfig
 from swarm.model.llama import ClientParts
 
@@ -150,8 +150,10 @@ class DistributedModelForCausalLM:
         dht: an already running hivemind.DHT to share; by default one is started in client mode.
         """
         import hivemind
+        from hivemind.p2p import P2PDaemonError
 
         from swarm.model import loading
+        from swarm.net import check_initial_peers, daemon_error_message
         from swarm.peer.client import PeerClient
 
         if not initial_peers and dht is None:
@@ -169,12 +171,11 @@ class DistributedModelForCausalLM:
         owns_dht = dht is None
         if owns_dht:
             # The DHT forks its own process: start it before our loop thread exists.
+            check_initial_peers(initial_peers)
             try:
                 dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
-            except Exception as e:  # hivemind raises P2PDaemonError, ValueError, ...
-                raise PeerUnavailable(
-                    f"could not join the swarm at {' '.join(initial_peers)}: {e}"
-                ) from e
+            except P2PDaemonError as e:
+                raise PeerUnavailable(daemon_error_message(e)) from e
         loop = BackgroundLoop()
         try:
             p2p = loop.run(dht.replicate_p2p(), timeout=start_timeout)
@@ -220,6 +221,7 @@ class DistributedModelForCausalLM:
         session: InferenceSession | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
         step_timeout: float | None = 600.0,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Sample up to `max_new_tokens` after `input_ids` [B, T]; returns [B, T + new].
 
@@ -227,7 +229,9 @@ class DistributedModelForCausalLM:
         session: `input_ids` are only the new tokens (e.g. the next user turn of a chat).
         temperature 0 is greedy; top_k, top_p and repetition_penalty as in swarm.generation;
         seed makes sampling reproducible. on_token gets each new [B] tensor of token ids.
-        step_timeout bounds each step, failovers included.
+        step_timeout bounds each step, failovers included. Near the end of the context, generation
+        cuts `max_new_tokens` down to what fits. on_prefill gets (tokens done, tokens in
+        all) while a long prompt is prefilled in steps of `swarm.generation.PREFILL_CHUNK`.
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         if ids.dim() == 1:
@@ -243,14 +247,9 @@ class DistributedModelForCausalLM:
             session = self._active_sessions[-1]
         own = session is None
         if own:
-            if ids.shape[1] == 0:
-                raise BadRequest("the prompt is empty")
-            context = self.config.max_position_embeddings
-            if ids.shape[1] >= context:
-                raise BadRequest(
-                    f"the prompt has {ids.shape[1]} tokens; the model's context is {context}"
-                )
-            max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+            max_new_tokens = new_token_budget(
+                ids.shape[1], max_new_tokens, self.config.max_position_embeddings
+            )
             session = self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0])
         elif ids.shape[0] != session.batch_size:
             raise BadRequest(
@@ -258,7 +257,14 @@ class DistributedModelForCausalLM:
             )
         try:
             new = self._generate(
-                session, ids, max_new_tokens, sampling, stop_on_eos, on_token, step_timeout
+                session,
+                ids,
+                max_new_tokens,
+                sampling,
+                stop_on_eos,
+                on_token,
+                step_timeout,
+                on_prefill,
             )
         finally:
             if own:
@@ -274,6 +280,7 @@ class DistributedModelForCausalLM:
         stop_on_eos: bool,
         on_token: Callable[[torch.Tensor], None] | None,
         step_timeout: float | None,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         feed = ids if session.pending is None else torch.cat([session.pending[:, None], ids], 1)
         room = session.max_length - session.position - feed.shape[1] + 1
@@ -304,7 +311,15 @@ class DistributedModelForCausalLM:
         eos = eos_ids(self.tokenizer, self.config)
         try:
             return generation_loop(
-                step, feed, session.token_ids, max_new_tokens, sampling, eos, stop_on_eos, on_new
+                step,
+                feed,
+                session.token_ids,
+                max_new_tokens,
+                sampling,
+                eos,
+                stop_on_eos,
+                on_new,
+                on_prefill,
             )
         finally:
             stats.new_tokens = len(stats.token_times)

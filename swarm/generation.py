@@ -107,6 +107,25 @@ def eos_ids(tokenizer: object | None, config: ModelConfig) -> list[int]:
     return sorted(set(getattr(tokenizer, "eos_token_ids", None) or config.eos_token_id))
 
 
+# Prompts are prefilled in steps of this many tokens: bounded memory and request sizes, and a
+# long prompt can show progress.
+PREFILL_CHUNK = 512
+
+
+def new_token_budget(prompt_len: int, max_new_tokens: int, context: int) -> int:
+    """How many new tokens fit after a prompt: `max_new_tokens`, or fewer at the context's end.
+
+    Raises BadRequest for an empty prompt, one that fills the context, or a negative count.
+    """
+    if prompt_len == 0:
+        raise BadRequest("the prompt is empty")
+    if prompt_len >= context:
+        raise BadRequest(f"the prompt has {prompt_len} tokens; the model's context is {context}")
+    if max_new_tokens < 0:
+        raise BadRequest(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return min(max_new_tokens, context - prompt_len)
+
+
 def generation_loop(
     step: Callable[[torch.Tensor], torch.Tensor],
     feed: torch.Tensor,
@@ -116,6 +135,7 @@ def generation_loop(
     eos: Collection[int] = (),
     stop_on_eos: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` new tokens per row; returns them as [B, new].
 
@@ -126,6 +146,8 @@ def generation_loop(
     eos, stop_on_eos: a row that sampled an id of `eos` is finished and pads with eos from then
         on; the loop stops when every row is finished.
     on_token: called with each new [B] tensor of ids, as soon as it is sampled (streaming).
+    on_prefill: called with (tokens done, tokens in all) after each PREFILL_CHUNK of a feed
+        longer than that (progress of a long prompt).
     """
     generator = sampling.make_generator()
     eos_t = torch.tensor(sorted(eos), dtype=torch.long)
@@ -133,6 +155,13 @@ def generation_loop(
     finished = torch.zeros(feed.shape[0], dtype=torch.bool)
     new: list[torch.Tensor] = []
     step_input = feed
+    for done in range(PREFILL_CHUNK, feed.shape[1], PREFILL_CHUNK):
+        if not max_new_tokens:
+            break
+        step(feed[:, done - PREFILL_CHUNK : done])
+        if on_prefill is not None:
+            on_prefill(done, feed.shape[1])
+        step_input = feed[:, done:]
     while len(new) < max_new_tokens:
         nxt = sample_next(step(step_input), history, sampling, generator)
         if stop_on_eos:
@@ -160,25 +189,19 @@ def generate_local(
     sampling: SamplingConfig | None = None,
     stop_on_eos: bool = True,
     on_token: Callable[[int], None] | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> list[int]:
     """Generate up to `max_new_tokens` after `prompt_ids` with the KV cache; returns new ids only.
 
-    tokenizer: gives `eos_token_ids` (falls back to the config's). on_token: called per new token.
+    Stops early at the model's context (see `new_token_budget`). tokenizer: gives
+    `eos_token_ids` (falls back to the config's). on_token: called per new token. on_prefill:
+    as in `generation_loop`.
     """
     sampling = sampling or SamplingConfig()
     prompt = [int(t) for t in prompt_ids]
-    context = model.config.max_position_embeddings
-    if not prompt:
-        raise BadRequest("the prompt is empty")
-    if len(prompt) >= context:
-        raise BadRequest(
-            f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens"
-        )
-    if max_new_tokens < 0:
-        raise BadRequest(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if len(prompt) + max_new_tokens > context:
-        logger.warning("stopping at the model's context of %d tokens", context)
-        max_new_tokens = context - len(prompt)
+    max_new_tokens = new_token_budget(
+        len(prompt), max_new_tokens, model.config.max_position_embeddings
+    )
     caches = model.new_caches(1, len(prompt) + max_new_tokens)
     pos = 0
 
@@ -198,5 +221,6 @@ def generate_local(
         eos_ids(tokenizer, model.config),
         stop_on_eos,
         None if on_token is None else lambda nxt: on_token(int(nxt[0])),
+        on_prefill,
     )
     return new[0].tolist()

@@ -48,3 +48,28 @@ def ensure_port_free(host: str, port: int) -> None:
                 f"port {port} on {host} is in use (another peer?): pick another --port, "
                 "or --port 0 for any free one"
             ) from e
+
+
+# p2pd's startup failures, as its message says them, and what to tell the user instead.
+_DAEMON_ERRORS = (
+    (
+        "failed to connect to bootstrap peers",
+        "could not reach any of --initial-peers: is the peer running, and is the address the one "
+        "it printed?",
+    ),
+    ("failed to parse multiaddr", "--initial-peers: not a multiaddr; " + MADDR_HINT),
+    (
+        "invalid p2p multiaddr",
+        "--initial-peers: the multiaddr must end in /p2p/PEER_ID; " + MADDR_HINT,
+    ),
+)
+
+
+def daemon_error_message(error: Exception) -> str:
+    """What a P2PDaemonError from a DHT's start means, in words a user can act on."""
+    text = str(error)
+    for pattern, message in _DAEMON_ERRORS:
+        if pattern in text:
+            return message
+    # "Daemon failed to start: 2026/12/02 00:56:45 <why>": keep the why.
+    return "the P2P daemon failed to start: " + re.sub(r"^.*?\d\d:\d\d:\d\d ", "", text)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from swarm.cli.errors import run_main
+from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
 from swarm.peer.config import HELP, PeerConfig
 from swarm.procs import reap_children_on_exit
@@ -160,11 +159,7 @@ def status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.verbose)
     return run_main("swarm-peer", lambda: join(args) if args.command == "join" else status(args))
 
 

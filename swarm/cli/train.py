@@ -10,7 +10,7 @@ import asyncio
 import logging
 import sys
 
-from swarm.cli.errors import run_main
+from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
 from swarm.procs import reap_children_on_exit
 from swarm.training.trainer import StepStats, Trainer, TrainerConfig
@@ -18,15 +18,14 @@ from swarm.training.trainer import StepStats, Trainer, TrainerConfig
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm-train", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     add_config_options(parser, TrainerConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.verbose, logging.WARNING)
     return run_main("swarm-train", lambda: train(config_from_args(TrainerConfig, args)))
 
 

@@ -112,6 +112,7 @@ class Peer:
             return asyncio.run(self._main())
         finally:
             self.dht.shutdown()
+            logger.info("stopped (%s)", self.peer_id)
 
     def stop(self) -> None:
         """Ask the peer to shut down (thread-safe)."""
@@ -121,9 +122,10 @@ class Peer:
     async def _main(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._loop.set_exception_handler(self._loop_error)
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self._loop.add_signal_handler(sig, self._stop.set)
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
         p2p = await self.dht.replicate_p2p()
         self.worker = ComputeWorker()
         tasks: list[asyncio.Task] = []
@@ -159,6 +161,24 @@ class Peer:
                     await self.handler.remove_p2p_handlers(p2p)
             self.worker.stop()
 
+    def _on_signal(self, sig: int) -> None:
+        logger.info(
+            "%s: stopping (announcing offline, finishing in-flight work for up to %.0f s)",
+            signal.Signals(sig).name,
+            self.config.shutdown_grace,
+        )
+        self._stop.set()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        # Stopping cancels hivemind's stream handlers, and clients hang up on us: both are the
+        # shutdown working, not errors worth a traceback.
+        error = context.get("exception")
+        quiet = (asyncio.CancelledError, ConnectionResetError, BrokenPipeError)
+        if self._stop is not None and self._stop.is_set() and isinstance(error, quiet):
+            logger.debug("while stopping: %s", context.get("message"))
+            return
+        loop.default_exception_handler(context)
+
     async def _shutdown(self) -> None:
         """Preemption: announce offline at once, refuse new sessions, finish in-flight work."""
         handler = self.handler
@@ -170,7 +190,8 @@ class Peer:
         while (handler.inflight or handler.sessions) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if handler.sessions:
-            logger.info("dropping %d sessions after the grace period", len(handler.sessions))
+            n = len(handler.sessions)
+            logger.info("dropping %d session%s after the grace period", n, "s" * (n != 1))
         await handler.close_all_sessions()
 
     # ---- span choice and loading --------------------------------------------------------------

@@ -1,33 +1,34 @@
-"""One clear line for what a user can get wrong: known errors print `PROG: error: ...`, no stack.
+"""What a CLI prints besides its output: one log format (hivemind's too) and one-line errors.
 
-Used by the `swarm-peer`, `swarm-train` and `swarm-generate` CLIs (`run_main`).
+Used by the `swarm-peer`, `swarm-train` and `swarm-generate` CLIs (`setup_logging`, `run_main`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Callable
 
 from swarm.errors import SwarmError
-from swarm.net import MADDR_HINT
+from swarm.net import daemon_error_message
 
 logger = logging.getLogger(__name__)
 
-# p2pd's startup failures, as its message says them, and what to tell the user instead.
-_DAEMON_ERRORS = (
-    (
-        "failed to connect to bootstrap peers",
-        "could not reach any of --initial-peers: is the peer running, and is the address the one "
-        "it printed?",
-    ),
-    ("failed to parse multiaddr", "--initial-peers: not a multiaddr; " + MADDR_HINT),
-    (
-        "invalid p2p multiaddr",
-        "--initial-peers: the multiaddr must end in /p2p/PEER_ID; " + MADDR_HINT,
-    ),
-)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(verbose: bool, level: int = logging.INFO) -> None:
+    """Our format on stderr for every logger; hivemind's through it, quiet below WARNING.
+
+    Call before a DHT starts: its forked process keeps the configuration it was forked with.
+    """
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else level, format=LOG_FORMAT, stream=sys.stderr
+    )
+    use_hivemind_log_handler("in_root_logger")
+    logging.getLogger("hivemind").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def describe(error: BaseException) -> str | None:
@@ -35,12 +36,7 @@ def describe(error: BaseException) -> str | None:
     from hivemind.p2p import P2PDaemonError
 
     if isinstance(error, P2PDaemonError):
-        text = str(error)
-        for pattern, message in _DAEMON_ERRORS:
-            if pattern in text:
-                return message
-        # "Daemon failed to start: 2026/12/02 00:56:45 <why>": keep the why.
-        return "the P2P daemon failed to start: " + re.sub(r"^.*?\d\d:\d\d:\d\d ", "", text)
+        return daemon_error_message(error)
     if isinstance(error, (SwarmError, ValueError, OSError)):
         return " ".join(str(error).split()) or type(error).__name__
     return None
