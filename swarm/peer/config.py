@@ -1,6 +1,7 @@
 """PeerConfig: every setting of a serving peer, with the one set of defaults.
 
-Used by `swarm.peer.server.Peer` and by the `swarm-peer join` CLI, which reads its defaults here.
+Used by the peer (`swarm.peer.server`, its announcer) and the `swarm-peer join` CLI; placement
+(`swarm.peer.balancer`, `swarm.training.rebalance`) and the churn simulator take defaults here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class PeerConfig:
     announce_period: float = 30.0  # seconds between DHT refreshes; records expire after two
     rebalance_period: float = 120.0  # mean seconds between rebalancing checks (jittered)
     balance_quality: float = 0.75  # move only if min throughput rises past today's / this
+    min_gain: float = 0.2  # with --train: least gain of a stage move, as a share of ours
     max_start_delay: float = 5.0  # random delay before choosing a span, so peers spread out
     session_timeout: float = 300.0  # an inference session idle this long is freed
     request_timeout: float = 60.0  # longest a unary or streamed request may take
@@ -72,6 +74,8 @@ class PeerConfig:
             raise ValueError("--cache-tokens must be >= 0 and --max-request-tokens positive")
         if not 0.0 < self.balance_quality <= 1.0:
             raise ValueError("--balance-quality must be in (0, 1]")
+        if self.min_gain < 0:
+            raise ValueError("--min-gain must be >= 0")
 
 
 HELP = {
@@ -90,6 +94,8 @@ HELP = {
     "announce_period": "seconds between DHT announcements (records expire after two)",
     "rebalance_period": "mean seconds between rebalancing checks",
     "balance_quality": "move only if the swarm's min throughput rises past today's / this",
+    "min_gain": "with --train: move to the bottleneck stage only if the stage left still has more "
+    "throughput than the bottleneck had, by this share of what the move adds there",
     "max_start_delay": "most seconds of random delay before choosing a span",
     "session_timeout": "seconds an idle inference session is kept",
     "request_timeout": "seconds a request may take",

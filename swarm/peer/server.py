@@ -1,6 +1,6 @@
 """Peer: joins the DHT, picks and loads a span, serves it, announces it, rebalances, drains.
 
-Used by the `swarm-peer join` CLI (and by tests and benchmarks that run peers in-process).
+Used by the `swarm-peer join` CLI; `swarm.training.peer.TrainingPeer` extends it for training.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 import random
 import signal
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import hivemind
@@ -20,16 +19,12 @@ import torch
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
 from swarm.net import check_initial_peers, ensure_port_free
-from swarm.peer import balancer, pings
+from swarm.peer import balancer
+from swarm.peer.announcer import Announcer
 from swarm.peer.backend import SpanBackend
 from swarm.peer.client import PeerClient
 from swarm.peer.config import PeerConfig
-from swarm.peer.dht_view import (
-    dht_time,
-    fetch_swarm_async,
-    store_model_entry_async,
-    store_records_async,
-)
+from swarm.peer.dht_view import fetch_swarm_async
 from swarm.peer.handler import PeerHandler
 from swarm.peer.memory import CacheBudget
 from swarm.peer.records import ModelEntry, SpanRecord
@@ -95,6 +90,8 @@ class Peer:
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if on_maddrs is not None:
             on_maddrs(self.maddrs)
+        entry = ModelEntry(self.prefix, self.num_layers, self.model_config.hidden_size)
+        self.announcer = Announcer(self.dht, config, entry, self.peer_id, self.maddrs)
         self.handler: PeerHandler | None = None
         self.worker: ComputeWorker | None = None
         self.budget = CacheBudget(config.cache_tokens)
@@ -103,7 +100,6 @@ class Peer:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.moves = 0
-        self.next_pings: dict[str, float] = {}  # RTTs to next-hop peers, announced for routing
         self._cooldown_until = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -136,16 +132,18 @@ class Peer:
             if self._stop.is_set():
                 return 0
             self.start, self.end = start, end
-            await self._announce("joining")
+            await self.announcer.announce(self._record("joining"))
             backend = await self._load(start, end)
             self.handler = PeerHandler(backend, self.worker, self.budget, self.config, self.prefix)
             self.handler.throughput = self._throughput()
             await self.handler.add_p2p_handlers(p2p)
             self.handler.state = "online"
-            await self._announce("online")
+            await self.announcer.announce(self._record("online"))
             logger.info("serving blocks %d:%d of %s as %s", start, end, self.prefix, self.peer_id)
-            tasks.append(asyncio.create_task(self._announce_loop()))
-            tasks.append(asyncio.create_task(self._ping_loop(PeerClient(p2p))))
+            tasks.append(asyncio.create_task(self.announcer.run(self._current_record)))
+            tasks.append(
+                asyncio.create_task(self.announcer.ping_loop(PeerClient(p2p), self._fetch))
+            )
             if self.config.span() is None:
                 tasks.append(asyncio.create_task(self._rebalance_loop()))
             await self._stop.wait()
@@ -184,7 +182,7 @@ class Peer:
         handler = self.handler
         handler.draining = True
         handler.state = "offline"
-        await self._announce("offline")
+        await self.announcer.announce(self._record("offline"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown_grace
         while (handler.inflight or handler.sessions) and loop.time() < deadline:
@@ -207,9 +205,10 @@ class Peer:
 
     async def _place(self, records: list[SpanRecord]) -> tuple[int, int]:
         """The span `--stage auto` serves, given the swarm's records (ours excluded here)."""
-        spans = [_span_info(r) for r in records if r.peer_id != self.peer_id]
+        spans = [r for r in records if r.peer_id != self.peer_id]
         start, end = balancer.choose_span(spans, self.num_layers, self.span_length, self.rng)
-        logger.info("chose blocks %d:%d (swarm had %d peers)", start, end, len(spans))
+        n = len({r.peer_id for r in spans})
+        logger.info("chose blocks %d:%d (%d other peer%s announced)", start, end, n, "s" * (n != 1))
         return start, end
 
     async def _load(self, start: int, end: int) -> SpanBackend:
@@ -239,66 +238,16 @@ class Peer:
         # Tokens/s through each of our blocks while we serve all of them.
         return self.block_speed.forward_tps / max(1, self.end - self.start)
 
-    # ---- announcing ---------------------------------------------------------------------------
+    # ---- announcing (swarm.peer.announcer stores what these build) ----------------------------
     def _record(self, state: str, start: int | None = None, end: int | None = None) -> SpanRecord:
+        """Our record in `state`: for the span we serve, or for start:end while moving there."""
         start = self.start if start is None else start
         end = self.end if end is None else end
-        n = max(1, end - start)
-        return SpanRecord(
-            peer_id=self.peer_id,
-            start=start,
-            end=end,
-            state=state,
-            throughput=self._throughput(),
-            cache_tokens_left=self.budget.left,
-            codecs=tuple(self.handler.codecs) if self.handler else (),
-            quant=self.config.quant,
-            version=self.config.version,
-            inference_rps=self.block_speed.inference_rps / n,
-            forward_tps=self.block_speed.forward_tps / n,
-            addrs=tuple(self.maddrs),
-            run_id=self.config.run_id if self.config.train else "",
-            next_pings=dict(self.next_pings),
-        )
+        codecs = self.handler.codecs if self.handler else ()
+        return self.announcer.record(state, start, end, self.block_speed, self.budget.left, codecs)
 
-    async def _announce(self, state: str, blocks: range | None = None, record=None) -> bool:
-        record = record or self._record(state)
-        blocks = blocks if blocks is not None else range(record.start, record.end)
-        expiration = dht_time() + 2 * self.config.announce_period
-        ok = await store_records_async(
-            self.dht, self.prefix, blocks, record, expiration, self.config.dht_timeout
-        )
-        if state != "offline":
-            entry = ModelEntry(self.prefix, self.num_layers, self.model_config.hidden_size)
-            await store_model_entry_async(
-                self.dht, entry, self.peer_id, expiration, self.config.dht_timeout
-            )
-        if not ok:
-            logger.warning("announcing %s for blocks %s did not fully succeed", state, blocks)
-        return ok
-
-    async def _announce_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.announce_period)
-            try:
-                await self._announce(self.handler.state)
-            except Exception:
-                logger.exception("announce failed; retrying next period")
-
-    async def _ping_loop(self, client: PeerClient) -> None:
-        """Each announce period, time the peers serving block `end` (Petals' next-hop pings)."""
-        while True:
-            try:
-                end = self.end
-                measured = {}
-                if end < self.num_layers:  # the last span has no next hop
-                    peers = pings.next_hop_peers(await self._fetch(), end, self.peer_id)
-                    measured = await pings.measure_next_pings(client, peers)
-                if end == self.end:  # a move meanwhile makes these the wrong next hops
-                    self.next_pings = measured
-            except Exception:
-                logger.exception("measuring next-hop pings failed; retrying next period")
-            await asyncio.sleep(self.config.announce_period)
+    def _current_record(self) -> SpanRecord:
+        return self._record(self.handler.state)
 
     async def _fetch(self) -> list[SpanRecord]:
         return await fetch_swarm_async(
@@ -319,7 +268,7 @@ class Peer:
         if self.handler is None or self.handler.draining:
             return False
         records = await self._fetch()
-        spans = [_span_info(r) for r in records if r.end <= self.num_layers]
+        spans = [r for r in records if r.end <= self.num_layers]
         mine = [s for s in spans if s.peer_id == self.peer_id]
         if not mine or (mine[0].start, mine[0].end) != (self.start, self.end):
             return False  # our own record is not visible yet: decide on a view that has us
@@ -338,22 +287,17 @@ class Peer:
     async def _move(self, start: int, end: int) -> None:
         old_start, old_end = self.start, self.end
         logger.info("moving from blocks %d:%d to %d:%d", old_start, old_end, start, end)
-        await self._announce("joining", record=self._record("joining", start, end))
+        await self.announcer.announce(self._record("joining", start, end))
         backend = await self._load(start, end)
         # Sessions opened on the old span keep their backend and finish there.
         self.handler.backend = backend
         self.start, self.end = start, end
-        self.next_pings = {}  # pings to the old span's next hops; refreshed next period
         self.handler.throughput = self._throughput()
-        await self._announce("online")
+        await self.announcer.announce(self._record("online"))
         gone = [b for b in range(old_start, old_end) if not start <= b < end]
         if gone:
-            tomb = replace(self._record("offline"), start=old_start, end=old_end)
-            await self._announce("offline", blocks=gone, record=tomb)
+            tomb = self._record("offline", old_start, old_end)
+            await self.announcer.announce(tomb, blocks=gone)
         self.moves += 1
         self._cooldown_until = self._loop.time() + 2 * self.config.rebalance_period
         logger.info("now serving blocks %d:%d", start, end)
-
-
-def _span_info(r: SpanRecord) -> balancer.SpanInfo:
-    return balancer.SpanInfo(r.peer_id, r.start, r.end, r.throughput, r.state)

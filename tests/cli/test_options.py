@@ -39,6 +39,7 @@ def test_types_defaults_and_switches_come_from_the_dataclass():
 def test_every_cli_config_has_help_and_the_cli_keeps_its_defaults():
     assert parse(TrainerConfig, []) == TrainerConfig()
     assert parse(PeerConfig, [], HELP) == PeerConfig()
+    assert parse(PeerConfig, ["--min-gain", "0.5"], HELP).min_gain == 0.5
 
     @dataclass
     class Silent:
