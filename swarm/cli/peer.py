@@ -11,7 +11,7 @@ import sys
 
 from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
-from swarm.peer.config import HELP, PeerConfig
+from swarm.peer.config import PeerConfig
 from swarm.procs import reap_children_on_exit
 
 
@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     join = sub.add_parser("join", help="join (or start) a swarm and serve a span of blocks")
-    add_config_options(join, PeerConfig, HELP)
+    add_config_options(join, PeerConfig)
     status = sub.add_parser(
         "status", help="show which peers serve which blocks, and what nobody serves"
     )
