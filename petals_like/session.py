@@ -82,6 +82,15 @@ class Failover:
         )
 
 
+def _reason(error: BaseException, peer_id: str, limit: int = 160) -> str:
+    """One line for a failover: the peer id shortened as elsewhere, cut at a word if long."""
+    text = " ".join(f"{type(error).__name__}: {error}".split()).rstrip(":")
+    text = text.replace(peer_id, f"...{peer_id[-6:]}")
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
+
+
 @dataclass
 class _HopState:
     """A hop of the route with the inputs sent to its first block and what its peer holds."""
@@ -259,7 +268,7 @@ class RemoteInferenceSession:
         """Replace hop i by a fresh route over its blocks; the first new hop inherits its inputs."""
         started = time.monotonic()
         lost = self._hops[i]
-        reason = f"{type(error).__name__}: {error}".strip().rstrip(":")
+        reason = _reason(error, str(lost.hop.peer_id))
         if report:
             logger.info(
                 "peer %s failed on blocks %d:%d: %s",
@@ -282,7 +291,7 @@ class RemoteInferenceSession:
         return Failover(
             peer_id=lost.hop.peer_id,
             blocks=(lost.hop.start, lost.hop.end),
-            reason=reason[:200],
+            reason=reason,
             replacement=[s.hop for s in new],
             replayed_tokens=lost.length,
             started=started,

@@ -27,7 +27,7 @@ def setup_logging(verbose: bool, level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else level, format=LOG_FORMAT, stream=sys.stderr
     )
-    use_hivemind_log_handler("in_root_logger")
+    use_hivemind_log_handler("nowhere")
     logging.getLogger("hivemind").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 

@@ -420,8 +420,9 @@ class TrainableStage(SpanBackend):
     def _maybe_step_async(self, plan: RunPlan) -> None:
         """Start this epoch's step when the replicas together hold the target batch.
 
-        Gradients that arrive while the round runs count toward the next step. A replica that
-        another has left behind catches up (downloads) or follows on its own gradients.
+        Gradients that arrive while the round runs count toward the next step. A replica the
+        others left behind downloads their state, keeping its gradients for the coming step:
+        stepping on them alone would leave its optimizer moments apart from theirs for good.
         """
         others = self._others()
         with self._lock:
@@ -430,12 +431,11 @@ class TrainableStage(SpanBackend):
             self._publish()
         ahead = [r for r in others.values() if r.epoch > self.epoch]
         if ahead:
-            if any(r.epoch > self.epoch + 1 for r in ahead) or not mine:
-                self._catch_up()
-            elif plan.average_every > 1:
+            one_behind = all(r.epoch == self.epoch + 1 for r in ahead)
+            if plan.average_every > 1 and one_behind and mine:
                 self._local_step(plan, rounds_with=True)  # the others' outer round waits for us
-            else:
-                self._step(average=False, retry_failed=False)
+            elif not self._catch_up() and mine:
+                self._step(average=False, retry_failed=False)  # no donor answered: go on alone
             return
         same = [r for r in others.values() if r.epoch == self.epoch]
         started = any(r.averaging == self.epoch for r in same)
@@ -480,17 +480,29 @@ class TrainableStage(SpanBackend):
         except PeerUnavailable:
             return False
 
-    def _catch_up(self) -> None:
+    def _catch_up(self) -> bool:
+        """Download the freshest replica's state (our gradients stay); False if that failed."""
         logger.warning(
             "stage %s:%s is behind at epoch %d; downloading state", *self.key, self.epoch
         )
+        ok = False
         try:
             metadata, tensors = self.averager.download_state(self.train_config.load_state_timeout)
             self._load_state(metadata, tensors)
             self.averager.state_sharing_priority = float(self.epoch)
+            ok = True
         except (PeerUnavailable, BadRequest) as e:
             logger.warning("catch-up download failed: %s", e)
         self._publish()
+        return ok
+
+    def _left_out(self) -> bool:
+        """After our round failed: whether another replica averaged this epoch without us."""
+        try:
+            others = self._others().values()
+        except PeerUnavailable:
+            return False
+        return any(r.epoch > self.epoch or r.averaging == self.epoch for r in others)
 
     def _step(self, average: bool, retry_failed: bool) -> None:
         with self._step_lock:
@@ -519,6 +531,13 @@ class TrainableStage(SpanBackend):
             if not averaged and self._others_at(self.epoch):
                 # A partner that entered late failed alone too: once more, together.
                 averaged = bool(self._average(n, own, retry_failed))
+            if not averaged and self._left_out():
+                # They stepped together without us: keep our gradients for the coming step and
+                # take their state (`_maybe_step_async` downloads it) rather than drift apart.
+                self._restore(own, n)
+                with self._lock:
+                    self._averaging = -1
+                return
         with self._lock, torch.no_grad(), self.averager.get_tensors() as bufs:
             k = len(self.params)
             finite = all(torch.isfinite(b).all() for b in bufs)

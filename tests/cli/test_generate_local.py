@@ -102,3 +102,32 @@ def test_bad_flags(tiny):
     assert_error(run_cli("hi", "--initial-peers", "/ip4/127.0.0.1/tcp/1"), "/p2p/PEER_ID")
     proc = run_cli("--local", "--model", str(tiny), "hi", "--top-p", "0")
     assert_error(proc, "top_p")
+
+
+def test_a_folder_saved_from_a_gguf_model_generates_the_same(tiny, tmp_path):
+    # What `swarm-train --save` writes from a GGUF source: weights, config and its tokenizer.
+    from swarm.training.checkpoint import client_tensors, span_tensors, write_folder
+
+    model, tok = load_model(str(tiny)), load_tokenizer(str(tiny))
+    tensors = {**client_tensors(model.client), **span_tensors(model.span)}
+    saved = write_folder(tmp_path / "saved", model.config, tensors, None, tok)
+    again = load_tokenizer(str(saved))
+    text = "hello the tell <|im_end|> x"
+    assert again.encode(text) == tok.encode(text) and again.eos_token_ids == tok.eos_token_ids
+    args = ("--local", "hello the tell", "--max-new-tokens", "6")
+    proc, want = run_cli("--model", str(saved), *args), run_cli("--model", str(tiny), *args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == want.stdout
+
+
+def test_output_cut_at_the_context_says_so(tiny):
+    context = load_model(str(tiny)).config.max_position_embeddings
+    tok = load_tokenizer(str(tiny))
+    prompt = "hello " * 8
+    n = len(tok.encode(prompt))
+    assert n < context
+    proc = run_cli("--local", "--model", str(tiny), prompt, "--max-new-tokens", str(context))
+    assert proc.returncode == 0, proc.stderr
+    assert f"output cut at the model's context of {context} tokens: prompt {n}" in proc.stderr
+    short = run_cli("--local", "--model", str(tiny), prompt, "--max-new-tokens", "2")
+    assert "output cut" not in short.stderr

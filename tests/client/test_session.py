@@ -215,3 +215,14 @@ async def test_bad_input_is_a_bad_request(fake_swarm, tiny_model):
         await session.step(torch.zeros(1, 5, tiny_model.config.hidden_size))
     with pytest.raises(BadRequest):
         await session.step(torch.zeros(2, 1, tiny_model.config.hidden_size))
+
+
+def test_failover_reason_is_one_short_line_with_the_short_peer_id():
+    from petals_like.session import _reason
+
+    peer = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    error = PeerUnavailable(f"peer {peer} did not answer:\n  stream to {peer} closed " + "x " * 100)
+    text = _reason(error, peer)
+    assert peer not in text and text.count(f"...{peer[-6:]}") == 2
+    assert "\n" not in text and len(text) <= 164 and text.endswith(" ...")
+    assert text.startswith("PeerUnavailable: peer ...")

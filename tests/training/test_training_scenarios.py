@@ -8,6 +8,8 @@ share one swarm.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -230,10 +232,18 @@ def test_scenario_two_trainers_and_a_peer_joining_mid_run(
         for seed in (1, 2)
     ]
     wait_for(lambda: all(t.steps for t in both), 150, what="a step of both trainers")
-    # `--stage auto` joins one of the run's stages (the slowest as measured: which one depends on
-    # this machine's load; the choice itself is unit-tested), never a span across them.
-    late = training_peers(*join_args(tiny_model_dir, "runC", "auto", maddr, *AUTO))
-    wait_for(lambda: serving(late), 120, what="mid-run peer serving")
+    # The trainers pause while the peer starts: however slow its start on a loaded machine, it
+    # joins mid-run (12 steps could finish first). A pause is what a slow trainer looks like.
+    for t in both:
+        os.kill(t.proc.pid, signal.SIGSTOP)
+    try:
+        # `--stage auto` joins one of the run's stages (the slowest as measured: which one
+        # depends on this machine's load; the choice itself is unit-tested), never a span across.
+        late = training_peers(*join_args(tiny_model_dir, "runC", "auto", maddr, *AUTO))
+        wait_for(lambda: serving(late), 120, what="mid-run peer serving")
+    finally:
+        for t in both:
+            os.kill(t.proc.pid, signal.SIGCONT)
     log = late.log_path.read_text(errors="replace")
     span = (0, 3) if "joining training stage 0:3" in log else (3, 6)
     assert f"serving blocks {span[0]}:{span[1]}" in log, log[-3000:]
