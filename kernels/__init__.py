@@ -1,8 +1,8 @@
 """Swarm Mesh's int8 quantization kernels: wire codecs and LLM.int8() weights and matmul.
 
 Used by swarm (int8 blocks; the peer's wire layer, codec list and dtype names) and
-simulations/bench_kernels.py; the only door into kernels/. (Not Hugging Face's `kernels` package: it defines none of that package's names and
-no __version__.)
+simulations/bench_kernels.py; the only door into kernels/. (Not Hugging Face's `kernels`
+package: it defines none of that package's names and no __version__.)
 """
 
 from kernels.codecs import (
