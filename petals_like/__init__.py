@@ -14,7 +14,7 @@ _EXPORTS = {
     "DistributedModelForCausalLM": "petals_like.model",
     "InferenceSession": "petals_like.model",
     "RemoteInferenceSession": "petals_like.session",
-    "RouterConfig": "petals_like.sequence",
+    "RouterConfig": "petals_like.router",
 }
 
 

@@ -10,11 +10,14 @@ import logging
 import sys
 import time
 
+from petals_like.console import PrefillProgress, cut_notice
 from petals_like.distributed_cli import add_distributed_arguments, run_distributed
+from swarm.cli.console import run_main, setup_logging
 from swarm.errors import SwarmError
 from swarm.generation import SamplingConfig, generate_local
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from swarm.model.tokenizer import StreamDecoder
+from swarm.procs import reap_children_on_exit
 
 logger = logging.getLogger(__name__)
 
@@ -25,26 +28,80 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swarm-generate", description="Generate text with a Llama-family model."
     )
-    p.add_argument("prompt", help="the text to continue")
+    # "?" so that a prompt after --initial-peers (which takes several values) is still found.
+    p.add_argument("prompt", nargs="?", help="the text to continue")
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="HF folder, .gguf file or alias (%(default)s)"
+        "--model",
+        default=DEFAULT_MODEL,
+        help="HF folder, .gguf file or alias (default: %(default)s)",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run the whole model in this process")
-    where.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="join the swarm here")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=_SAMPLING_DEFAULTS.temperature)
-    p.add_argument("--top-k", type=int, default=_SAMPLING_DEFAULTS.top_k)
-    p.add_argument("--top-p", type=float, default=_SAMPLING_DEFAULTS.top_p)
-    p.add_argument(
-        "--repetition-penalty", type=float, default=_SAMPLING_DEFAULTS.repetition_penalty
+    where.add_argument(
+        "--initial-peers", nargs="+", metavar="MADDR", help="join the swarm at these multiaddrs"
     )
-    p.add_argument("--seed", type=int, default=_SAMPLING_DEFAULTS.seed)
-    p.add_argument("--quant", choices=("none", "int8"), default="none", help="block weights")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="most new tokens; fewer at an end of text or of the context (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=_SAMPLING_DEFAULTS.temperature,
+        help="0 picks the most likely token (greedy); above 0 samples (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=_SAMPLING_DEFAULTS.top_k,
+        help="sample among the k most likely tokens; 0: all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=_SAMPLING_DEFAULTS.top_p,
+        help="sample among the most likely tokens whose probability reaches p (default: "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=_SAMPLING_DEFAULTS.repetition_penalty,
+        help="above 1 discourages tokens already seen (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_SAMPLING_DEFAULTS.seed,
+        help="seed of sampling (default: random)",
+    )
+    p.add_argument(
+        "--quant",
+        choices=("none", "int8"),
+        default="none",
+        help="block weights with --local (default: %(default)s)",
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     add_distributed_arguments(p)
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, with the prompt taken back from the end of --initial-peers if it landed there."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Multiaddrs start with "/": a last value that does not is the prompt (the documented order
+    # `--initial-peers MADDR "prompt"`).
+    if args.prompt is None and args.initial_peers and not args.initial_peers[-1].startswith("/"):
+        args.prompt = args.initial_peers.pop()
+    if args.prompt is None:
+        parser.error("the following arguments are required: prompt")
+    if not args.local and args.initial_peers == []:
+        parser.error("--initial-peers needs a multiaddr")
+    return args
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
@@ -80,11 +137,21 @@ def run_local(args: argparse.Namespace) -> None:
 
     t1 = time.perf_counter()
     new_ids = generate_local(
-        model, tokenizer, prompt_ids, args.max_new_tokens, sampling, on_token=on_token
+        model,
+        tokenizer,
+        prompt_ids,
+        args.max_new_tokens,
+        sampling,
+        on_token=on_token,
+        on_prefill=PrefillProgress(),
     )
     gen_s = time.perf_counter() - t1
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
+    context = model.config.max_position_embeddings
+    notice = cut_notice(args.max_new_tokens, len(new_ids), len(prompt_ids), context)
+    if notice:
+        print(notice, file=sys.stderr)
     first_ms = (first[0] - t1) * 1000 if first else 0.0
     # Decode speed excludes the prefill step, which the first-token time reports.
     decode_s = gen_s - first_ms / 1000
@@ -97,30 +164,22 @@ def run_local(args: argparse.Namespace) -> None:
     )
 
 
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise SwarmError("--max-new-tokens must be >= 0")
+    if args.local:
+        run_local(args)
+        return 0
+    if args.initial_peers:
+        reap_children_on_exit()  # the DHT's process and p2pd go when we go, even on SIGKILL
+        return run_distributed(args)
+    raise SwarmError("give --local to run here, or --initial-peers MADDR to use a swarm")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        if args.max_new_tokens < 0:
-            raise SwarmError("--max-new-tokens must be >= 0")
-        if args.local:
-            run_local(args)
-        elif args.initial_peers:
-            code = run_distributed(args)
-            if code:
-                sys.exit(code)
-        else:
-            raise SwarmError("give --local to run here, or --initial-peers MADDR to use a swarm")
-    except (SwarmError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    args = parse_args(argv)
+    setup_logging(args.verbose, logging.WARNING)
+    sys.exit(run_main("swarm-generate", lambda: run(args)))
 
 
 if __name__ == "__main__":

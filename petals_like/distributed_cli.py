@@ -12,7 +12,9 @@ import time
 
 import torch
 
+from petals_like.console import PrefillProgress, cut_notice
 from swarm.errors import SwarmError
+from swarm.net import check_initial_peers
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +62,18 @@ def run_distributed(args: argparse.Namespace) -> int:
     from swarm.model.tokenizer import StreamDecoder
 
     t0 = time.perf_counter()
-    try:
-        model = DistributedModelForCausalLM.from_pretrained(
-            args.model,
-            args.initial_peers,
-            compression=getattr(args, "compression", "auto"),
-            hop_delay=getattr(args, "hop_delay", 0.0),
-        )
-    except (SwarmError, ValueError, OSError, TimeoutError) as e:
-        print(f"error: could not join the swarm: {e}", file=sys.stderr)
-        return 1
+    check_initial_peers(args.initial_peers)
+    model = DistributedModelForCausalLM.from_pretrained(
+        args.model,
+        args.initial_peers,
+        compression=getattr(args, "compression", "auto"),
+        hop_delay=getattr(args, "hop_delay", 0.0),
+    )
     load_s = time.perf_counter() - t0
     try:
         tokenizer = model.tokenizer
         if tokenizer is None:
-            print(f"error: model {args.model} has no tokenizer", file=sys.stderr)
-            return 1
+            raise SwarmError(f"model {args.model} has no tokenizer")
         prompt = args.prompt
         if getattr(args, "chat", False):
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -86,7 +84,7 @@ def run_distributed(args: argparse.Namespace) -> int:
             sys.stdout.write(stream.push(int(token[0])))
             sys.stdout.flush()
 
-        model.generate(
+        out = model.generate(
             torch.tensor([prompt_ids], dtype=torch.long),
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
@@ -95,20 +93,23 @@ def run_distributed(args: argparse.Namespace) -> int:
             repetition_penalty=getattr(args, "repetition_penalty", 1.0),
             seed=args.seed,
             on_token=on_token,
+            on_prefill=PrefillProgress(),
         )
         sys.stdout.write(stream.flush() + "\n")
         sys.stdout.flush()
+        generated = out.shape[1] - len(prompt_ids)
+        context = model.config.max_position_embeddings
+        notice = cut_notice(args.max_new_tokens, generated, len(prompt_ids), context)
+        if notice:
+            print(notice, file=sys.stderr)
         print(_summary(model, args, len(prompt_ids), load_s), file=sys.stderr)
         return 0
-    except (SwarmError, ValueError, TimeoutError) as e:
+    except (SwarmError, ValueError, TimeoutError):
+        # The error line comes from the CLI; what was generated until then is summed up first.
         sys.stdout.write("\n")
         sys.stdout.flush()
-        print(f"error: {e}", file=sys.stderr)
         if model.last_stats.new_tokens:
             print(_summary(model, args, 0, load_s), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        raise
     finally:
         model.close()

@@ -1,6 +1,6 @@
 """DistributedModelForCausalLM: embeddings and head kept locally, every block served by the swarm.
 
-Used by `swarm-generate` (petals_like.distributed_cli), the demo, benchmarks and user code.
+Used by `swarm-generate` (petals_like.distributed_cli, run by the swarm demo), benchmarks, users.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from petals_like.loop import BackgroundLoop
+from petals_like.router import RouterConfig, SwarmRouter
 from petals_like.routing import Hop, RouteCosts
-from petals_like.sequence import RouterConfig, SwarmRouter
 from petals_like.session import Failover, RemoteInferenceSession
+from petals_like.wan import with_delay
 from swarm.errors import BadRequest, CheckpointError, PeerUnavailable
-from swarm.generation import SamplingConfig, sample_next
+from swarm.generation import SamplingConfig, eos_ids, generation_loop, new_token_budget
 from swarm.model.config import ModelConfig
 from swarm.model.llama import ClientParts
 
@@ -43,7 +44,6 @@ class InferenceSession:
         # last sampled token, which has not been through the swarm yet.
         self.token_ids: torch.Tensor = torch.zeros(batch_size, 0, dtype=torch.long)
         self.pending: torch.Tensor | None = None
-        self._entered = 0
         self._closed = False
 
     @property
@@ -69,12 +69,10 @@ class InferenceSession:
             self.model.loop.run(self._remote.close(), timeout=10.0)
 
     def __enter__(self) -> InferenceSession:
-        self._entered += 1
         self.model._active_sessions.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._entered -= 1
         if self in self.model._active_sessions:
             self.model._active_sessions.remove(self)
         self.close()
@@ -131,7 +129,7 @@ class DistributedModelForCausalLM:
         model: str,
         initial_peers: Sequence[str],
         *,
-        compression: str = "auto",
+        compression: str | None = None,
         hop_delay: float = 0.0,
         router_config: RouterConfig | None = None,
         costs: RouteCosts | None = None,
@@ -145,18 +143,22 @@ class DistributedModelForCausalLM:
             DHT prefix the peers announce under.
         initial_peers: multiaddrs of any peers of the swarm.
         compression: activation codec: "auto" (int8-block64 where a peer offers it), "none"
-            (exact: fp32 on the wire) or a codec name.
-        hop_delay: seconds added each way on every request (user-space WAN emulation).
-        router_config: routing, timeout and ban settings (compression and hop_delay override it).
+            (exact: fp32 on the wire) or a codec name; by default router_config's ("auto").
+        hop_delay: seconds added each way on every request (user-space WAN emulation,
+            petals_like.wan).
+        router_config: routing, timeout, ban and compression settings.
         dht: an already running hivemind.DHT to share; by default one is started in client mode.
         """
         import hivemind
+        from hivemind.p2p import P2PDaemonError
 
         from swarm.model import loading
+        from swarm.net import check_initial_peers, daemon_error_message
         from swarm.peer.client import PeerClient
 
         if not initial_peers and dht is None:
             raise BadRequest("initial_peers is empty: give the multiaddr of a peer of the swarm")
+        rc = with_compression(router_config, compression)
         source = loading.resolve_model(model)
         config = loading.load_config(source)
         client_parts = loading.load_client_parts(source)
@@ -169,21 +171,17 @@ class DistributedModelForCausalLM:
         owns_dht = dht is None
         if owns_dht:
             # The DHT forks its own process: start it before our loop thread exists.
+            check_initial_peers(initial_peers)
             try:
                 dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
-            except Exception as e:  # hivemind raises P2PDaemonError, ValueError, ...
-                raise PeerUnavailable(
-                    f"could not join the swarm at {' '.join(initial_peers)}: {e}"
-                ) from e
+            except P2PDaemonError as e:
+                raise PeerUnavailable(daemon_error_message(e)) from e
         loop = BackgroundLoop()
         try:
             p2p = loop.run(dht.replicate_p2p(), timeout=start_timeout)
-            rc = dataclasses.replace(
-                router_config or RouterConfig(), compression=compression, hop_delay=hop_delay
-            )
             router = SwarmRouter(
                 dht,
-                lambda codec: PeerClient(p2p, compression=codec),
+                lambda codec: with_delay(PeerClient(p2p, compression=codec), hop_delay),
                 source.name,
                 config.num_layers,
                 config=rc,
@@ -223,6 +221,7 @@ class DistributedModelForCausalLM:
         session: InferenceSession | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
         step_timeout: float | None = 600.0,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Sample up to `max_new_tokens` after `input_ids` [B, T]; returns [B, T + new].
 
@@ -230,7 +229,9 @@ class DistributedModelForCausalLM:
         session: `input_ids` are only the new tokens (e.g. the next user turn of a chat).
         temperature 0 is greedy; top_k, top_p and repetition_penalty as in swarm.generation;
         seed makes sampling reproducible. on_token gets each new [B] tensor of token ids.
-        step_timeout bounds each step, failovers included.
+        step_timeout bounds each step, failovers included. Near the end of the context, generation
+        cuts `max_new_tokens` down to what fits. on_prefill gets (tokens done, tokens in
+        all) while a long prompt is prefilled in steps of `swarm.generation.PREFILL_CHUNK`.
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         if ids.dim() == 1:
@@ -246,14 +247,9 @@ class DistributedModelForCausalLM:
             session = self._active_sessions[-1]
         own = session is None
         if own:
-            if ids.shape[1] == 0:
-                raise BadRequest("the prompt is empty")
-            context = self.config.max_position_embeddings
-            if ids.shape[1] >= context:
-                raise BadRequest(
-                    f"the prompt has {ids.shape[1]} tokens; the model's context is {context}"
-                )
-            max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+            max_new_tokens = new_token_budget(
+                ids.shape[1], max_new_tokens, self.config.max_position_embeddings
+            )
             session = self.inference_session(ids.shape[1] + max_new_tokens, ids.shape[0])
         elif ids.shape[0] != session.batch_size:
             raise BadRequest(
@@ -261,7 +257,14 @@ class DistributedModelForCausalLM:
             )
         try:
             new = self._generate(
-                session, ids, max_new_tokens, sampling, stop_on_eos, on_token, step_timeout
+                session,
+                ids,
+                max_new_tokens,
+                sampling,
+                stop_on_eos,
+                on_token,
+                step_timeout,
+                on_prefill,
             )
         finally:
             if own:
@@ -277,13 +280,9 @@ class DistributedModelForCausalLM:
         stop_on_eos: bool,
         on_token: Callable[[torch.Tensor], None] | None,
         step_timeout: float | None,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        eos = set(getattr(self.tokenizer, "eos_token_ids", None) or self.config.eos_token_id)
-        eos_t = torch.tensor(sorted(eos), dtype=torch.long)
-        pad = int(eos_t[0]) if len(eos_t) else 0
-        generator = sampling.make_generator()
         feed = ids if session.pending is None else torch.cat([session.pending[:, None], ids], 1)
-        prev = torch.cat([session.token_ids, ids], dim=1)
         room = session.max_length - session.position - feed.shape[1] + 1
         if max_new_tokens > room:
             raise BadRequest(
@@ -291,41 +290,43 @@ class DistributedModelForCausalLM:
             )
         stats = GenerationStats(prompt_tokens=ids.shape[1])
         t0 = time.monotonic()
-        new: list[torch.Tensor] = []
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-        step_input = feed
         failovers_before = len(session.failovers)
+        # Ids seen so far, for the repetition penalty; kept by the session for the next call.
+        session.token_ids = torch.cat([session.token_ids, ids], dim=1)
+
+        def step(step_input: torch.Tensor) -> torch.Tensor:
+            hidden = session.step(self.client_parts.embed(step_input), timeout=step_timeout)
+            # Logits of every position, then the last: the same ops as generate_local.
+            return self.client_parts.logits(hidden)[:, -1]
+
+        def on_new(nxt: torch.Tensor) -> None:
+            session.token_ids = torch.cat([session.token_ids, nxt[:, None]], dim=1)
+            session.pending = nxt
+            stats.token_times.append(time.monotonic())
+            if len(stats.token_times) == 1:
+                stats.first_token_s = stats.token_times[0] - t0
+            if on_token is not None:
+                on_token(nxt)
+
+        eos = eos_ids(self.tokenizer, self.config)
         try:
-            while len(new) < max_new_tokens:
-                hidden = session.step(self.client_parts.embed(step_input), timeout=step_timeout)
-                # Logits of every position, then the last: the same ops as generate_local.
-                logits = self.client_parts.logits(hidden)[:, -1]
-                nxt = sample_next(logits, prev, sampling, generator)
-                if stop_on_eos:
-                    nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-                new.append(nxt)
-                prev = torch.cat([prev, nxt[:, None]], dim=1)
-                session.pending = nxt
-                stats.token_times.append(time.monotonic())
-                if len(new) == 1:
-                    stats.first_token_s = stats.token_times[0] - t0
-                if on_token is not None:
-                    on_token(nxt)
-                if stop_on_eos:
-                    finished |= torch.isin(nxt, eos_t)
-                    if bool(finished.all()):
-                        break
-                step_input = nxt[:, None]
+            return generation_loop(
+                step,
+                feed,
+                session.token_ids,
+                max_new_tokens,
+                sampling,
+                eos,
+                stop_on_eos,
+                on_new,
+                on_prefill,
+            )
         finally:
-            session.token_ids = prev
-            stats.new_tokens = len(new)
+            stats.new_tokens = len(stats.token_times)
             stats.total_s = time.monotonic() - t0
             stats.route = list(session.route)
             stats.failovers = list(session.failovers[failovers_before:])
             self.last_stats = stats
-        if not new:
-            return torch.zeros(ids.shape[0], 0, dtype=torch.long)
-        return torch.stack(new, dim=1)
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -351,3 +352,19 @@ class DistributedModelForCausalLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def with_compression(router_config: RouterConfig | None, compression: str | None) -> RouterConfig:
+    """`router_config` (or the defaults) with `compression` filled in, never overriding a choice.
+
+    Raises BadRequest when both name a codec and they differ.
+    """
+    rc = router_config or RouterConfig()
+    if compression is None or compression == rc.compression:
+        return rc
+    if rc.compression != RouterConfig.compression:
+        raise BadRequest(
+            f"compression={compression!r} contradicts router_config.compression="
+            f"{rc.compression!r}: give the codec once"
+        )
+    return dataclasses.replace(rc, compression=compression)

@@ -1,6 +1,6 @@
 """Choice of a chain of peers covering a block range, at the least expected step latency.
 
-Pure functions over span records: used by the router (petals_like/sequence.py) and its tests.
+Pure functions over span records: used by the router (petals_like/router.py), sessions and the CLI.
 """
 
 from __future__ import annotations
@@ -217,24 +217,6 @@ def find_route(
             hops.append(Hop(cands[j].peer_id, b, b + 1))
         last_j = j
     return hops
-
-
-def route_cost(
-    records: Sequence[Any],
-    hops: Sequence[Hop],
-    rtts: Mapping[Hashable, float] | None = None,
-    costs: RouteCosts | None = None,
-) -> float:
-    """Expected seconds per decoding step of a route, by the same model as find_route."""
-    costs, rtts = costs or RouteCosts(), rtts or {}
-    by_peer = {r.peer_id: r for r in records}
-    total = 0.0
-    for hop in hops:
-        r = by_peer.get(hop.peer_id)
-        rtt = rtts.get(hop.peer_id, costs.default_rtt)
-        total += rtt + costs.hop_overhead
-        total += len(hop) * (block_time(r, costs) if r is not None else costs.default_block_time)
-    return total
 
 
 def describe(hops: Sequence[Hop]) -> str:

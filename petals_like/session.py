@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,7 +29,7 @@ class StepStream(Protocol):
 
 
 class SessionRouter(Protocol):
-    """What a session needs from the router (petals_like.sequence.SwarmRouter)."""
+    """What a session needs from the router (petals_like.router.SwarmRouter)."""
 
     num_blocks: int
 
@@ -307,10 +306,6 @@ class RemoteInferenceSession:
                 tasks.append(_close_quietly(h.stream, timeout=2.0))
         await asyncio.gather(*tasks, return_exceptions=True)
         self._hops = []
-
-    def inputs_kept(self) -> Sequence[tuple[Hop, int]]:
-        """(hop, positions of inputs kept) per hop: what a failover would replay."""
-        return [(h.hop, h.length) for h in self._hops]
 
 
 async def _close_quietly(stream: StepStream, timeout: float) -> None:

@@ -34,3 +34,7 @@ class SessionExpired(SwarmError):
 
 class NoRoute(SwarmError):
     """No chain of live peers covers the blocks the client needs."""
+
+
+class AddressInUse(SwarmError):
+    """The TCP port a peer was told to listen on is taken (often by another peer)."""

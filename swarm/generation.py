@@ -1,4 +1,4 @@
-"""Token sampling (greedy, temperature, top-k, top-p, repetition penalty) and local generation.
+"""Token sampling (greedy, temperature, top-k, top-p, repetition penalty) and the generation loop.
 
 Used by `swarm-generate --local`, the distributed client's generate(), demos and benchmarks.
 """
@@ -6,12 +6,13 @@ Used by `swarm-generate --local`, the distributed client's generate(), demos and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from swarm.errors import BadRequest
+from swarm.model.config import ModelConfig
 from swarm.model.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,84 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def eos_ids(tokenizer: object | None, config: ModelConfig) -> list[int]:
+    """End-of-sequence ids: the tokenizer's `eos_token_ids` if it has any, else the config's."""
+    return sorted(set(getattr(tokenizer, "eos_token_ids", None) or config.eos_token_id))
+
+
+# Prompts are prefilled in steps of this many tokens: bounded memory and request sizes, and a
+# long prompt can show progress.
+PREFILL_CHUNK = 512
+
+
+def new_token_budget(prompt_len: int, max_new_tokens: int, context: int) -> int:
+    """How many new tokens fit after a prompt: `max_new_tokens`, or fewer at the context's end.
+
+    Raises BadRequest for an empty prompt, one that fills the context, or a negative count.
+    """
+    if prompt_len == 0:
+        raise BadRequest("the prompt is empty")
+    if prompt_len >= context:
+        raise BadRequest(f"the prompt has {prompt_len} tokens; the model's context is {context}")
+    if max_new_tokens < 0:
+        raise BadRequest(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return min(max_new_tokens, context - prompt_len)
+
+
+def generation_loop(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    feed: torch.Tensor,
+    history: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos: Collection[int] = (),
+    stop_on_eos: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Sample up to `max_new_tokens` new tokens per row; returns them as [B, new].
+
+    step: token ids [B, T] at the next T positions -> logits [B, V] of the last one (it owns the
+        caches, local or on the swarm).
+    feed: [B, T] ids of the first step. history: [B, S] every id so far, feed included (what the
+        repetition penalty looks at).
+    eos, stop_on_eos: a row that sampled an id of `eos` is finished and pads with eos from then
+        on; the loop stops when every row is finished.
+    on_token: called with each new [B] tensor of ids, as soon as it is sampled (streaming).
+    on_prefill: called with (tokens done, tokens in all) after each PREFILL_CHUNK of a feed
+        longer than that (progress of a long prompt).
+    """
+    generator = sampling.make_generator()
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    pad = int(eos_t[0]) if len(eos_t) else 0
+    finished = torch.zeros(feed.shape[0], dtype=torch.bool)
+    new: list[torch.Tensor] = []
+    step_input = feed
+    for done in range(PREFILL_CHUNK, feed.shape[1], PREFILL_CHUNK):
+        if not max_new_tokens:
+            break
+        step(feed[:, done - PREFILL_CHUNK : done])
+        if on_prefill is not None:
+            on_prefill(done, feed.shape[1])
+        step_input = feed[:, done:]
+    while len(new) < max_new_tokens:
+        nxt = sample_next(step(step_input), history, sampling, generator)
+        if stop_on_eos:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        new.append(nxt)
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        if on_token is not None:
+            on_token(nxt)
+        if stop_on_eos:
+            finished |= torch.isin(nxt, eos_t)
+            if bool(finished.all()):
+                break
+        step_input = nxt[:, None]
+    if not new:
+        return torch.zeros(feed.shape[0], 0, dtype=torch.long)
+    return torch.stack(new, dim=1)
+
+
 @torch.inference_mode()
 def generate_local(
     model: LlamaModel,
@@ -110,42 +189,38 @@ def generate_local(
     sampling: SamplingConfig | None = None,
     stop_on_eos: bool = True,
     on_token: Callable[[int], None] | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> list[int]:
     """Generate up to `max_new_tokens` after `prompt_ids` with the KV cache; returns new ids only.
 
-    tokenizer: gives `eos_token_ids` (falls back to the config's). on_token: called per new token.
+    Stops early at the model's context (see `new_token_budget`). tokenizer: gives
+    `eos_token_ids` (falls back to the config's). on_token: called per new token. on_prefill:
+    as in `generation_loop`.
     """
     sampling = sampling or SamplingConfig()
     prompt = [int(t) for t in prompt_ids]
-    context = model.config.max_position_embeddings
-    if not prompt:
-        raise BadRequest("the prompt is empty")
-    if len(prompt) >= context:
-        raise BadRequest(
-            f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens"
-        )
-    if max_new_tokens < 0:
-        raise BadRequest(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if len(prompt) + max_new_tokens > context:
-        logger.warning("stopping at the model's context of %d tokens", context)
-        max_new_tokens = context - len(prompt)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_id)
-    generator = sampling.make_generator()
+    max_new_tokens = new_token_budget(
+        len(prompt), max_new_tokens, model.config.max_position_embeddings
+    )
     caches = model.new_caches(1, len(prompt) + max_new_tokens)
-    ids = torch.tensor([prompt], dtype=torch.long)
-    out: list[int] = []
     pos = 0
-    step_input = ids
-    while len(out) < max_new_tokens:
-        logits = model(step_input, pos, caches)[:, -1]
-        pos += step_input.shape[1]
-        nxt = sample_next(logits, ids, sampling, generator)
-        token = int(nxt[0])
-        out.append(token)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if on_token is not None:
-            on_token(token)
-        if stop_on_eos and token in eos:
-            break
-        step_input = nxt[:, None]
-    return out
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        nonlocal pos
+        logits = model(x, pos, caches)[:, -1]
+        pos += x.shape[1]
+        return logits
+
+    ids = torch.tensor([prompt], dtype=torch.long)
+    new = generation_loop(
+        step,
+        ids,
+        ids,
+        max_new_tokens,
+        sampling,
+        eos_ids(tokenizer, model.config),
+        stop_on_eos,
+        None if on_token is None else lambda nxt: on_token(int(nxt[0])),
+        on_prefill,
+    )
+    return new[0].tolist()

@@ -1,15 +1,17 @@
 """Process trees of locally started peers: descendants read from /proc, killed and reaped by pid.
 
-Used by the local demo, the real-process churn harness and the tests to reap peers by pid
-(a SIGKILLed peer leaves its forked DHT process and p2pd behind as orphans).
+Used by the CLIs (`reap_children_on_exit`: nothing a peer started outlives it, however it dies),
+and by the local demo, the real-process churn harness and the tests to reap peers by pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -120,3 +122,49 @@ def stop_tree(
         except subprocess.TimeoutExpired:
             pass
     return kill_tree(proc, tree, timeout)
+
+
+WATCH_PERIOD = 0.5  # seconds between the watchdog's looks at its parent's tree
+
+
+def reap_children_on_exit() -> subprocess.Popen:
+    """Start a watchdog that kills this process's descendants once this process is gone.
+
+    A SIGKILLed process runs no cleanup, and hivemind's forked DHT process and its p2pd (with
+    torch_shm_manager, ~0.5 GB) would live on, adopted by init. The watchdog notes the tree every
+    WATCH_PERIOD s, so a child started less than that before a crash may escape it. Call this
+    first, before the DHT forks. Its own session keeps it out of Ctrl-C aimed at the CLI.
+    """
+    me = os.getpid()
+    return subprocess.Popen(
+        [sys.executable, "-m", "swarm.procs", str(me), str(start_ticks(me))],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # holding the CLI's pipes open would hang readers at EOF
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def watch(parent: int, parent_start: int, grace: float = 2.0) -> None:
+    """The watchdog's loop: while `parent` lives, note its tree; then SIGTERM, later SIGKILL it."""
+    me = os.getpid()
+    seen: dict[int, int] = {}
+    while alive(parent, parent_start):
+        seen.update(family(parent))
+        time.sleep(WATCH_PERIOD)
+    seen.pop(me, None)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = {pid: start for pid, start in seen.items() if alive(pid, start)}
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = {pid: start for pid, start in left.items() if alive(pid, start)}
+        seen = left
+
+
+if __name__ == "__main__":  # python -m swarm.procs PARENT_PID PARENT_START_TICKS
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch(int(sys.argv[1]), int(sys.argv[2]))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.procs import family, kill_tree, stop_tree
+from swarm.procs import alive, family, kill_tree, stop_tree
 from swarm.tiny_checkpoint import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +108,15 @@ class PeerProcess:
                 self.kill()
                 pytest.fail(f"peer {self.args} never logged {text!r}:\n{self.log_tail()}")
             time.sleep(0.2)
+
+    @property
+    def noted_children(self) -> list[int]:
+        """Descendants noted when the multiaddrs came: pid of the DHT process, p2pd, ..."""
+        return list(self._family)
+
+    def children_alive(self) -> list[int]:
+        """Descendants noted so far that still run (after a crash, the watchdog should end them)."""
+        return [pid for pid, start in self._family.items() if alive(pid, start)]
 
     def log_tail(self, n: int = 40) -> str:
         if not self.log_path or not self.log_path.exists():

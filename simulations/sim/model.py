@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarm.peer.config import PeerConfig
+
 STRATEGIES = ("swarm", "swarm-norebalance", "pipeline")
 
 
@@ -84,7 +86,7 @@ class SimConfig:
     retry_wait_s: float = 5.0  # wait before retrying a stage that has no eligible replica
     max_retries: int = 20  # per hop; beyond it the microbatch is lost
     rebalance_period_s: float = 300.0
-    min_gain: float = 0.2
+    min_gain: float = PeerConfig.min_gain  # training peers' move threshold (swarm-peer --min-gain)
     bins: int = 96  # points of the throughput-over-time curve
     max_hops: int = 600_000  # budget auto_microbatch aims for
 

@@ -1,6 +1,6 @@
 """The simulated strategies: SWARM (with and without rebalancing) and fixed GPipe-style pipelines.
 
-Used by `python -m simulations.churn`; SWARM's choices come from swarm.training's own modules.
+Used by `python -m simulations.churn`; SWARM's choices come from swarm's own placement modules.
 """
 
 from __future__ import annotations
@@ -21,8 +21,25 @@ from simulations.sim.core import (
     SimResult,
 )
 from simulations.sim.model import SimConfig
-from swarm.training.rebalance import StageStats, choose_join_stage, choose_move
+from swarm.peer import balancer
+from swarm.peer.records import SpanRecord
+from swarm.training.rebalance import StageStats, choose_join_stage, choose_move, training_join
 from swarm.training.wiring import BACKWARD_TASK_FACTOR, NoReplica, StochasticWiring
+
+
+def start_stage(replicas: list[int]) -> int:
+    """The stage a peer starting with the run joins, given each stage's replicas so far.
+
+    As `swarm.training.peer.TrainingPeer` places itself: while a stage has no peer it fills the
+    gap with the serving span balancer (stages as one-block spans); then, nothing being measured
+    yet, `training_join` picks the stage with the fewest replicas: a round-robin deal.
+    """
+    stages = len(replicas)
+    if 0 in replicas:
+        served = [SpanRecord(f"stage{s}", s, s + 1) for s in range(stages) if replicas[s]]
+        return balancer.choose_span(served, stages, 1)[0]
+    keys = [(s, s + 1) for s in range(stages)]
+    return keys.index(training_join(keys, [0.0] * stages, replicas))
 
 
 class SwarmSim(BaseSim):
@@ -54,8 +71,10 @@ class SwarmSim(BaseSim):
         order = list(range(N))
         self.rng.shuffle(order)
         self.stage = [0] * N
-        for i, p in enumerate(order):
-            self.stage[p] = i % S
+        started = [0] * S
+        for p in order:
+            self.stage[p] = start_stage(started)
+            started[self.stage[p]] += 1
         self.home = list(self.stage)
         self.incarnation = [0] * N
         self.name = [f"p{p}.0" for p in range(N)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import MISSING, fields
 
 
@@ -20,17 +19,16 @@ def _base_type(hint: object) -> object:
     return hint
 
 
-def add_config_options(
-    parser: argparse.ArgumentParser, cls: type, help: Mapping[str, str] | None = None
-) -> None:
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """A `--field-name` flag per field of dataclass `cls`, with its default and type.
 
-    Help comes from `help[name]` or the field's `metadata["help"]`; every field must have one.
-    Booleans become switches, lists take several values, `X | None` takes an X.
+    Help comes from the field's `metadata["help"]`; every field must have one.
+    `metadata["choices"]` limits the values. Booleans become switches, lists take several values,
+    `X | None` takes an X. The default is shown unless it is None or the help already says it.
     """
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        text = (help or {}).get(f.name) or f.metadata.get("help")
+        text = f.metadata.get("help")
         if not text:
             raise ValueError(f"{cls.__name__}.{f.name} has no help text")
         flag = "--" + f.name.replace("_", "-")
@@ -42,7 +40,17 @@ def add_config_options(
             parser.add_argument(flag, nargs="*", default=default, help=text)
         else:
             kind = hint if hint in (int, float) else str
-            parser.add_argument(flag, type=kind, default=default, help=f"{text} ({default})")
+            choices = f.metadata.get("choices")
+            if default is not None and "default" not in text:
+                text = f"{text} (default: {default})"
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                choices=choices,
+                metavar="{" + ",".join(map(str, choices)) + "}" if choices else None,
+                help=text,
+            )
 
 
 def config_from_args(cls: type, args: argparse.Namespace):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
-from swarm.peer.config import HELP, PeerConfig
+from swarm.peer.config import PeerConfig
+from swarm.procs import reap_children_on_exit
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,8 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     join = sub.add_parser("join", help="join (or start) a swarm and serve a span of blocks")
-    add_config_options(join, PeerConfig, HELP)
-    status = sub.add_parser("status", help="show every block and the peers serving it")
+    add_config_options(join, PeerConfig)
+    status = sub.add_parser(
+        "status", help="show which peers serve which blocks, and what nobody serves"
+    )
     status.add_argument("--initial-peers", nargs="+", required=True, help="a peer's multiaddr")
     status.add_argument(
         "--model",
@@ -43,64 +46,84 @@ def join(args: argparse.Namespace) -> int:
     from swarm.peer.server import Peer
 
     config = config_from_args(PeerConfig, args)
-    try:
-        if config.train:
-            from swarm.training.peer import TrainingPeer
+    reap_children_on_exit()
+    if config.train:
+        from swarm.training.peer import TrainingPeer
 
-            peer = TrainingPeer(config, on_maddrs=_print_maddrs)
-        else:
-            peer = Peer(config, on_maddrs=_print_maddrs)
-    except ValueError as e:
-        print(f"swarm-peer: {e}", file=sys.stderr)
-        return 2
+        peer = TrainingPeer(config, on_maddrs=_print_maddrs)
+    else:
+        peer = Peer(config, on_maddrs=_print_maddrs)
     return peer.run()
 
 
+def _ranges(blocks: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3:6, 9:10" (half-open, as everywhere)."""
+    out: list[list[int]] = []
+    for b in blocks:
+        if out and out[-1][1] == b:
+            out[-1][1] = b + 1
+        else:
+            out.append([b, b + 1])
+    return ", ".join(f"{a}:{b}" for a, b in out)
+
+
 def swarm_table(model: str, num_blocks: int, records: list) -> dict:
-    """The status JSON object: every block with the peers whose span covers it."""
-    blocks = []
-    for i in range(num_blocks):
-        peers = [
-            {
-                "peer_id": r.peer_id,
-                "start": r.start,
-                "end": r.end,
-                "state": r.state,
-                "throughput": round(r.throughput, 3),
-                "cache_tokens_left": r.cache_tokens_left,
-            }
-            for r in records
-            if r.start <= i < r.end
-        ]
-        blocks.append({"index": i, "peers": peers})
-    return {"model": model, "num_blocks": num_blocks, "blocks": blocks}
+    """The status JSON object: each peer and span, every block's peers, the uncovered blocks."""
+    peers = [
+        {
+            "peer_id": r.peer_id,
+            "start": r.start,
+            "end": r.end,
+            "state": r.state,
+            "throughput": round(r.throughput, 3),
+            "cache_tokens_left": r.cache_tokens_left,
+            "run_id": r.run_id,
+        }
+        for r in sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
+    ]
+    blocks = [
+        {"index": i, "peers": [p for p in peers if p["start"] <= i < p["end"]]}
+        for i in range(num_blocks)
+    ]
+    uncovered = [b["index"] for b in blocks if not any(p["state"] != "offline" for p in b["peers"])]
+    return {
+        "model": model,
+        "num_blocks": num_blocks,
+        "peers": peers,
+        "blocks": blocks,
+        "uncovered": uncovered,
+    }
 
 
 def _print_table(table: dict) -> None:
-    print(f"model {table['model']}: {table['num_blocks']} blocks")
-    print(f"{'block':>5}  {'peer':<10} {'span':>7} {'state':<8} {'tok/s':>9} {'cache left':>10}")
-    uncovered = []
-    for block in table["blocks"]:
-        serving = [p for p in block["peers"] if p["state"] != "offline"]
-        if not serving:
-            uncovered.append(block["index"])
-        if not block["peers"]:
-            print(f"{block['index']:>5}  {'-- nobody --':<10}")
-        for p in block["peers"]:
-            span = f"{p['start']}:{p['end']}"
-            print(
-                f"{block['index']:>5}  {p['peer_id'][-8:]:<10} {span:>7} {p['state']:<8} "
-                f"{p['throughput']:>9.1f} {p['cache_tokens_left']:>10}"
-            )
-    print("uncovered blocks: " + (", ".join(map(str, uncovered)) if uncovered else "none"))
+    peers = table["peers"]
+    n = len({p["peer_id"] for p in peers})
+    print(f"model {table['model']}: {table['num_blocks']} blocks, {n} peer{'s' * (n != 1)}")
+    print(f"{'peer':<12} {'span':>7}  {'state':<8} {'tok/s':>8} {'cache left':>10}  role")
+    for p in peers:
+        # Training peers serve a stage of a run; their cache and tok/s mean nothing to clients.
+        role = f"training run {p['run_id']}" if p["run_id"] else "inference"
+        cache = "-" if p["run_id"] else str(p["cache_tokens_left"])
+        print(
+            f"..{p['peer_id'][-10:]:<10} {p['start']:>3}:{p['end']:<3}  {p['state']:<8} "
+            f"{p['throughput']:>8.1f} {cache:>10}  {role}"
+        )
+    live = [[p for p in b["peers"] if p["state"] != "offline"] for b in table["blocks"]]
+    if table["uncovered"]:
+        print(f"coverage: blocks {_ranges(table['uncovered'])} are served by nobody")
+    else:
+        least = min((len(b) for b in live), default=0)
+        print(f"coverage: every block served, by at least {least} peer{'s' * (least != 1)}")
 
 
 def status(args: argparse.Namespace) -> int:
     import hivemind
 
-    from swarm.errors import PeerUnavailable
+    from swarm.net import check_initial_peers
     from swarm.peer.dht_view import fetch_models, fetch_swarm
 
+    check_initial_peers(args.initial_peers)
+    reap_children_on_exit()
     dht = hivemind.DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
     try:
         models = fetch_models(dht, timeout=args.timeout)
@@ -114,7 +137,8 @@ def status(args: argparse.Namespace) -> int:
                 pass
             models = [m for m in models if m.prefix in wanted]
         if not models:
-            print("swarm-peer: no model is announced in this swarm", file=sys.stderr)
+            what = f"model {args.model!r} is not" if args.model else "no model is"
+            print(f"swarm-peer: error: {what} announced in this swarm", file=sys.stderr)
             return 1
         tables = [
             swarm_table(
@@ -122,9 +146,6 @@ def status(args: argparse.Namespace) -> int:
             )
             for m in models
         ]
-    except PeerUnavailable as e:
-        print(f"swarm-peer: {e}", file=sys.stderr)
-        return 1
     finally:
         dht.shutdown()
     if args.json:
@@ -138,14 +159,8 @@ def status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.command == "join":
-        return join(args)
-    return status(args)
+    setup_logging(args.verbose)
+    return run_main("swarm-peer", lambda: join(args) if args.command == "join" else status(args))
 
 
 if __name__ == "__main__":

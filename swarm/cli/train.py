@@ -10,28 +10,28 @@ import asyncio
 import logging
 import sys
 
+from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
-from swarm.errors import SwarmError
+from swarm.procs import reap_children_on_exit
 from swarm.training.trainer import StepStats, Trainer, TrainerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm-train", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     add_config_options(parser, TrainerConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = config_from_args(TrainerConfig, args)
-    try:
-        trainer = Trainer(config)
-    except (SwarmError, ValueError) as e:
-        print(f"swarm-train: {e}", file=sys.stderr)
-        return 2
+    setup_logging(args.verbose, logging.WARNING)
+    return run_main("swarm-train", lambda: train(config_from_args(TrainerConfig, args)))
+
+
+def train(config: TrainerConfig) -> int:
+    reap_children_on_exit()
+    trainer = Trainer(config)
 
     def on_step(s: StepStats) -> None:
         print(
@@ -45,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
             from swarm.training.checkpoint import save_checkpoint
 
             save_checkpoint(trainer, config.save)
-    except SwarmError as e:
-        print(f"swarm-train: {e}", file=sys.stderr)
-        return 1
     finally:
         trainer.shutdown()
     first = history[0].loss if history else float("nan")

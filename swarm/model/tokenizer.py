@@ -89,6 +89,19 @@ class Tokenizer:
             parts.append("<|im_start|>assistant\n")
         return "".join(parts)
 
+    def save(self, folder: str | Path) -> None:
+        """Write `tokenizer.json` and `tokenizer_config.json`, which `from_hf_folder` reads back."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = {
+            "eos_token_id": self.eos_token_ids,
+            "bos_token_id": self.bos_token_id,
+            "add_bos_token": self.add_bos,
+        }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
     @classmethod
     def from_hf_folder(cls, folder: str | Path, config: dict[str, Any] | None = None) -> Tokenizer:
         """From `tokenizer.json` (+ tokenizer_config.json, generation_config.json if present)."""
@@ -116,7 +129,9 @@ class Tokenizer:
             backend,
             eos_ids,
             extra.get("bos_token_id"),
-            add_bos=False,  # tokenizer.json's post-processor adds BOS where the model wants it
+            # tokenizer.json's post-processor adds BOS where the model wants it; a folder we saved
+            # from a GGUF file says so itself (encode never doubles a BOS).
+            add_bos=bool(extra.get("add_bos_token", False)),
             chat_template=template if isinstance(template, str) else None,
         )
 

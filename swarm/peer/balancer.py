@@ -1,6 +1,7 @@
-"""Petals-style block choice and rebalancing over half-open spans [start, end).
+"""Petals-style block choice and rebalancing over the half-open spans of `SpanRecord`s.
 
-Used by the peer (choosing `--stage auto` and deciding when to move) and by the churn simulator.
+Used by the peer (`--stage auto` and when to move), training peers filling a gap in the stages,
+and the churn simulator, whose starting placement fills gaps as those training peers do.
 """
 
 from __future__ import annotations
@@ -8,39 +9,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from swarm.peer.config import PeerConfig
+from swarm.peer.records import SpanRecord
 
 logger = logging.getLogger(__name__)
-
-STATES = ("joining", "online", "offline")
-# States whose blocks count as served: a joining peer is already committed to its blocks.
-SERVING_STATES = frozenset({"joining", "online"})
-
-
-@dataclass(frozen=True)
-class SpanInfo:
-    """One peer's announced span of blocks [start, end) and its throughput (requests/s)."""
-
-    peer_id: str
-    start: int
-    end: int
-    throughput: float
-    state: str = "online"
-
-    def __post_init__(self) -> None:
-        if self.start < 0 or self.end <= self.start:
-            raise ValueError(
-                f"span of {self.peer_id} must satisfy 0 <= start < end, got "
-                f"[{self.start}, {self.end})"
-            )
-        if self.throughput < 0:
-            raise ValueError(f"throughput of {self.peer_id} must be >= 0, got {self.throughput}")
-        if self.state not in STATES:
-            raise ValueError(f"state of {self.peer_id} must be one of {STATES}, got {self.state!r}")
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
 
 
 def _check_blocks(num_blocks: int) -> None:
@@ -48,36 +21,36 @@ def _check_blocks(num_blocks: int) -> None:
         raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
 
 
-def block_throughputs(spans: Iterable[SpanInfo], num_blocks: int) -> list[float]:
+def block_throughputs(spans: Iterable[SpanRecord], num_blocks: int) -> list[float]:
     """Per block, the sum of the throughputs of the joining or online peers that serve it."""
     _check_blocks(num_blocks)
     totals = [0.0] * num_blocks
     for span in spans:
-        if span.state not in SERVING_STATES:
+        if not span.serving:
             continue
         for block in range(span.start, min(span.end, num_blocks)):
             totals[block] += span.throughput
     return totals
 
 
-def block_coverage(spans: Iterable[SpanInfo], num_blocks: int) -> list[int]:
+def block_coverage(spans: Iterable[SpanRecord], num_blocks: int) -> list[int]:
     """Per block, how many joining or online peers serve it (throughput 0 still covers)."""
     _check_blocks(num_blocks)
     counts = [0] * num_blocks
     for span in spans:
-        if span.state not in SERVING_STATES:
+        if not span.serving:
             continue
         for block in range(span.start, min(span.end, num_blocks)):
             counts[block] += 1
     return counts
 
 
-def uncovered_blocks(spans: Iterable[SpanInfo], num_blocks: int) -> list[int]:
+def uncovered_blocks(spans: Iterable[SpanRecord], num_blocks: int) -> list[int]:
     """Blocks that no joining or online peer serves."""
     return [b for b, n in enumerate(block_coverage(spans, num_blocks)) if n == 0]
 
 
-def swarm_min_throughput(spans: Iterable[SpanInfo], num_blocks: int) -> float:
+def swarm_min_throughput(spans: Iterable[SpanRecord], num_blocks: int) -> float:
     """The swarm's bottleneck: the smallest per-block throughput (0.0 if a block is uncovered)."""
     return min(block_throughputs(spans, num_blocks))
 
@@ -115,7 +88,7 @@ def _check_length(num_blocks: int, span_length: int) -> None:
 
 
 def choose_span(
-    spans: Iterable[SpanInfo],
+    spans: Iterable[SpanRecord],
     num_blocks: int,
     span_length: int,
     rng: random.Random | None = None,
@@ -136,10 +109,10 @@ def choose_span(
 
 
 def should_move(
-    spans: Iterable[SpanInfo],
+    spans: Iterable[SpanRecord],
     num_blocks: int,
     my_peer_id: str,
-    balance_quality: float = 0.75,
+    balance_quality: float = PeerConfig.balance_quality,
     rng: random.Random | None = None,
 ) -> tuple[int, int] | None:
     """The span this peer should move to, or None to stay.
@@ -153,7 +126,7 @@ def should_move(
     if not 0.0 < balance_quality <= 1.0:
         raise ValueError(f"balance_quality must be in (0, 1], got {balance_quality}")
     spans = list(spans)
-    mine = next((s for s in spans if s.peer_id == my_peer_id and s.state in SERVING_STATES), None)
+    mine = next((s for s in spans if s.peer_id == my_peer_id and s.serving), None)
     if mine is None:
         # Our record may not have reached the DHT yet: never move on a view that lacks us.
         logger.debug("peer %s is not in the view; not moving", my_peer_id)

@@ -1,46 +1,133 @@
 """PeerConfig: every setting of a serving peer, with the one set of defaults.
 
-Used by `swarm.peer.server.Peer` and by the `swarm-peer join` CLI, which reads its defaults here.
+Used by the peer (`swarm.peer.server`, its announcer) and the `swarm-peer join` CLI; placement
+(`swarm.peer.balancer`, `swarm.training.rebalance`) and the churn simulator take defaults here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import swarm
 
 
 @dataclass
 class PeerConfig:
-    """Settings of one peer. The CLI flag of each field is `--field-name` (help in `HELP`)."""
+    """Settings of one peer. Each field is the CLI flag `--field-name`, with its metadata's help."""
 
-    model: str = "smollm2-135m"
-    stage: str = "auto"  # "auto" or "START:END" (half-open)
-    initial_peers: list[str] = field(default_factory=list)
-    quant: str = "none"  # weight quantization: "none" or "int8"
-    num_blocks: int | None = None  # span length for --stage auto; None: what memory allows
-    host: str = "127.0.0.1"  # interface the P2P daemon listens on
-    port: int = 0  # 0: any free port
-    announce_maddrs: list[str] = field(default_factory=list)  # public addresses to advertise
-    identity: str | None = None  # private key file: the same peer id across restarts
-    compression: str = "none"  # default codec of replies when the request names none
-    cache_tokens: int = 8192  # attention-cache budget: sum of batch * max_length over sessions
-    max_request_tokens: int = 8192  # most tokens (batch * length) one request may carry
-    announce_period: float = 30.0  # seconds between DHT refreshes; records expire after two
-    rebalance_period: float = 120.0  # mean seconds between rebalancing checks (jittered)
-    balance_quality: float = 0.75  # move only if min throughput rises past today's / this
-    max_start_delay: float = 5.0  # random delay before choosing a span, so peers spread out
-    session_timeout: float = 300.0  # an inference session idle this long is freed
-    request_timeout: float = 60.0  # longest a unary or streamed request may take
-    shutdown_grace: float = 5.0  # seconds to finish in-flight work after SIGTERM
-    dht_timeout: float = 10.0  # bound on each DHT get/store
-    dtype: str = "float32"  # compute dtype of the blocks
-    throughput_cache: str | None = None  # file of measured throughputs; None: ~/.cache/...
-    seed: int | None = None  # seeds the start delay and the rebalancing jitter (tests)
-    train: bool = False  # SWARM training: fp32 trainable span, replicas average (swarm.training)
-    run_id: str = "swarm"  # the training run this peer's stage belongs to (with --train)
-    optim_8bit: bool = False  # with --train: AdamW moments in 8-bit block-wise dynamic codes
-    matchmaking_time: float = 1.0  # with --train: seconds a round waits for the stage's replicas
+    model: str = field(
+        default="smollm2-135m",
+        metadata={
+            "help": "model name (e.g. smollm2-135m) or path to a checkpoint folder / GGUF file"
+        },
+    )
+    stage: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (serve where the swarm is weakest) or START:END, a half-open range "
+            "of blocks"
+        },
+    )
+    initial_peers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "multiaddrs of peers to join; none starts a new swarm"},
+    )
+    quant: str = field(
+        default="none",
+        metadata={"help": "weight quantization of the served blocks", "choices": ("none", "int8")},
+    )
+    num_blocks: int | None = field(
+        default=None,
+        metadata={
+            "help": "how many blocks to serve with --stage auto (default: what memory allows)"
+        },
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
+    port: int = field(default=0, metadata={"help": "TCP port to listen on (0: any)"})
+    announce_maddrs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "public multiaddrs to advertise instead of the listening ones"},
+    )
+    identity: str | None = field(
+        default=None,
+        metadata={
+            "help": "private key file; created if missing; keeps the peer id across restarts"
+        },
+    )
+    compression: str = field(
+        default="none", metadata={"help": "codec of replies when the client asks for none"}
+    )
+    cache_tokens: int = field(
+        default=8192,
+        metadata={
+            "help": "attention-cache budget in tokens (batch * max_length summed over sessions)"
+        },
+    )
+    max_request_tokens: int = field(
+        default=8192, metadata={"help": "largest request in tokens (batch * sequence length)"}
+    )
+    announce_period: float = field(
+        default=30.0,
+        metadata={"help": "seconds between DHT announcements (records expire after two)"},
+    )
+    rebalance_period: float = field(
+        default=120.0, metadata={"help": "mean seconds between rebalancing checks"}
+    )
+    balance_quality: float = field(
+        default=0.75,
+        metadata={"help": "move only if the swarm's min throughput rises past today's / this"},
+    )
+    min_gain: float = field(
+        default=0.2,
+        metadata={
+            "help": "with --train: move to the bottleneck stage only if the stage left still "
+            "has more throughput than the bottleneck had, by this share of what the move adds"
+        },
+    )
+    max_start_delay: float = field(
+        default=5.0, metadata={"help": "most seconds of random delay before choosing a span"}
+    )
+    session_timeout: float = field(
+        default=300.0, metadata={"help": "seconds an idle inference session is kept"}
+    )
+    request_timeout: float = field(default=60.0, metadata={"help": "seconds a request may take"})
+    shutdown_grace: float = field(
+        default=5.0, metadata={"help": "seconds to finish in-flight work after SIGTERM"}
+    )
+    dht_timeout: float = field(
+        default=10.0, metadata={"help": "seconds each DHT get/store may take"}
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "compute dtype: float32, float16 or bfloat16",
+            "choices": ("float32", "float16", "bfloat16"),
+        },
+    )
+    throughput_cache: str | None = field(
+        default=None,
+        metadata={"help": "file caching measured throughput (default ~/.cache/swarm_mesh/...)"},
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "random seed for start delay and rebalancing jitter"}
+    )
+    train: bool = field(
+        default=False,
+        metadata={
+            "help": "serve the span for SWARM training (trainable fp32 weights, replicas average)"
+        },
+    )
+    run_id: str = field(
+        default="swarm",
+        metadata={"help": "name of the training run (with --train; letters, digits, - and _)"},
+    )
+    optim_8bit: bool = field(
+        default=False, metadata={"help": "with --train: keep optimizer moments in 8 bits"}
+    )
+    matchmaking_time: float = field(
+        default=1.0,
+        metadata={"help": "with --train: seconds an averaging round waits for the other replicas"},
+    )
 
     @property
     def version(self) -> str:
@@ -72,36 +159,5 @@ class PeerConfig:
             raise ValueError("--cache-tokens must be >= 0 and --max-request-tokens positive")
         if not 0.0 < self.balance_quality <= 1.0:
             raise ValueError("--balance-quality must be in (0, 1]")
-
-
-HELP = {
-    "model": "model name (e.g. smollm2-135m) or path to a checkpoint folder / GGUF file",
-    "stage": "'auto' (serve where the swarm is weakest) or START:END, a half-open block range",
-    "initial_peers": "multiaddrs of peers to join; none starts a new swarm",
-    "quant": "weight quantization of the served blocks",
-    "num_blocks": "how many blocks to serve with --stage auto (default: what memory allows)",
-    "host": "interface to listen on",
-    "port": "TCP port to listen on (0: any)",
-    "announce_maddrs": "public multiaddrs to advertise instead of the listening ones",
-    "identity": "private key file; created if missing; keeps the peer id across restarts",
-    "compression": "codec of replies when the client asks for none",
-    "cache_tokens": "attention-cache budget in tokens (batch * max_length summed over sessions)",
-    "max_request_tokens": "largest request in tokens (batch * sequence length)",
-    "announce_period": "seconds between DHT announcements (records expire after two)",
-    "rebalance_period": "mean seconds between rebalancing checks",
-    "balance_quality": "move only if the swarm's min throughput rises past today's / this",
-    "max_start_delay": "most seconds of random delay before choosing a span",
-    "session_timeout": "seconds an idle inference session is kept",
-    "request_timeout": "seconds a request may take",
-    "shutdown_grace": "seconds to finish in-flight work after SIGTERM",
-    "dht_timeout": "seconds each DHT get/store may take",
-    "dtype": "compute dtype: float32, float16 or bfloat16",
-    "throughput_cache": "file caching measured throughput (default ~/.cache/swarm_mesh/...)",
-    "seed": "random seed for start delay and rebalancing jitter",
-    "train": "serve the span for SWARM training (trainable fp32 weights, replicas average)",
-    "run_id": "name of the training run (with --train; letters, digits, - and _)",
-    "optim_8bit": "with --train: keep optimizer moments in 8 bits",
-    "matchmaking_time": "with --train: seconds an averaging round waits for the other replicas",
-}
-
-assert set(HELP) == {f.name for f in fields(PeerConfig)}, "every PeerConfig field needs help"
+        if self.min_gain < 0:
+            raise ValueError("--min-gain must be >= 0")

@@ -1,6 +1,6 @@
 """Next-hop round trips: a peer times a tiny RPC to the peers serving the block after its span.
 
-Used by `swarm.peer.server.Peer`, which announces them as `SpanRecord.next_pings`; the client's
+Used by `swarm.peer.announcer`, which announces them as `SpanRecord.next_pings`; the client's
 router (petals_like) adds them as server->server edges, as Petals' servers advertise theirs.
 """
 

@@ -1,6 +1,7 @@
 """The DHT record a peer announces for each block it serves, and the model registry entry.
 
-Written by `swarm.peer.announcer`, read by `swarm.peer.dht_view` (status, stage choice, routing).
+Written by `swarm.peer.announcer`, read through `swarm.peer.dht_view` by status, routing and
+placement (`swarm.peer.balancer`, `swarm.training.rebalance`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 WIRE_VERSION = 1
 STATES = ("joining", "online", "offline")
+# States whose blocks count as served: a joining peer is already committed to its blocks.
+SERVING_STATES = frozenset({"joining", "online"})
 # Where peers list the models they serve: key MODELS_KEY, subkey = model prefix.
 MODELS_KEY = "swarm_mesh.models"
 MAX_NEXT_PINGS = 32  # most next-hop round trips kept from one record (advisory, for routing)
@@ -141,7 +144,7 @@ class SpanRecord:
 
     @property
     def serving(self) -> bool:
-        return self.state in ("joining", "online")
+        return self.state in SERVING_STATES
 
 
 def _pings(value: Any) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Peer: joins the DHT, picks and loads a span, serves it, announces it, rebalances, drains.
 
-Used by the `swarm-peer join` CLI (and by tests and benchmarks that run peers in-process).
+Used by the `swarm-peer join` CLI; `swarm.training.peer.TrainingPeer` extends it for training.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 import random
 import signal
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import hivemind
@@ -20,16 +19,13 @@ import torch
 from kernels import DTYPES
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
-from swarm.peer import balancer, pings
+from swarm.net import check_initial_peers, ensure_port_free
+from swarm.peer import balancer
+from swarm.peer.announcer import Announcer
 from swarm.peer.backend import SpanBackend
 from swarm.peer.client import PeerClient
 from swarm.peer.config import PeerConfig
-from swarm.peer.dht_view import (
-    dht_time,
-    fetch_swarm_async,
-    store_model_entry_async,
-    store_records_async,
-)
+from swarm.peer.dht_view import fetch_swarm_async
 from swarm.peer.handler import PeerHandler
 from swarm.peer.memory import CacheBudget
 from swarm.peer.records import ModelEntry, SpanRecord
@@ -77,6 +73,8 @@ class Peer:
             if config.num_blocks
             else memory_span_length(self.model_config, config.quant, self.dtype, self.num_layers)
         )
+        check_initial_peers(config.initial_peers)
+        ensure_port_free(config.host, config.port)
         host_maddrs = [f"/ip4/{config.host}/tcp/{config.port}"]
         if ":" in config.host:
             host_maddrs = [f"/ip6/{config.host}/tcp/{config.port}"]
@@ -91,6 +89,8 @@ class Peer:
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if on_maddrs is not None:
             on_maddrs(self.maddrs)
+        entry = ModelEntry(self.prefix, self.num_layers, self.model_config.hidden_size)
+        self.announcer = Announcer(self.dht, config, entry, self.peer_id, self.maddrs)
         self.handler: PeerHandler | None = None
         self.worker: ComputeWorker | None = None
         self.budget = CacheBudget(config.cache_tokens)
@@ -99,7 +99,6 @@ class Peer:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.moves = 0
-        self.next_pings: dict[str, float] = {}  # RTTs to next-hop peers, announced for routing
         self._cooldown_until = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -108,6 +107,7 @@ class Peer:
             return asyncio.run(self._main())
         finally:
             self.dht.shutdown()
+            logger.info("stopped (%s)", self.peer_id)
 
     def stop(self) -> None:
         """Ask the peer to shut down (thread-safe)."""
@@ -117,9 +117,10 @@ class Peer:
     async def _main(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._loop.set_exception_handler(self._loop_error)
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self._loop.add_signal_handler(sig, self._stop.set)
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
         p2p = await self.dht.replicate_p2p()
         self.worker = ComputeWorker()
         tasks: list[asyncio.Task] = []
@@ -130,16 +131,18 @@ class Peer:
             if self._stop.is_set():
                 return 0
             self.start, self.end = start, end
-            await self._announce("joining")
+            await self.announcer.announce(self._record("joining"))
             backend = await self._load(start, end)
             self.handler = PeerHandler(backend, self.worker, self.budget, self.config, self.prefix)
             self.handler.throughput = self._throughput()
             await self.handler.add_p2p_handlers(p2p)
             self.handler.state = "online"
-            await self._announce("online")
+            await self.announcer.announce(self._record("online"))
             logger.info("serving blocks %d:%d of %s as %s", start, end, self.prefix, self.peer_id)
-            tasks.append(asyncio.create_task(self._announce_loop()))
-            tasks.append(asyncio.create_task(self._ping_loop(PeerClient(p2p))))
+            tasks.append(asyncio.create_task(self.announcer.run(self._current_record)))
+            tasks.append(
+                asyncio.create_task(self.announcer.ping_loop(PeerClient(p2p), self._fetch))
+            )
             if self.config.span() is None:
                 tasks.append(asyncio.create_task(self._rebalance_loop()))
             await self._stop.wait()
@@ -155,18 +158,37 @@ class Peer:
                     await self.handler.remove_p2p_handlers(p2p)
             self.worker.stop()
 
+    def _on_signal(self, sig: int) -> None:
+        logger.info(
+            "%s: stopping (announcing offline, finishing in-flight work for up to %.0f s)",
+            signal.Signals(sig).name,
+            self.config.shutdown_grace,
+        )
+        self._stop.set()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        # Stopping cancels hivemind's stream handlers, and clients hang up on us: both are the
+        # shutdown working, not errors worth a traceback.
+        error = context.get("exception")
+        quiet = (asyncio.CancelledError, ConnectionResetError, BrokenPipeError)
+        if self._stop is not None and self._stop.is_set() and isinstance(error, quiet):
+            logger.debug("while stopping: %s", context.get("message"))
+            return
+        loop.default_exception_handler(context)
+
     async def _shutdown(self) -> None:
         """Preemption: announce offline at once, refuse new sessions, finish in-flight work."""
         handler = self.handler
         handler.draining = True
         handler.state = "offline"
-        await self._announce("offline")
+        await self.announcer.announce(self._record("offline"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown_grace
         while (handler.inflight or handler.sessions) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if handler.sessions:
-            logger.info("dropping %d sessions after the grace period", len(handler.sessions))
+            n = len(handler.sessions)
+            logger.info("dropping %d session%s after the grace period", n, "s" * (n != 1))
         await handler.close_all_sessions()
 
     # ---- span choice and loading --------------------------------------------------------------
@@ -182,9 +204,10 @@ class Peer:
 
     async def _place(self, records: list[SpanRecord]) -> tuple[int, int]:
         """The span `--stage auto` serves, given the swarm's records (ours excluded here)."""
-        spans = [_span_info(r) for r in records if r.peer_id != self.peer_id]
+        spans = [r for r in records if r.peer_id != self.peer_id]
         start, end = balancer.choose_span(spans, self.num_layers, self.span_length, self.rng)
-        logger.info("chose blocks %d:%d (swarm had %d peers)", start, end, len(spans))
+        n = len({r.peer_id for r in spans})
+        logger.info("chose blocks %d:%d (%d other peer%s announced)", start, end, n, "s" * (n != 1))
         return start, end
 
     async def _load(self, start: int, end: int) -> SpanBackend:
@@ -214,66 +237,16 @@ class Peer:
         # Tokens/s through each of our blocks while we serve all of them.
         return self.block_speed.forward_tps / max(1, self.end - self.start)
 
-    # ---- announcing ---------------------------------------------------------------------------
+    # ---- announcing (swarm.peer.announcer stores what these build) ----------------------------
     def _record(self, state: str, start: int | None = None, end: int | None = None) -> SpanRecord:
+        """Our record in `state`: for the span we serve, or for start:end while moving there."""
         start = self.start if start is None else start
         end = self.end if end is None else end
-        n = max(1, end - start)
-        return SpanRecord(
-            peer_id=self.peer_id,
-            start=start,
-            end=end,
-            state=state,
-            throughput=self._throughput(),
-            cache_tokens_left=self.budget.left,
-            codecs=tuple(self.handler.codecs) if self.handler else (),
-            quant=self.config.quant,
-            version=self.config.version,
-            inference_rps=self.block_speed.inference_rps / n,
-            forward_tps=self.block_speed.forward_tps / n,
-            addrs=tuple(self.maddrs),
-            run_id=self.config.run_id if self.config.train else "",
-            next_pings=dict(self.next_pings),
-        )
+        codecs = self.handler.codecs if self.handler else ()
+        return self.announcer.record(state, start, end, self.block_speed, self.budget.left, codecs)
 
-    async def _announce(self, state: str, blocks: range | None = None, record=None) -> bool:
-        record = record or self._record(state)
-        blocks = blocks if blocks is not None else range(record.start, record.end)
-        expiration = dht_time() + 2 * self.config.announce_period
-        ok = await store_records_async(
-            self.dht, self.prefix, blocks, record, expiration, self.config.dht_timeout
-        )
-        if state != "offline":
-            entry = ModelEntry(self.prefix, self.num_layers, self.model_config.hidden_size)
-            await store_model_entry_async(
-                self.dht, entry, self.peer_id, expiration, self.config.dht_timeout
-            )
-        if not ok:
-            logger.warning("announcing %s for blocks %s did not fully succeed", state, blocks)
-        return ok
-
-    async def _announce_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.announce_period)
-            try:
-                await self._announce(self.handler.state)
-            except Exception:
-                logger.exception("announce failed; retrying next period")
-
-    async def _ping_loop(self, client: PeerClient) -> None:
-        """Each announce period, time the peers serving block `end` (Petals' next-hop pings)."""
-        while True:
-            try:
-                end = self.end
-                measured = {}
-                if end < self.num_layers:  # the last span has no next hop
-                    peers = pings.next_hop_peers(await self._fetch(), end, self.peer_id)
-                    measured = await pings.measure_next_pings(client, peers)
-                if end == self.end:  # a move meanwhile makes these the wrong next hops
-                    self.next_pings = measured
-            except Exception:
-                logger.exception("measuring next-hop pings failed; retrying next period")
-            await asyncio.sleep(self.config.announce_period)
+    def _current_record(self) -> SpanRecord:
+        return self._record(self.handler.state)
 
     async def _fetch(self) -> list[SpanRecord]:
         return await fetch_swarm_async(
@@ -294,7 +267,7 @@ class Peer:
         if self.handler is None or self.handler.draining:
             return False
         records = await self._fetch()
-        spans = [_span_info(r) for r in records if r.end <= self.num_layers]
+        spans = [r for r in records if r.end <= self.num_layers]
         mine = [s for s in spans if s.peer_id == self.peer_id]
         if not mine or (mine[0].start, mine[0].end) != (self.start, self.end):
             return False  # our own record is not visible yet: decide on a view that has us
@@ -313,22 +286,17 @@ class Peer:
     async def _move(self, start: int, end: int) -> None:
         old_start, old_end = self.start, self.end
         logger.info("moving from blocks %d:%d to %d:%d", old_start, old_end, start, end)
-        await self._announce("joining", record=self._record("joining", start, end))
+        await self.announcer.announce(self._record("joining", start, end))
         backend = await self._load(start, end)
         # Sessions opened on the old span keep their backend and finish there.
         self.handler.backend = backend
         self.start, self.end = start, end
-        self.next_pings = {}  # pings to the old span's next hops; refreshed next period
         self.handler.throughput = self._throughput()
-        await self._announce("online")
+        await self.announcer.announce(self._record("online"))
         gone = [b for b in range(old_start, old_end) if not start <= b < end]
         if gone:
-            tomb = replace(self._record("offline"), start=old_start, end=old_end)
-            await self._announce("offline", blocks=gone, record=tomb)
+            tomb = self._record("offline", old_start, old_end)
+            await self.announcer.announce(tomb, blocks=gone)
         self.moves += 1
         self._cooldown_until = self._loop.time() + 2 * self.config.rebalance_period
         logger.info("now serving blocks %d:%d", start, end)
-
-
-def _span_info(r: SpanRecord) -> balancer.SpanInfo:
-    return balancer.SpanInfo(r.peer_id, r.start, r.end, r.throughput, r.state)

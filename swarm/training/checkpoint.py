@@ -17,6 +17,7 @@ from hivemind import DHT
 
 from swarm.errors import CheckpointError, PeerUnavailable
 from swarm.model import BlockSpan, ClientParts, ModelConfig
+from swarm.model.tokenizer import Tokenizer
 from swarm.training.averaging import StageAverager
 from swarm.training.progress import stage_prefix
 
@@ -113,8 +114,9 @@ def write_folder(
     config: ModelConfig,
     tensors: dict[str, torch.Tensor],
     source_folder: Path | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """config.json, model.safetensors and (from an HF source) the tokenizer files."""
+    """config.json, model.safetensors and the tokenizer (an HF source's files, else `tokenizer`)."""
     from safetensors.torch import save_file
 
     out = Path(folder)
@@ -127,9 +129,13 @@ def write_folder(
         shutil.copyfile(source_cfg, out / "config.json")
     else:
         (out / "config.json").write_text(json.dumps(hf_config(config), indent=1))
-    for name in TOKENIZER_FILES:
-        if source_folder is not None and (source_folder / name).is_file():
-            shutil.copyfile(source_folder / name, out / name)
+    copied = [
+        shutil.copyfile(source_folder / name, out / name)
+        for name in TOKENIZER_FILES
+        if source_folder is not None and (source_folder / name).is_file()
+    ]
+    if not copied and tokenizer is not None:  # a GGUF source: its vocabulary, as tokenizer.json
+        tokenizer.save(out)
     return out
 
 
@@ -145,6 +151,8 @@ def save_checkpoint(trainer, folder: str | Path) -> Path:
     if covered != set(range(config.num_layers)):
         raise CheckpointError(f"stages cover blocks {sorted(covered)}, not the whole model")
     source = trainer.source
-    out = write_folder(folder, config, tensors, source.path if source.kind == "hf" else None)
+    out = write_folder(
+        folder, config, tensors, source.path if source.kind == "hf" else None, trainer.tokenizer
+    )
     logger.info("saved the trained model to %s", out)
     return out

@@ -33,7 +33,6 @@ class TrainingPeer(Peer):
             raise ValueError("--train needs --quant none: training keeps fp32 master weights")
         check_run_id(config.run_id)
         super().__init__(config, on_maddrs)
-        self.rebalance_min_gain = 0.2
         self.stage_config = stage_config or StageTrainingConfig(
             run_id=config.run_id,
             optim_8bit=config.optim_8bit,
@@ -111,7 +110,7 @@ class TrainingPeer(Peer):
         speeds = await self._stage_speeds(keys)
         mine = keys.index((self.start, self.end))
         target = training_move(
-            keys, speeds, [len(p) for _, p in chain], mine, me.throughput, self.rebalance_min_gain
+            keys, speeds, [len(p) for _, p in chain], mine, me.throughput, self.config.min_gain
         )
         if target is None:
             return False

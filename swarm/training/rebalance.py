@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from swarm.errors import NoRoute
+from swarm.peer.config import PeerConfig
 from swarm.peer.records import SpanRecord
 
 
@@ -69,7 +70,7 @@ def choose_move(
     stage_stats: Sequence[StageStats],
     my_stage: int,
     my_throughput: float | Sequence[float] | Mapping[int, float],
-    min_gain: float = 0.2,
+    min_gain: float = PeerConfig.min_gain,
 ) -> int | None:
     """The stage this peer should move to, or None to stay.
 
@@ -110,7 +111,7 @@ def training_move(
     replicas: list[int],
     mine: int,
     my_speed: float,
-    min_gain: float = 0.2,
+    min_gain: float = PeerConfig.min_gain,
 ) -> tuple[int, int] | None:
     """The span a peer of stage `mine` should move to, or None.
 

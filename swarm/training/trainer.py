@@ -20,6 +20,8 @@ from hivemind import DHT
 
 from swarm.errors import BadRequest, NoRoute, SwarmError
 from swarm.model.loading import load_client_parts, load_config, load_tokenizer, resolve_model
+from swarm.model.tokenizer import Tokenizer
+from swarm.net import check_initial_peers
 from swarm.peer.client import PeerClient
 from swarm.peer.dht_view import fetch_swarm_async
 from swarm.training.data import ByteTokenizer, TokenWindows, split_microbatches
@@ -99,8 +101,9 @@ class TrainerConfig:
     wiring: str = field(
         default="stochastic",
         metadata={
+            "choices": ("stochastic", "fixed"),
             "help": "stochastic (SWARM: any replica, by measured speed) or fixed (pipelines: "
-            "lane i always uses replica i of each stage, the baseline)"
+            "lane i always uses replica i of each stage, the baseline)",
         },
     )
     run_id: str = field(default="swarm", metadata={"help": "name of the run (the peers' --run-id)"})
@@ -142,7 +145,10 @@ class TrainerConfig:
     dht_timeout: float = field(default=10.0, metadata={"help": "bound on each DHT read or write"})
     save: str | None = field(
         default=None,
-        metadata={"help": "write a Hugging Face-style checkpoint folder here at the end"},
+        metadata={
+            "help": "write a Hugging Face-style checkpoint folder here at the end (with the "
+            "tokenizer: swarm-generate --local --model DIR runs it)"
+        },
     )
 
     def validate(self) -> None:
@@ -165,6 +171,7 @@ class TrainerConfig:
                 "give --initial-peers: the multiaddr a training peer printed "
                 "(swarm-peer join --train --run-id ...)"
             )
+        check_initial_peers(self.initial_peers)
 
 
 @dataclass
@@ -224,13 +231,16 @@ class Trainer:
         self.optimizer = AdamW(
             list(self.client_parts.parameters()), self.adam, eight_bit=config.optim_8bit
         )
+        self.tokenizer: Tokenizer | None = None  # what --save writes beside the weights
         try:
-            tokenizer = load_tokenizer(self.source)
+            self.tokenizer = load_tokenizer(self.source)
         except (SwarmError, OSError, ValueError) as e:
             logger.warning("no tokenizer (%s): training on UTF-8 bytes", e)
-            tokenizer = ByteTokenizer(self.model_config.vocab_size)
         self.data = TokenWindows.from_files(
-            tokenizer, config.data, config.seq_len, self.model_config.vocab_size
+            self.tokenizer or ByteTokenizer(self.model_config.vocab_size),
+            config.data,
+            config.seq_len,
+            self.model_config.vocab_size,
         )
         self.dht = DHT(
             initial_peers=config.initial_peers,

@@ -12,7 +12,7 @@ import torch
 
 from petals_like.loop import BackgroundLoop
 from petals_like.model import DistributedModelForCausalLM
-from petals_like.sequence import RouterConfig, SwarmRouter
+from petals_like.router import RouterConfig, SwarmRouter
 from swarm.errors import PeerUnavailable
 from swarm.model.config import ModelConfig
 from swarm.model.llama import LlamaModel

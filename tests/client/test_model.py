@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from petals_like.model import with_compression
+from petals_like.router import RouterConfig
 from swarm.errors import BadRequest, NoRoute
 from swarm.generation import SamplingConfig, generate_local
 
@@ -112,3 +114,15 @@ def test_bad_arguments_are_bad_requests(three_peers):
         with model.inference_session(max_length=8):
             with pytest.raises(BadRequest, match="room"):
                 model.generate(PROMPT, max_new_tokens=5)
+
+
+def test_compression_fills_the_router_config_without_overriding_it():
+    assert with_compression(None, None).compression == "auto"
+    assert with_compression(None, "none").compression == "none"
+    chosen = RouterConfig(compression="int8-row", ping_timeout=1.0)
+    assert with_compression(chosen, None) is chosen
+    assert with_compression(chosen, "int8-row") is chosen
+    filled = with_compression(RouterConfig(ping_timeout=1.0), "none")
+    assert filled == RouterConfig(ping_timeout=1.0, compression="none")
+    with pytest.raises(BadRequest, match="give the codec once"):
+        with_compression(chosen, "none")

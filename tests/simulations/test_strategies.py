@@ -7,12 +7,14 @@ import json
 
 import pytest
 
+import swarm.peer.balancer as real_balancer
 import swarm.training.rebalance as real_rebalance
 import swarm.training.wiring as real_wiring
 from simulations import churn
 from simulations.sim import strategies
 from simulations.sim.model import SimConfig, auto_microbatch, load_calibration, stage_costs
 from simulations.sim.strategies import simulate
+from swarm.peer.config import PeerConfig
 
 FAST_NET = dict(bandwidth_mbps=1e7, latency_ms=0.0, speed_sigma=0.0)
 
@@ -37,6 +39,17 @@ def test_uses_the_real_wiring_and_rebalancing():
     assert strategies.StochasticWiring is real_wiring.StochasticWiring
     assert strategies.choose_move is real_rebalance.choose_move
     assert strategies.choose_join_stage is real_rebalance.choose_join_stage
+    assert strategies.balancer is real_balancer
+    assert SimConfig().min_gain == PeerConfig.min_gain  # one default, `swarm-peer --min-gain`
+
+
+def test_starting_peers_fill_gaps_then_join_the_fewest_replicas():
+    replicas, picks = [0, 0, 0], []
+    for _ in range(7):
+        picks.append(strategies.start_stage(replicas))
+        replicas[picks[-1]] += 1
+    assert picks == [0, 1, 2, 0, 1, 2, 0]
+    assert strategies.start_stage([2, 0, 1, 0]) == 1  # the span balancer fills the first gap
 
 
 def test_one_peer_pipeline_is_compute_bound():

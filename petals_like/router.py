@@ -1,4 +1,4 @@
-"""The client's view of the swarm: span records refreshed from the DHT, round trips, bans, timeouts.
+"""The client's router: span records refreshed from the DHT, round trips, bans, codecs, timeouts.
 
 Used by RemoteInferenceSession (routes, streams, failure reports) and DistributedModelForCausalLM.
 """
@@ -10,15 +10,15 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 from petals_like.bans import BanList
+from petals_like.latency import StepLatency
+from petals_like.probing import guarded, is_timeout
 from petals_like.routing import Hop, RouteCosts, find_route, missing_blocks
-from swarm.errors import NoRoute, PeerTimeout, PeerUnavailable
+from swarm.errors import NoRoute, PeerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ class RouterConfig:
     ban_period, ban_growth, max_ban: ban of a failed peer: first period, growth, longest.
     compression: wire codec of activations: "none", "auto" (the first of AUTO_CODECS the peer
         advertises) or a codec name (used where the peer advertises it, else "none").
-    hop_delay: seconds added before and after every request, emulating WAN latency (no netem).
     """
 
     update_period: float = 10.0
@@ -69,55 +68,14 @@ class RouterConfig:
     ban_growth: float = 2.0
     max_ban: float = 600.0
     compression: str = "auto"
-    hop_delay: float = 0.0
-
-
-def is_timeout(e: BaseException) -> bool:
-    """A timeout, raw or as PeerClient's PeerTimeout: inconclusive (dead, or alive but slow)."""
-    return isinstance(e, (asyncio.TimeoutError, TimeoutError, PeerTimeout))
-
-
-class _Latency:
-    """Expected seconds of a step of n tokens on one peer: fixed + n * per_token (online fit)."""
-
-    def __init__(self, fixed: float, per_token: float, alpha: float = 0.2):
-        self.fixed, self.per_token, self.alpha = fixed, per_token, alpha
-        self.measured = False
-
-    def expect(self, n_tokens: int) -> float:
-        return self.fixed + n_tokens * self.per_token
-
-    def update(self, seconds: float, n_tokens: int) -> None:
-        a = self.alpha if self.measured else 1.0
-        if n_tokens <= 2:
-            self.fixed += a * (seconds - self.fixed)
-            self.measured = True
-        else:
-            per_token = max(0.0, seconds - self.fixed) / n_tokens
-            self.per_token += self.alpha * (per_token - self.per_token)
-
-
-class DelayedStream:
-    """Wraps a stream so each step pays `delay` seconds each way (user-space WAN emulation)."""
-
-    def __init__(self, inner: Any, delay: float):
-        self.inner, self.delay = inner, delay
-
-    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
-        await asyncio.sleep(self.delay)
-        out = await self.inner.step(hidden, position, timeout=timeout)
-        await asyncio.sleep(self.delay)
-        return out
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class SwarmRouter:
     """Span records, round trips and bans of the swarm serving one model; routes and streams.
 
     dht: a running hivemind.DHT (client mode is enough).
-    make_client: codec -> a swarm.peer.client.PeerClient sending and asking for that codec.
+    make_client: codec -> a swarm.peer.client.PeerClient sending and asking for that codec
+        (or a petals_like.wan.DelayedClient around one, to emulate a WAN).
     model_prefix, num_blocks: the model's DHT prefix and block count.
     fetch: coroutine function (dht, prefix, num_blocks, timeout) -> records; the DHT by default.
     """
@@ -140,8 +98,7 @@ class SwarmRouter:
         self.bans = BanList(self.config.ban_period, self.config.ban_growth, self.config.max_ban)
         self.records: list[Any] = []
         self.rtts: dict[str, float] = {}
-        self.updated_at = 0.0
-        self._latency: dict[str, _Latency] = {}
+        self._latency: dict[str, StepLatency] = {}
         self._fetch = fetch
         self._task: asyncio.Task | None = None
         self._refresh_lock: asyncio.Lock | None = None
@@ -186,14 +143,11 @@ class SwarmRouter:
                 logger.warning("could not refresh the swarm's records: %s", e)
                 return
             self.records = list(records)
-            self.updated_at = time.monotonic()
 
     async def ping(self, peer_id: str) -> float | None:
         """Measure one round trip to `peer_id` (None if it did not answer in time)."""
         t0 = time.perf_counter()
         try:
-            if self.config.hop_delay:
-                await asyncio.sleep(2 * self.config.hop_delay)
             await asyncio.wait_for(
                 self.client().info(peer_id, timeout=self.config.ping_timeout),
                 self.config.ping_timeout + 0.5,
@@ -296,10 +250,8 @@ class SwarmRouter:
 
     async def open(self, hop: Hop, max_length: int, batch_size: int) -> Any:
         """An inference stream on hop's peer for its blocks."""
-        if self.config.hop_delay:
-            await asyncio.sleep(2 * self.config.hop_delay)
         client = self.client(self.codec_for(hop.peer_id))
-        stream = await asyncio.wait_for(
+        return await asyncio.wait_for(
             client.open_inference(
                 hop.peer_id,
                 hop.start,
@@ -310,41 +262,36 @@ class SwarmRouter:
             ),
             self.config.open_timeout + 0.5,
         )
-        if self.config.hop_delay:
-            return DelayedStream(stream, self.config.hop_delay)
-        return stream
 
     @property
     def open_timeout(self) -> float:
         """Bound on opening a stream, dialling included."""
-        return self.config.open_timeout + 1.0 + 2 * self.config.hop_delay
+        return self.config.open_timeout + 1.0
 
-    def _latency_of(self, peer_id: Any) -> _Latency:
+    def _latency_of(self, peer_id: Any) -> StepLatency:
         lat = self._latency.get(peer_id)
         if lat is None:
             rtt = min(1.0, self.rtts.get(peer_id, self.costs.default_rtt))
             record = next((r for r in self.records if r.peer_id == peer_id), None)
             blocks = record.end - record.start if record is not None else self.num_blocks
-            lat = self._latency[peer_id] = _Latency(rtt, self.config.per_token_default * blocks)
+            lat = self._latency[peer_id] = StepLatency(rtt, self.config.per_token_default * blocks)
         return lat
 
     def step_timeout(self, peer_id: Any, n_tokens: int) -> float:
         """How long a step of n tokens may take on this peer before it counts as hung."""
         lat = self._latency_of(peer_id)
-        expected = lat.expect(n_tokens) + 2 * self.config.hop_delay
+        expected = lat.expect(n_tokens)
         floor = self.config.min_step_timeout if lat.measured else self.config.first_step_timeout
         timeout = self.config.timeout_factor * expected
         return min(self.config.max_step_timeout, max(floor, timeout))
 
     def probe_after(self, peer_id: Any, n_tokens: int) -> float:
         """When to check that a peer still lives while a step of n tokens waits on it."""
-        expected = self._latency_of(peer_id).expect(n_tokens) + 2 * self.config.hop_delay
+        expected = self._latency_of(peer_id).expect(n_tokens)
         return max(self.config.min_probe_after, self.config.probe_factor * expected)
 
     async def probe(self, peer_id: Any) -> None:
         """Raise if the peer is gone (its handlers are not there); returns if it answers."""
-        if self.config.hop_delay:
-            await asyncio.sleep(2 * self.config.hop_delay)
         await self.client().info(peer_id, timeout=self.config.ping_timeout)
 
     async def guarded(
@@ -353,57 +300,14 @@ class SwarmRouter:
         """Await `work` on `peer_id` for at most `timeout` s, probing the peer if it is slow.
 
         Raises PeerUnavailable as soon as a probe shows the peer gone, asyncio.TimeoutError at
-        the timeout; cancels `work` in both cases.
+        the timeout; cancels `work` in both cases (petals_like.probing.guarded).
         """
-        task = asyncio.ensure_future(work)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        probe: asyncio.Future | None = None
-        next_probe = loop.time() + probe_after
-        try:
-            while True:
-                now = loop.time()
-                if now >= deadline:
-                    raise asyncio.TimeoutError(f"no answer from peer {peer_id} in {timeout:.2f} s")
-                if probe is None and now >= next_probe:
-                    probe = asyncio.ensure_future(self.probe(peer_id))
-                wake = deadline if probe is not None else min(deadline, next_probe)
-                waiting = {task} if probe is None else {task, probe}
-                done, _ = await asyncio.wait(
-                    waiting, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
-                )
-                if task in done:
-                    return task.result()
-                if probe is not None and probe in done:
-                    error = probe.exception()
-                    if error is not None and not is_timeout(error):
-                        raise PeerUnavailable(
-                            f"peer {peer_id} is gone (a probe failed while a request waited: "
-                            f"{error})"
-                        ) from error
-                    # It answered (or the probe timed out): wait on, probe again later.
-                    probe = None
-                    next_probe = loop.time() + max(probe_after, 0.5)
-        finally:
-            if not task.done():
-                task.cancel()
-            if probe is not None and not probe.done():
-                probe.cancel()
+        return await guarded(peer_id, work, timeout, probe_after, lambda: self.probe(peer_id))
 
     def report_success(self, peer_id: Any, seconds: float, n_tokens: int) -> None:
-        self._latency_of(peer_id).update(max(0.0, seconds - 2 * self.config.hop_delay), n_tokens)
+        self._latency_of(peer_id).update(seconds, n_tokens)
         self.bans.forgive(peer_id)
 
     def report_failure(self, peer_id: Any, error: BaseException) -> None:
         self.bans.ban(peer_id, reason=f"({type(error).__name__}: {error})"[:200])
         self._latency.pop(peer_id, None)
-
-    def describe_swarm(self) -> Sequence[str]:
-        """One line per known peer, for logs and the CLI."""
-        banned = self.bans.banned()
-        return [
-            f"...{r.peer_id[-6:]} {r.start}:{r.end} {r.state}"
-            f"{' banned' if r.peer_id in banned else ''} rtt="
-            f"{self.rtts.get(r.peer_id, float('nan')) * 1000:.1f}ms"
-            for r in self.records
-        ]
