@@ -1,15 +1,20 @@
-"""Swarm Mesh's int8 quantization kernels: wire codecs, LLM.int8() weights and matmul, wire format.
+"""Swarm Mesh's int8 quantization kernels: wire codecs and LLM.int8() weights and matmul.
 
-Used by swarm (stages, RPCs) and petals_like (client); the only door into kernels/. (Not Hugging
-Face's `kernels` package: it defines none of that package's names and no __version__.)
+Used by swarm (int8 blocks; the peer's wire layer, codec list and dtype names) and
+simulations/bench_kernels.py; the only door into kernels/. (Not Hugging Face's `kernels`
+package: it defines none of that package's names and no __version__.)
 """
 
 from kernels.codecs import (
     BLOCK_SIZES,
     CODECS,
+    DTYPE_NAMES,
+    DTYPES,
+    CodecSpec,
     QuantizedTensor,
     dequantize,
     is_valid_codec,
+    parse_codec,
     quantize,
 )
 from kernels.int8_matmul import (
@@ -20,36 +25,22 @@ from kernels.int8_matmul import (
     quantize_weight,
 )
 from kernels.reference import QuantizationError
-from kernels.wire import (
-    MAX_ELEMENTS,
-    WireFormatError,
-    decode_bytes,
-    deserialize,
-    encode_bytes,
-    from_proto,
-    serialize,
-    to_proto,
-)
 
 __all__ = [
     "BLOCK_SIZES",
     "CODECS",
-    "MAX_ELEMENTS",
+    "DTYPES",
+    "DTYPE_NAMES",
+    "CodecSpec",
     "Int8Weight",
     "QuantizationError",
     "QuantizedTensor",
-    "WireFormatError",
-    "decode_bytes",
     "dequantize",
-    "deserialize",
-    "encode_bytes",
-    "from_proto",
     "int8_linear",
     "int8_mm",
     "is_valid_codec",
+    "parse_codec",
     "quantize",
     "quantize_rows_with_outliers",
     "quantize_weight",
-    "serialize",
-    "to_proto",
 ]

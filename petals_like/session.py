@@ -218,18 +218,14 @@ class RemoteInferenceSession:
                 inputs = h.inputs(send_from)
                 timeout = self.router.step_timeout(peer, inputs.shape[1])
                 t0 = time.perf_counter()
-                # The stream's own timeout shuts it down cleanly; ours is the safety net.
+                # The stream's own timeout shuts it down cleanly; ours is the safety net. The
+                # stream checks the reply (swarm.peer.wire.decode): it has the inputs' shape.
                 out = await self.router.guarded(
                     peer,
                     h.stream.step(inputs, send_from, timeout=timeout),
                     timeout + 0.5,
                     self.router.probe_after(peer, inputs.shape[1]),
                 )
-                if tuple(out.shape) != tuple(inputs.shape):
-                    raise PeerUnavailable(
-                        f"peer {h.hop.peer_id} returned shape {tuple(out.shape)} "
-                        f"for inputs {tuple(inputs.shape)}"
-                    )
                 self.router.report_success(h.hop.peer_id, time.perf_counter() - t0, inputs.shape[1])
             except Exception as e:
                 if not is_peer_failure(e):

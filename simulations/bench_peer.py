@@ -89,12 +89,11 @@ async def _bench(dht, model, spans, peer_ids, steps: int, batch_tokens: int) -> 
     pid = peer_ids[(0, model.config.num_layers)]
     x = torch.randn(1, batch_tokens, h)
     for codec in ("none", "int8-block64"):
-        c = PeerClient(p2p, compression=codec)
-        await c.forward(pid, x, 0, model.config.num_layers)
+        await client.forward(pid, x, 0, model.config.num_layers, codec=codec)
         t0 = time.perf_counter()
         n = 5
         for _ in range(n):
-            await c.forward(pid, x, 0, model.config.num_layers)
+            await client.forward(pid, x, 0, model.config.num_layers, codec=codec)
         results[f"forward_tokens_per_s_{codec}"] = round(
             n * batch_tokens / (time.perf_counter() - t0), 1
         )

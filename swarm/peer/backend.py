@@ -9,7 +9,7 @@ the handler, worker and announcer stay as they are.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,7 +32,6 @@ class Session:
     length: int = 0  # positions [0, length) are in the caches
     tokens: int = 0  # what it holds of the cache budget
     reply_codec: str = "none"
-    last_used: float = field(default=0.0)
 
 
 @dataclass

@@ -53,7 +53,8 @@ TRANSPORT_ERRORS = (
 class PeerClient:
     """RPCs to peers through a hivemind P2P (e.g. `await dht.replicate_p2p()`).
 
-    `compression` is the codec of what we send and what we ask peers to reply with.
+    `compression` is the default codec of what we send and what we ask peers to reply with; each
+    call may choose another with `codec=`.
     """
 
     def __init__(self, p2p: P2P, compression: str = "none"):
@@ -91,18 +92,20 @@ class PeerClient:
         first: int,
         last: int,
         timeout: float = 30.0,
+        codec: str | None = None,
     ) -> torch.Tensor:
-        """Blocks [first, last) of the peer applied to `hidden` [B, T, H] from position 0."""
+        """Blocks [first, last) of the peer applied to `hidden` [B, T, H] from position 0.
+
+        codec: of the request and the reply (default: this client's `compression`).
+        """
+        codec = codec or self.compression
         request = peer_pb2.ForwardRequest(
-            hidden=wire.encode(hidden, self.compression),
-            first=first,
-            last=last,
-            reply_codec=self.compression,
+            hidden=wire.encode(hidden, codec), first=first, last=last, reply_codec=codec
         )
         reply = await self._call(
             peer_id, "rpc_forward", "rpc_forward_stream", request, peer_pb2.ForwardResponse, timeout
         )
-        return _decoded(reply.hidden, hidden)
+        return _decoded(reply.hidden, hidden, peer_id)
 
     async def backward(
         self,
@@ -112,9 +115,15 @@ class PeerClient:
         first: int,
         last: int,
         timeout: float = 75.0,
+        codec: str | None = None,
     ) -> torch.Tensor:
-        """Gradient w.r.t. `hidden` of (blocks [first, last)(hidden) * grad_out).sum()."""
-        grad, _ = await self.backward_counted(peer_id, hidden, grad_out, first, last, timeout)
+        """Gradient w.r.t. `hidden` of (blocks [first, last)(hidden) * grad_out).sum().
+
+        codec: of the request and the reply (default: this client's `compression`).
+        """
+        grad, _ = await self.backward_counted(
+            peer_id, hidden, grad_out, first, last, timeout, codec=codec
+        )
         return grad
 
     async def backward_counted(
@@ -126,19 +135,22 @@ class PeerClient:
         last: int,
         timeout: float = 75.0,
         step: int = 0,
+        codec: str | None = None,
     ) -> tuple[torch.Tensor, int]:
         """`backward`, and the optimizer step a training peer counts the gradient toward.
 
         The step is 0 where the peer does not train. A training peer counts the gradient only if
         it finished well within `timeout`, so a call resent after a timeout never counts twice.
         step: the optimizer step it is meant for (0: the coming one; asynchronous training).
+        codec: of the request and the reply (default: this client's `compression`).
         """
+        codec = codec or self.compression
         request = peer_pb2.BackwardRequest(
-            hidden=wire.encode(hidden, self.compression),
-            grad_output=wire.encode(grad_out, self.compression),
+            hidden=wire.encode(hidden, codec),
+            grad_output=wire.encode(grad_out, codec),
             first=first,
             last=last,
-            reply_codec=self.compression,
+            reply_codec=codec,
             timeout_s=timeout,
             step=step,
         )
@@ -150,7 +162,7 @@ class PeerClient:
             peer_pb2.BackwardResponse,
             timeout,
         )
-        return _decoded(reply.grad_input, hidden), int(reply.step)
+        return _decoded(reply.grad_input, hidden, peer_id), int(reply.step)
 
     async def _call(self, peer_id, unary: str, stream: str, request, reply_type, timeout: float):
         peer = as_peer_id(peer_id)
@@ -176,12 +188,22 @@ class PeerClient:
         max_length: int,
         batch_size: int = 1,
         timeout: float = 10.0,
+        codec: str | None = None,
     ) -> InferenceStream:
         """Open a session holding up to `max_length` positions of blocks [first, last).
 
+        codec: of every step's input and output (default: this client's `compression`).
         Raises CacheFull at once if the peer's cache budget cannot hold batch_size * max_length.
         """
-        stream = InferenceStream(self, as_peer_id(peer_id), first, last, max_length, batch_size)
+        stream = InferenceStream(
+            self,
+            as_peer_id(peer_id),
+            first,
+            last,
+            max_length,
+            batch_size,
+            codec or self.compression,
+        )
         await stream._open(timeout)
         return stream
 
@@ -208,17 +230,16 @@ async def _stream_call(method, request, reply_type):
             await responses.aclose()
 
 
-def _decoded(msg, like: torch.Tensor) -> torch.Tensor:
-    from kernels import deserialize
+def _decoded(msg, like: torch.Tensor, peer: PeerID | str) -> torch.Tensor:
+    """A reply's tensor, checked to have the shape of `like` (what we sent) and cast to its dtype.
 
+    A bad reply is the peer's fault, not ours: PeerUnavailable, so callers route around it.
+    """
+    b, t, h = like.shape
     try:
-        x = deserialize(msg, max_elements=like.numel())
-    except ValueError as e:
-        raise PeerUnavailable(f"the peer replied with a bad tensor: {e}") from None
-    if x.shape != like.shape:
-        raise PeerUnavailable(
-            f"the peer replied with shape {list(x.shape)}, not {list(like.shape)}"
-        )
+        x = wire.decode(msg, "the reply", hidden_size=h, max_tokens=b * t, batch_size=b, seq_len=t)
+    except wire.WireFormatError as e:
+        raise PeerUnavailable(f"peer {peer} replied with a bad tensor: {e}") from None
     return x.to(like.dtype)
 
 
@@ -229,9 +250,16 @@ class InferenceStream:
     """
 
     def __init__(
-        self, client: PeerClient, peer: PeerID, first: int, last: int, max_length: int, batch: int
+        self,
+        client: PeerClient,
+        peer: PeerID,
+        first: int,
+        last: int,
+        max_length: int,
+        batch: int,
+        codec: str,
     ):
-        self.client, self.peer = client, peer
+        self.client, self.peer, self.codec = client, peer, codec
         self.first, self.last, self.max_length, self.batch_size = first, last, max_length, batch
         self.session_id = uuid.uuid4().hex
         self.length = 0  # positions the peer's cache holds
@@ -278,7 +306,7 @@ class InferenceStream:
             last=self.last,
             max_length=self.max_length,
             batch_size=self.batch_size,
-            reply_codec=self.client.compression,
+            reply_codec=self.codec,
         )
         await self._exchange(peer_pb2.InferenceRequest(open=open_msg), timeout)
 
@@ -293,7 +321,7 @@ class InferenceStream:
             step_id = next(self._step_ids)
             msg = peer_pb2.InferenceStep(
                 session_id=self.session_id,
-                hidden=wire.encode(hidden, self.client.compression),
+                hidden=wire.encode(hidden, self.codec),
                 position=position,
                 step_id=step_id,
             )
@@ -304,7 +332,7 @@ class InferenceStream:
                     f"peer {self.peer} answered step {reply.step_id}, not {step_id}"
                 )
             self.length = reply.length
-            return _decoded(reply.hidden, hidden)
+            return _decoded(reply.hidden, hidden, self.peer)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Free the session on the peer; never raises (the peer frees it on timeout anyway)."""

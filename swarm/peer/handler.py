@@ -59,7 +59,7 @@ class PeerHandler(ServicerBase):
         self.draining = False
         self.sessions: dict[str, Session] = {}
         self.inflight = 0
-        self.codecs = sorted(kernels.CODECS) if hasattr(kernels, "CODECS") else ["none"]
+        self.codecs = sorted(kernels.CODECS)
 
     # ---- info -------------------------------------------------------------------------------
     async def rpc_info(
@@ -254,7 +254,6 @@ class PeerHandler(ServicerBase):
             session_id, first, last, req.max_length, req.batch_size, caches, backend, tokens=tokens
         )
         session.reply_codec = self._reply_codec(req.reply_codec)
-        session.last_used = time.monotonic()
         self.sessions[session_id] = session
         return session
 
@@ -280,7 +279,6 @@ class PeerHandler(ServicerBase):
         finally:
             self.inflight -= 1
         session.length = step.position + t
-        session.last_used = time.monotonic()
         encoded = await self._encode(out, session.reply_codec)
         return peer_pb2.InferenceResponse(
             hidden=encoded, step_id=step.step_id, length=session.length
@@ -305,11 +303,17 @@ class PeerHandler(ServicerBase):
         return first, last
 
     def _decode(self, msg, what: str, batch_size: int | None = None) -> torch.Tensor:
-        return wire.decode(msg, what, self.hidden_size, self.config.max_request_tokens, batch_size)
+        return wire.decode(
+            msg,
+            what,
+            hidden_size=self.hidden_size,
+            max_tokens=self.config.max_request_tokens,
+            batch_size=batch_size,
+        )
 
     def _reply_codec(self, codec: str) -> str:
         codec = codec or self.config.compression
-        if hasattr(kernels, "is_valid_codec") and not kernels.is_valid_codec(codec):
+        if not kernels.is_valid_codec(codec):
             raise BadRequest(f"unknown reply codec {codec!r}; this peer knows {self.codecs}")
         return codec
 

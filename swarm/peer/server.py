@@ -16,6 +16,7 @@ from pathlib import Path
 import hivemind
 import torch
 
+from kernels import DTYPES
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
 from swarm.net import check_initial_peers, ensure_port_free
@@ -32,8 +33,6 @@ from swarm.peer.throughput import BlockThroughput, get_block_throughput
 from swarm.peer.worker import ComputeWorker
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def memory_span_length(config, quant: str, dtype: torch.dtype, num_layers: int) -> int:

@@ -1,10 +1,16 @@
-"""What crosses the peer's wire: checked tensors, typed errors, and messages split into parts.
+"""What crosses the peer's wire: tensors as swarm_mesh.Tensor messages, typed errors, parts.
 
 Used by the peer's handlers (`swarm.peer.handler`) and by its client (`swarm.peer.client`).
+
+Decoding never trusts the sender: codec, dtype, version, rank, element count, block size and the
+exact byte lengths of codes and scales are checked before anything is allocated; scales must be
+finite and non-negative. Any int8 / uint8 code is accepted (an int8 code of -128 decodes to
+-128/127 of its scale). Byte order is little-endian, as on every platform torch supports here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import torch
@@ -14,12 +20,14 @@ import kernels
 from proto import peer_pb2, tensor_pb2
 from swarm.errors import BadRequest, CacheFull, PeerUnavailable, SessionExpired, SwarmError
 
+WIRE_VERSION = 1
+MAX_ELEMENTS = 1 << 28  # 1 GiB of float32: far above any stage's activations, far below harm
+MAX_DIMS = 8
 # Parts of 1 MiB keep every stream message far below hivemind's 4 MiB cap.
 PART_BYTES = 1 << 20
 # Requests above this go through the streaming RPCs (DESIGN: anything that can exceed 2 MiB).
 UNARY_LIMIT_BYTES = 2 << 20
 MAX_PARTS = 4096  # bounds a streamed message at 4 GiB
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 ERROR_KINDS: dict[str, type[SwarmError]] = {
     "BadRequest": BadRequest,
@@ -45,45 +53,172 @@ def error_from_wire(err: peer_pb2.Error, peer: str) -> SwarmError:
     )
 
 
+class WireFormatError(BadRequest, kernels.QuantizationError):
+    """A Tensor message that is malformed, inconsistent, or larger than the receiver allows."""
+
+
+def to_proto(q: kernels.QuantizedTensor) -> tensor_pb2.Tensor:
+    """Encode a QuantizedTensor into a swarm_mesh.Tensor message (copies codes to host memory)."""
+    spec = kernels.parse_codec(q.codec)
+    msg = tensor_pb2.Tensor(
+        version=WIRE_VERSION,
+        codec=spec.name,
+        dtype=kernels.DTYPE_NAMES[q.dtype],
+        shape=list(q.shape),
+        block_size=spec.block_size,
+        codes=_tensor_bytes(q.codes),
+    )
+    if q.scales is not None:
+        msg.scales = _tensor_bytes(q.scales.to(torch.bfloat16))
+    return msg
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def _from_bytes(data: bytes, dtype: torch.dtype, count: int) -> torch.Tensor:
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    # bytearray copies: the tensor must own writable memory, not the message's buffer
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
+
+
+def from_proto(msg: tensor_pb2.Tensor, max_elements: int = MAX_ELEMENTS) -> kernels.QuantizedTensor:
+    """Validate a swarm_mesh.Tensor message and turn it into a QuantizedTensor.
+
+    max_elements: the largest element count this receiver accepts. Raises WireFormatError with
+    the reason for any message that is inconsistent, unknown or too large.
+    """
+    if not isinstance(msg, tensor_pb2.Tensor):
+        raise WireFormatError(f"expected a swarm_mesh.Tensor message, got {type(msg).__name__}")
+    if msg.version != WIRE_VERSION:
+        raise WireFormatError(
+            f"tensor wire version {msg.version} is not supported (this peer speaks {WIRE_VERSION})"
+        )
+    try:
+        spec = kernels.parse_codec(msg.codec)
+    except kernels.QuantizationError as e:
+        raise WireFormatError(str(e)) from None
+    if msg.dtype not in kernels.DTYPES:
+        raise WireFormatError(
+            f"unknown dtype {msg.dtype!r}: expected one of {', '.join(kernels.DTYPES)}"
+        )
+    dtype = kernels.DTYPES[msg.dtype]
+    shape = tuple(msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise WireFormatError(f"tensor has {len(shape)} dimensions, more than {MAX_DIMS}")
+    if any(d > max_elements for d in shape):
+        raise WireFormatError(f"tensor shape {shape} has a dimension above {max_elements}")
+    numel = math.prod(shape)
+    if numel > max_elements:
+        raise WireFormatError(f"tensor of {numel} elements exceeds the limit of {max_elements}")
+    if msg.block_size != spec.block_size:
+        raise WireFormatError(
+            f"block_size {msg.block_size} does not match codec {spec.name!r}"
+            f" (expected {spec.block_size})"
+        )
+    code_dtype = spec.code_dtype(dtype)
+    code_size = torch.empty(0, dtype=code_dtype).element_size()
+    if len(msg.codes) != numel * code_size:
+        raise WireFormatError(
+            f"codes hold {len(msg.codes)} bytes; shape {shape} under {spec.name!r} needs"
+            f" {numel * code_size}"
+        )
+    n_scales = spec.num_scales(shape)
+    if n_scales > max_elements:
+        raise WireFormatError(f"tensor shape {shape} implies {n_scales} scales, above the limit")
+    if len(msg.scales) != 2 * n_scales:
+        raise WireFormatError(
+            f"scales hold {len(msg.scales)} bytes; shape {shape} under {spec.name!r} needs"
+            f" {2 * n_scales}"
+        )
+    codes = _from_bytes(msg.codes, code_dtype, numel)
+    scales = None
+    if spec.has_scales:
+        scales = _from_bytes(msg.scales, torch.bfloat16, n_scales)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise WireFormatError("scales must be finite and non-negative")
+    return kernels.QuantizedTensor(spec.name, shape, dtype, codes, scales, spec.block_size)
+
+
 def encode(x: torch.Tensor, codec: str) -> tensor_pb2.Tensor:
-    """Serialize a tensor with a wire codec (kernels' format)."""
-    return kernels.serialize(x.detach().contiguous(), codec)
+    """Quantize `x` with `codec` and encode it as a swarm_mesh.Tensor message."""
+    return to_proto(kernels.quantize(x.detach().contiguous(), codec))
+
+
+def deserialize(msg: tensor_pb2.Tensor, max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
+    """Validate and decode a swarm_mesh.Tensor message to a CPU tensor of its original dtype."""
+    return kernels.dequantize(from_proto(msg, max_elements=max_elements))
+
+
+def encode_bytes(x: torch.Tensor, codec: str) -> bytes:
+    """encode() then protobuf-encode: a standalone byte string for one tensor."""
+    return encode(x, codec).SerializeToString()
+
+
+def decode_bytes(
+    data: bytes, max_elements: int = MAX_ELEMENTS, max_bytes: int | None = None
+) -> torch.Tensor:
+    """Parse protobuf bytes of a swarm_mesh.Tensor and decode it; WireFormatError on any fault.
+
+    max_bytes: refuse longer inputs before parsing (default: what max_elements float32 need).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireFormatError(f"expected bytes, got {type(data).__name__}")
+    limit = max_bytes if max_bytes is not None else 4 * max_elements + (1 << 20)
+    if len(data) > limit:
+        raise WireFormatError(f"message of {len(data)} bytes exceeds the limit of {limit}")
+    msg = tensor_pb2.Tensor()
+    try:
+        msg.ParseFromString(bytes(data))
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise WireFormatError(f"malformed tensor message: {e}") from None
+    return deserialize(msg, max_elements=max_elements)
 
 
 def decode(
     msg: tensor_pb2.Tensor,
     what: str,
+    *,
     hidden_size: int,
     max_tokens: int,
     batch_size: int | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Decode and check a [B, T, H] activation; every failure is a BadRequest naming `what`."""
+    """Check and decode a [B, T, H] activation from the network (a request or a reply).
+
+    The declared shape is checked against hidden_size, max_tokens (B * T) and, where given, the
+    expected batch_size and seq_len before anything is allocated. Raises WireFormatError (a
+    BadRequest) naming `what` on any fault; a client turns it into the peer's failure.
+    """
     if not msg.ByteSize():
-        raise BadRequest(f"{what} is missing")
+        raise WireFormatError(f"{what} is missing")
     shape = tuple(msg.shape)
     if len(shape) != 3:
-        raise BadRequest(f"{what} must have shape [batch, seq, hidden], got {list(shape)}")
+        raise WireFormatError(f"{what} must have shape [batch, seq, hidden], got {list(shape)}")
     b, t, h = shape
     if h != hidden_size:
-        raise BadRequest(f"{what} has hidden size {h}, this model has {hidden_size}")
+        raise WireFormatError(f"{what} has hidden size {h}, this model has {hidden_size}")
     if b <= 0 or t <= 0:
-        raise BadRequest(f"{what} is empty: shape {list(shape)}")
+        raise WireFormatError(f"{what} is empty: shape {list(shape)}")
+    if batch_size is not None and b != batch_size:
+        raise WireFormatError(f"{what} has batch {b}, expected {batch_size}")
+    if seq_len is not None and t != seq_len:
+        raise WireFormatError(f"{what} has {t} positions, expected {seq_len}")
     if b * t > max_tokens:
-        raise BadRequest(
+        raise WireFormatError(
             f"{what} carries {b * t} tokens, more than this peer allows ({max_tokens})"
         )
-    if batch_size is not None and b != batch_size:
-        raise BadRequest(f"{what} has batch {b}, the session was opened with batch {batch_size}")
     try:
-        x = kernels.deserialize(msg, max_elements=max_tokens * hidden_size)
-    except ValueError as e:  # kernels.WireFormatError and codec errors
-        raise BadRequest(f"{what} is not a valid tensor: {e}") from None
-    if x.dtype not in FLOAT_DTYPES:
-        raise BadRequest(f"{what} has dtype {x.dtype}, expected float32, float16 or bfloat16")
-    if tuple(x.shape) != shape:
-        raise BadRequest(f"{what} decoded to shape {list(x.shape)}, declared {list(shape)}")
+        x = deserialize(msg, max_elements=max_tokens * hidden_size)
+    except ValueError as e:  # WireFormatError, or a codec error from kernels
+        raise WireFormatError(f"{what} is not a valid tensor: {e}") from None
     if not torch.isfinite(x).all():
-        raise BadRequest(f"{what} contains NaN or infinite values")
+        raise WireFormatError(f"{what} contains NaN or infinite values")
     return x
 
 

@@ -3,9 +3,6 @@
 Run by pytest (tests/kernels); a subprocess with the repository root first on sys.path.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +36,7 @@ def test_defines_none_of_hf_kernels_names():
     assert [n for n in HF_NAMES if hasattr(kernels, n)] == []
 
 
-def test_transformers_imports_beside_our_kernels():
+def test_transformers_imports_beside_our_kernels(fresh_python):
     pytest.importorskip("transformers")
     code = (
         "import kernels, transformers\n"
@@ -50,9 +47,5 @@ def test_transformers_imports_beside_our_kernels():
         "import transformers.integrations.hub_kernels as hk\n"
         "print('OK')\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=240,
-    )  # fmt: skip
+    proc = fresh_python(code, timeout=240)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]

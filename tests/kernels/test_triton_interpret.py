@@ -4,16 +4,9 @@ Run by pytest (tests/kernels); the check runs in a subprocess so the interpreter
 before triton or kernels.triton_kernels is imported.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[2]
 
 CHECK = r"""
 import os
@@ -75,11 +68,7 @@ print("CHECKED", checked)
 """
 
 
-def test_triton_matches_reference_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=240,
-    )  # fmt: skip
+def test_triton_matches_reference_under_interpreter(fresh_python):
+    proc = fresh_python(CHECK, timeout=240, TRITON_INTERPRET="1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "CHECKED" in proc.stdout

@@ -12,7 +12,6 @@ import pytest
 import pytest_asyncio
 import torch
 
-import kernels
 from proto import peer_pb2
 from swarm.errors import BadRequest, CacheFull, SessionExpired
 from swarm.model.loading import load_model
@@ -161,6 +160,26 @@ async def test_compressed_forward_is_close(swarm2, client, model):
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
 
 
+async def test_codec_per_call(swarm2, client, model):
+    # One client, the codec chosen per call: compressed calls are close but not exact.
+    a = swarm2[1][0]
+    x = torch.randn(2, 4, 64)
+    ref = model.span(x, 0, None, 0, 3)
+
+    def rel(out):
+        return ((out - ref).norm() / ref.norm()).item()
+
+    assert rel(await client.forward(a, x, 0, 3)) < 1e-5
+    assert 1e-5 < rel(await client.forward(a, x, 0, 3, codec="int8-block64")) < 0.05
+    g = torch.randn_like(x)
+    exact = await client.backward(a, x, g, 0, 3)
+    grad = await client.backward(a, x, g, 0, 3, codec="int8-block64")
+    assert 1e-5 < ((grad - exact).norm() / exact.norm()).item() < 0.05
+    async with await client.open_inference(a, 0, 3, 8, batch_size=2, codec="bf16") as s:
+        assert s.codec == "bf16"
+        assert 1e-5 < rel(await s.step(x, 0)) < 0.05
+
+
 async def test_inference_session_with_replay(client, swarm2, model):
     a, b = swarm2[1]
     sa = await client.open_inference(a, 0, 3, max_length=12, batch_size=2)
@@ -228,7 +247,7 @@ async def test_bad_hidden_size(client, swarm2):
 
 async def test_bad_dtype(client, swarm2):
     a = swarm2[1][0]
-    msg = kernels.serialize(torch.randn(1, 3, 64), "none")
+    msg = wire.encode(torch.randn(1, 3, 64), "none")
     msg.dtype = "int64"
     reply = await _raw_forward(client, a, msg)
     assert reply.error.kind == "BadRequest" and "hidden" in reply.error.message
@@ -237,7 +256,7 @@ async def test_bad_dtype(client, swarm2):
 
 async def test_tensor_larger_than_declared(client, swarm2):
     a = swarm2[1][0]
-    msg = kernels.serialize(torch.randn(1, 3, 64), "none")
+    msg = wire.encode(torch.randn(1, 3, 64), "none")
     msg.codes = msg.codes + bytes(64 * 4)
     reply = await _raw_forward(client, a, msg)
     assert reply.error.kind == "BadRequest"
