@@ -181,7 +181,7 @@ class DistributedModelForCausalLM:
             p2p = loop.run(dht.replicate_p2p(), timeout=start_timeout)
             router = SwarmRouter(
                 dht,
-                lambda codec: with_delay(PeerClient(p2p, compression=codec), hop_delay),
+                with_delay(PeerClient(p2p), hop_delay),
                 source.name,
                 config.num_layers,
                 config=rc,

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -74,8 +74,8 @@ class SwarmRouter:
     """Span records, round trips and bans of the swarm serving one model; routes and streams.
 
     dht: a running hivemind.DHT (client mode is enough).
-    make_client: codec -> a swarm.peer.client.PeerClient sending and asking for that codec
-        (or a petals_like.wan.DelayedClient around one, to emulate a WAN).
+    client: a swarm.peer.client.PeerClient (or a petals_like.wan.DelayedClient around one, to
+        emulate a WAN); each stream names its codec when it opens.
     model_prefix, num_blocks: the model's DHT prefix and block count.
     fetch: coroutine function (dht, prefix, num_blocks, timeout) -> records; the DHT by default.
     """
@@ -83,15 +83,14 @@ class SwarmRouter:
     def __init__(
         self,
         dht: Any,
-        make_client: Callable[[str], Any],
+        client: Any,
         model_prefix: str,
         num_blocks: int,
         config: RouterConfig | None = None,
         costs: RouteCosts | None = None,
         fetch: Any = None,
     ):
-        self.dht, self._make_client = dht, make_client
-        self._clients: dict[str, Any] = {}
+        self.dht, self.client = dht, client
         self.model_prefix, self.num_blocks = model_prefix, num_blocks
         self.config = config or RouterConfig()
         self.costs = costs or RouteCosts()
@@ -103,12 +102,6 @@ class SwarmRouter:
         self._task: asyncio.Task | None = None
         self._refresh_lock: asyncio.Lock | None = None
         self._rng = random.Random()
-
-    def client(self, codec: str = "none") -> Any:
-        """The RPC client that sends activations with `codec` (one per codec, made on demand)."""
-        if codec not in self._clients:
-            self._clients[codec] = self._make_client(codec)
-        return self._clients[codec]
 
     # ---- the swarm's state ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,7 +142,7 @@ class SwarmRouter:
         t0 = time.perf_counter()
         try:
             await asyncio.wait_for(
-                self.client().info(peer_id, timeout=self.config.ping_timeout),
+                self.client.info(peer_id, timeout=self.config.ping_timeout),
                 self.config.ping_timeout + 0.5,
             )
         except Exception as e:
@@ -250,15 +243,15 @@ class SwarmRouter:
 
     async def open(self, hop: Hop, max_length: int, batch_size: int) -> Any:
         """An inference stream on hop's peer for its blocks."""
-        client = self.client(self.codec_for(hop.peer_id))
         return await asyncio.wait_for(
-            client.open_inference(
+            self.client.open_inference(
                 hop.peer_id,
                 hop.start,
                 hop.end,
                 max_length=max_length,
                 batch_size=batch_size,
                 timeout=self.config.open_timeout,
+                codec=self.codec_for(hop.peer_id),
             ),
             self.config.open_timeout + 0.5,
         )
@@ -292,7 +285,7 @@ class SwarmRouter:
 
     async def probe(self, peer_id: Any) -> None:
         """Raise if the peer is gone (its handlers are not there); returns if it answers."""
-        await self.client().info(peer_id, timeout=self.config.ping_timeout)
+        await self.client.info(peer_id, timeout=self.config.ping_timeout)
 
     async def guarded(
         self, peer_id: Any, work: Awaitable[T], timeout: float, probe_after: float

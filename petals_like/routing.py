@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swarm.errors import NoRoute
+from swarm.peer.records import format_blocks
 
 
 @dataclass(frozen=True)
@@ -102,21 +103,6 @@ def missing_blocks(
     for r in usable(records, banned):
         covered.update(range(max(r.start, start), min(r.end, end)))
     return [b for b in range(start, end) if b not in covered]
-
-
-def format_blocks(blocks: Sequence[int]) -> str:
-    """[3, 4, 5, 9] -> '3:6, 9:10' (half-open ranges, as everywhere in the mesh)."""
-    parts, run = [], None
-    for b in sorted(blocks):
-        if run is not None and b == run[1]:
-            run[1] = b + 1
-        else:
-            if run is not None:
-                parts.append(f"{run[0]}:{run[1]}")
-            run = [b, b + 1]
-    if run is not None:
-        parts.append(f"{run[0]}:{run[1]}")
-    return ", ".join(parts)
 
 
 def find_route(

@@ -12,6 +12,7 @@ import sys
 from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
 from swarm.peer.config import PeerConfig
+from swarm.peer.records import format_blocks
 from swarm.procs import reap_children_on_exit
 
 
@@ -54,17 +55,6 @@ def join(args: argparse.Namespace) -> int:
     else:
         peer = Peer(config, on_maddrs=_print_maddrs)
     return peer.run()
-
-
-def _ranges(blocks: list[int]) -> str:
-    """[3, 4, 5, 9] -> "3:6, 9:10" (half-open, as everywhere)."""
-    out: list[list[int]] = []
-    for b in blocks:
-        if out and out[-1][1] == b:
-            out[-1][1] = b + 1
-        else:
-            out.append([b, b + 1])
-    return ", ".join(f"{a}:{b}" for a, b in out)
 
 
 def swarm_table(model: str, num_blocks: int, records: list) -> dict:
@@ -110,7 +100,7 @@ def _print_table(table: dict) -> None:
         )
     live = [[p for p in b["peers"] if p["state"] != "offline"] for b in table["blocks"]]
     if table["uncovered"]:
-        print(f"coverage: blocks {_ranges(table['uncovered'])} are served by nobody")
+        print(f"coverage: blocks {format_blocks(table['uncovered'])} are served by nobody")
     else:
         least = min((len(b) for b in live), default=0)
         print(f"coverage: every block served, by at least {least} peer{'s' * (least != 1)}")

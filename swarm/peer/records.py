@@ -7,6 +7,7 @@ placement (`swarm.peer.balancer`, `swarm.training.rebalance`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,21 @@ MAX_NEXT_PINGS = 32  # most next-hop round trips kept from one record (advisory,
 def block_key(prefix: str, block: int) -> str:
     """The DHT key of one block's records (Petals' layout: `{prefix}.{block}`)."""
     return f"{prefix}.{block}"
+
+
+def format_blocks(blocks: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> '3:6, 9:10' (half-open ranges, as everywhere in the mesh)."""
+    parts, run = [], None
+    for b in sorted(blocks):
+        if run is not None and b == run[1]:
+            run[1] = b + 1
+        else:
+            if run is not None:
+                parts.append(f"{run[0]}:{run[1]}")
+            run = [b, b + 1]
+    if run is not None:
+        parts.append(f"{run[0]}:{run[1]}")
+    return ", ".join(parts)
 
 
 def _need(cond: bool, what: str) -> None:

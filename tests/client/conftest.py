@@ -103,8 +103,8 @@ class FakePeer:
 class FakeClient:
     """Stands in for swarm.peer.client.PeerClient."""
 
-    def __init__(self, swarm: FakeSwarm, codec: str):
-        self.swarm, self.codec = swarm, codec
+    def __init__(self, swarm: FakeSwarm):
+        self.swarm = swarm
 
     async def info(self, peer_id: str, timeout: float = 10.0):
         peer = self.swarm.peers[peer_id]
@@ -112,9 +112,12 @@ class FakeClient:
             raise PeerUnavailable("gone")
         return peer.record()
 
-    async def open_inference(self, peer_id, first, last, max_length, batch_size=1, timeout=10.0):
+    async def open_inference(
+        self, peer_id, first, last, max_length, batch_size=1, timeout=10.0, codec=None
+    ):
         peer = self.swarm.peers[peer_id]
         self.swarm.dials.append(peer_id)
+        self.swarm.codecs.append(codec)
         if peer.dead:
             raise PeerUnavailable(f"peer {peer_id} is gone")
         if not peer.start <= first < last <= peer.end:
@@ -132,6 +135,7 @@ class FakeSwarm:
         self.model = model
         self.peers: dict[str, FakePeer] = {}
         self.dials: list[str] = []
+        self.codecs: list[str | None] = []  # the codec each open named
 
     def add(self, peer_id: str, start: int, end: int, rps: float = 100.0) -> FakePeer:
         peer = FakePeer(peer_id, start, end, self.model, rps)
@@ -145,7 +149,7 @@ class FakeSwarm:
         cfg = RouterConfig(**{"update_period": 3600.0, **config})
         return SwarmRouter(
             None,
-            lambda codec: FakeClient(self, codec),
+            FakeClient(self),
             "tiny",
             self.model.config.num_layers,
             config=cfg,

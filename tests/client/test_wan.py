@@ -20,7 +20,7 @@ async def test_pings_opens_and_steps_pay_the_delay(fake_swarm, tiny_model):
     fake_swarm.add("b", 3, 6)
     router = SwarmRouter(
         None,
-        lambda codec: with_delay(FakeClient(fake_swarm, codec), DELAY),
+        with_delay(FakeClient(fake_swarm), DELAY),
         "tiny",
         tiny_model.config.num_layers,
         config=RouterConfig(update_period=3600.0),
@@ -46,7 +46,7 @@ async def test_pings_opens_and_steps_pay_the_delay(fake_swarm, tiny_model):
 
 
 def test_no_delay_is_the_client_itself(fake_swarm):
-    client = FakeClient(fake_swarm, "none")
+    client = FakeClient(fake_swarm)
     assert with_delay(client, 0.0) is client
     with pytest.raises(BadRequest, match="delay"):
         with_delay(client, -1.0)
