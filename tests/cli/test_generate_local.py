@@ -131,3 +131,14 @@ def test_output_cut_at_the_context_says_so(tiny):
     assert f"output cut at the model's context of {context} tokens: prompt {n}" in proc.stderr
     short = run_cli("--local", "--model", str(tiny), prompt, "--max-new-tokens", "2")
     assert "output cut" not in short.stderr
+
+
+def test_a_prompt_after_initial_peers_is_the_prompt():
+    from petals_like.cli import parse_args
+
+    maddr = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    args = parse_args(["--model", "smollm2-135m", "--initial-peers", maddr, maddr, "Once upon"])
+    assert args.prompt == "Once upon" and args.initial_peers == [maddr, maddr]
+    assert parse_args(["hi", "--initial-peers", maddr]).initial_peers == [maddr]
+    with pytest.raises(SystemExit):
+        parse_args(["--initial-peers", maddr])
