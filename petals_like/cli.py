@@ -13,6 +13,7 @@ import time
 from petals_like.console import PrefillProgress, cut_notice
 from petals_like.distributed_cli import add_distributed_arguments, run_distributed
 from swarm.cli.console import run_main, setup_logging
+from swarm.cli.options import add_config_options, config_from_args
 from swarm.errors import SwarmError
 from swarm.generation import SamplingConfig, generate_local
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -20,8 +21,6 @@ from swarm.model.tokenizer import StreamDecoder
 from swarm.procs import reap_children_on_exit
 
 logger = logging.getLogger(__name__)
-
-_SAMPLING_DEFAULTS = SamplingConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,37 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="most new tokens; fewer at an end of text or of the context (default: %(default)s)",
     )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=_SAMPLING_DEFAULTS.temperature,
-        help="0 picks the most likely token (greedy); above 0 samples (default: %(default)s)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=int,
-        default=_SAMPLING_DEFAULTS.top_k,
-        help="sample among the k most likely tokens; 0: all (default: %(default)s)",
-    )
-    p.add_argument(
-        "--top-p",
-        type=float,
-        default=_SAMPLING_DEFAULTS.top_p,
-        help="sample among the most likely tokens whose probability reaches p (default: "
-        "%(default)s)",
-    )
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=_SAMPLING_DEFAULTS.repetition_penalty,
-        help="above 1 discourages tokens already seen (default: %(default)s)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=_SAMPLING_DEFAULTS.seed,
-        help="seed of sampling (default: random)",
-    )
+    add_config_options(p, SamplingConfig)
     p.add_argument(
         "--quant",
         choices=("none", "int8"),
@@ -104,19 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
-
-
 def run_local(args: argparse.Namespace) -> None:
     """Load the whole model here, stream the continuation to stdout and a summary to stderr."""
-    sampling = sampling_from_args(args)
+    sampling = config_from_args(SamplingConfig, args)
     t0 = time.perf_counter()
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)

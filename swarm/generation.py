@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,20 +20,33 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SamplingConfig:
-    """How the next token is chosen.
+    """How the next token is chosen; `swarm-generate`'s sampling flags are generated from it."""
 
-    temperature: 0 picks the most likely token (greedy); above 0 samples from softmax(logits / T).
-    top_k: keep only the k most likely tokens (0 keeps all).
-    top_p: keep the smallest set of most likely tokens whose probability reaches p (1.0 keeps all).
-    repetition_penalty: > 1 discourages tokens already seen (CTRL / transformers semantics).
-    seed: seeds the sampler's generator, so a run can be repeated exactly.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "0 picks the most likely token (greedy); above 0 samples from "
+            "softmax(logits / T)"
+        },
+    )
+    top_k: int = field(
+        default=0, metadata={"help": "sample among the k most likely tokens (0: all)"}
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={
+            "help": "sample among the fewest most likely tokens whose probability reaches "
+            "p (1: all)"
+        },
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "above 1 discourages tokens already seen (CTRL / transformers)"},
+    )
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "seed of the sampler, so a run repeats exactly (default: random)"},
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -1,6 +1,6 @@
 """One options builder: argparse flags generated from a config dataclass, so the two never disagree.
 
-Used by the `swarm-peer join` and `swarm-train` CLIs.
+Used by the `swarm-peer join`, `swarm-train` and `swarm-generate` (its sampling flags) CLIs.
 """
 
 from __future__ import annotations
