@@ -154,7 +154,7 @@ class DistributedModelForCausalLM:
 
         from swarm.model import loading
         from swarm.net import check_initial_peers, daemon_error_message
-        from swarm.peer.client import PeerClient
+        from swarm.peer import PeerClient
 
         if not initial_peers and dht is None:
             raise BadRequest("initial_peers is empty: give the multiaddr of a peer of the swarm")

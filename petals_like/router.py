@@ -127,7 +127,7 @@ class SwarmRouter:
                 if self._fetch is not None:
                     fetch = self._fetch
                 else:
-                    from swarm.peer.dht_view import fetch_swarm_async as fetch
+                    from swarm.peer import fetch_swarm_async as fetch
                 records = await asyncio.wait_for(
                     fetch(self.dht, self.model_prefix, self.num_blocks, self.config.dht_timeout),
                     self.config.dht_timeout + 1.0,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swarm.errors import NoRoute
-from swarm.peer.records import format_blocks
+from swarm.peer import format_blocks
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ class LocalSwarm:
         self, dht, prefix: str, num_blocks: int, peers: int, timeout: float, cover: bool = True
     ) -> list:
         """Wait until `peers` peers are online (and, if `cover`, every block is served)."""
-        from swarm.peer.dht_view import fetch_swarm
+        from swarm.peer import fetch_swarm
 
         deadline = time.monotonic() + timeout
         records: list = []

@@ -1,4 +1,32 @@
 """The peer: serves a span of blocks over hivemind P2P and announces it on the DHT.
 
-Used by the `swarm-peer` CLI, by clients in `petals_like` and by the SWARM trainer.
+Used by the `swarm-peer` CLI, by clients in `petals_like` and by the SWARM trainer. Its face: the
+RPC client, the records and their DHT reader, the peer's config (imported lazily: hivemind is
+heavy).
 """
+
+__all__ = [
+    "PeerClient",
+    "PeerConfig",
+    "SpanRecord",
+    "fetch_swarm",
+    "fetch_swarm_async",
+    "format_blocks",
+]
+
+_EXPORTS = {
+    "PeerClient": "swarm.peer.client",
+    "PeerConfig": "swarm.peer.config",
+    "SpanRecord": "swarm.peer.records",
+    "fetch_swarm": "swarm.peer.dht_view",
+    "fetch_swarm_async": "swarm.peer.dht_view",
+    "format_blocks": "swarm.peer.records",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'swarm.peer' has no attribute {name!r}")
