@@ -153,11 +153,3 @@ def peer_factory(tmp_path, throughput_cache) -> Iterator[Callable[..., PeerProce
     yield start
     for proc in started:
         proc.kill()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Multi-process scenarios share two cores with their own peers: one retry absorbs a timing
-    # flake, while a real failure fails twice and is reported.
-    for item in items:
-        if item.get_closest_marker("slow") and not item.get_closest_marker("flaky"):
-            item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=2))
