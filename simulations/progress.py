@@ -49,7 +49,7 @@ class Progress:
         os.write(2, line.encode(errors="replace"))
 
     def _beat(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(min(1.0, self.every / 4)):
             now = time.monotonic()
             if self._repeat and now - self._last >= self.every:
                 self._print(f" ({now - self._since:.0f} s)")
