@@ -153,8 +153,8 @@ def run_trainer(
     steps_seen = [m for _, m in matched if m]
     summary = next((x for _, x in trainer.lines if "lost=" in x), "")
     # Steady state: from the first step line to the last (start-up and DHT joins excluded).
-    # A run cut off by max_wall (a stalled pipeline) counts its time up to the cut.
-    end = step_times[-1] if summary else t0 + wall
+    # A run cut off by max_wall before its last step (a stalled pipeline) counts up to the cut.
+    end = step_times[-1] if summary or len(step_times) >= args.steps else t0 + wall
     span_s = end - step_times[0] if step_times else 0.0
     steady = (len(step_times) - 1) * args.batch_size / span_s if span_s > 0 else 0.0
     fields = dict(kv.split("=", 1) for kv in summary.split() if "=" in kv)
@@ -228,8 +228,12 @@ def describe(r: dict, args: argparse.Namespace) -> str:
         f"retries {r['retries']:>3}  kills {r['kills']:>2}  loss {loss}"
     )
     notes = []
-    if r["cut_at_max_wall"]:
-        notes.append(f"stalled: cut at --max-wall {args.max_wall:.0f} s, no summary (lost unknown)")
+    if r["cut_at_max_wall"] and r["steps"] >= args.steps:
+        notes.append(
+            f"every step done, no summary by --max-wall {args.max_wall:.0f} s: lost unknown"
+        )
+    elif r["cut_at_max_wall"]:
+        notes.append(f"stalled: cut at --max-wall {args.max_wall:.0f} s, lost unknown")
     elif not r["finished"]:
         notes.append(f"trainer exited with {r['exit_code']} before its summary (see its log)")
     if r["churn"] and r["kills"] == 0:
