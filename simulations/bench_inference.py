@@ -196,7 +196,8 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
         spans = thirds + ([middle] * args.failover_trials if quant == "none" else [])
         why = "one per span"
         if len(spans) > 3:
-            why += f" + {args.failover_trials} backups of the middle span for the failover trials"
+            n = args.failover_trials
+            why += f" + {n} backup{'s' * (n > 1)} of the middle span for the failover trials"
         log(f"starting {len(spans)} peers ({quant} weights): {spans}; {why}")
         swarm, boot = start_swarm(args.model, quant, spans, n, source.name)
         try:
