@@ -218,8 +218,8 @@ def main() -> None:
         if DECODED_HERE:
             print(
                 f"\n* encoded by hivemind, decoded by this bench: hivemind's decoder fails under "
-                f"numpy {numpy_version()} (int() of a 1-element array); same format, same "
-                "lookup, so the error is hivemind's and dec GB/s is this bench's decoder"
+                f"numpy {numpy_version()} (int() of a 1-element array).\n  Same format and "
+                "lookup, so the error is hivemind's; dec GB/s is this bench's decoder."
             )
         print()
         current[0] = "GPU throughput"
