@@ -30,7 +30,7 @@ def test_a_churn_row_without_kills_says_no_kill_happened() -> None:
 
 
 def test_a_stalled_run_shows_lost_as_unknown() -> None:
-    line = describe(
-        {**ROW, "kills": 9, "lost": None, "finished": False, "cut_at_max_wall": True}, ARGS
-    )
+    cut = {**ROW, "kills": 9, "lost": None, "finished": False, "cut_at_max_wall": True}
+    line = describe({**cut, "steps": 7}, ARGS)
     assert "lost  -" in line and "stalled" in line and "None" not in line
+    assert "every step done" in describe(cut, ARGS)  # cut while waiting for its summary
