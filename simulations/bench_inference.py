@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from simulations.cli_help import DefaultsHelpFormatter
 from simulations.demo_swarm import LocalSwarm
 from simulations.progress import Progress
 
@@ -137,17 +138,21 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m simulations.bench_inference",
         description=__doc__.split("\n\n")[0],
         epilog=PEERS_WHY + " Progress goes to stderr at least every 10 s.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--prompt", default="The three primary colors are red, yellow and")
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--model", default="smollm2-135m", help="model name or path")
+    p.add_argument(
+        "--prompt", default="The three primary colors are red, yellow and", help="greedy prompt"
+    )
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per run")
+    p.add_argument("--repeats", type=int, default=2, help="runs per row (the best is kept)")
     p.add_argument("--hop-delay", type=float, default=0.05, help="seconds each way per hop")
-    p.add_argument("--failover-trials", type=int, default=2)
+    p.add_argument(
+        "--failover-trials", type=int, default=2, help="SIGKILLs of the middle peer, one per run"
+    )
     p.add_argument("--codec", default="int8-block64", help="the compressed activation codec")
-    p.add_argument("--skip-int8-weights", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--skip-int8-weights", action="store_true", help="only the fp32 swarm")
+    p.add_argument("--json", action="store_true", help="also print one JSON object")
     args = p.parse_args(argv)
     with Progress("bench_inference") as progress:
         try:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from simulations.cli_help import DefaultsHelpFormatter
 from simulations.progress import Progress
 from simulations.scratch import scratch_dir
 from swarm.procs import family, kill_tree
@@ -131,7 +132,7 @@ def main() -> None:
         description=__doc__.split("\n\n")[0],
         epilog="Starts one peer per span of the 1-, 2- and 3-peer chains (6 peers); progress "
         "goes to stderr at least every 10 s.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="smollm2-135m", help="model name or path")
     parser.add_argument("--steps", type=int, default=20, help="timed inference steps per chain")

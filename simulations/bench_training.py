@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from simulations.churn_harness import Proc, write_text
+from simulations.cli_help import DefaultsHelpFormatter
 from simulations.progress import Progress
 from simulations.scratch import scratch_dir
 from swarm.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="Progress goes to stderr every 10 s; each scenario takes about a minute or more "
         "(4 peer processes start first).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per scenario")
     parser.add_argument(
@@ -268,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--png", default=None, help="draw the figures to this PNG")
     parser.add_argument("--json", action="store_true", help="one JSON object per scenario instead")
-    parser.add_argument("--workdir", default=None, help="keep logs here (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="keep logs here (default: a temp dir, removed at exit)"
+    )
     parser.add_argument(
         "--curves",
         action="store_true",

@@ -20,6 +20,7 @@ from dataclasses import asdict
 
 from simulations.calibrate import calibrate, format_report
 from simulations.churn_harness import HarnessConfig, HarnessResult, run_harness
+from simulations.cli_help import DefaultsHelpFormatter
 from simulations.progress import Progress
 from simulations.scratch import scratch_dir
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Progress (step, kills, restarts) goes to stderr at least every 10 s. Without "
         "--workdir the logs live in a temp dir that is removed at exit.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     d = HarnessConfig()
     parser.add_argument("--mode", choices=("train", "generate"), default=d.mode)
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-kills", type=int, default=d.max_kills, help="0: no limit")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=d.steps, help="trainer steps")
-    length.add_argument("--duration", type=float, default=None, help="s of training instead")
+    length.add_argument(
+        "--duration", type=float, default=None, help="s of training instead of --steps"
+    )
     parser.add_argument("--model", default=d.model, help="'tiny' (written to a temp dir) or path")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -51,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--announce-period", type=float, default=d.announce_period)
     parser.add_argument("--max-wall", type=float, default=d.max_wall, help="s bound per run")
     parser.add_argument(
-        "--workdir", default=None, help="keep logs and model here (default: a temp dir, removed)"
+        "--workdir",
+        default=None,
+        help="keep logs and model here (default: a temp dir, removed at exit)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
