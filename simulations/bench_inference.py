@@ -1,6 +1,7 @@
 """Inference benchmark: tokens/s through local peers against --local, failover recovery, WAN delay.
 
-Run `python -m simulations.bench_inference [--json]`; prints one table (and JSON with --json).
+Run `python -m simulations.bench_inference [--json]`; prints one table (and JSON with --json),
+the delay column in ms per hop each way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from simulations.cli_help import DefaultsHelpFormatter
 from simulations.demo_swarm import LocalSwarm
+from simulations.progress import Progress
+
+# Why the fp32 swarm has more peers than spans (said on stderr and in --help).
+PEERS_WHY = (
+    "The fp32 swarm runs one peer per third of the blocks plus one backup of the middle third "
+    "per failover trial (--failover-trials, default 2: 5 peers), so that each trial can SIGKILL "
+    "the middle peer and the session fails over to a backup; the int8 swarm runs 3 peers."
+)
 
 
 @dataclass
@@ -32,10 +42,6 @@ class Row:
     agree_fp32: str = ""  # tokens equal to local fp32 greedy before the first difference
     agree_local: str = ""  # the same against --local with the same weights
     extra: dict = field(default_factory=dict)
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def agreement(got: list[int], want: list[int]) -> str:
@@ -128,18 +134,37 @@ def start_swarm(model: str, quant: str, spans: list[str], num_blocks: int, prefi
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--prompt", default="The three primary colors are red, yellow and")
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=2)
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.bench_inference",
+        description=__doc__.split("\n\n")[0],
+        epilog=PEERS_WHY + " Progress goes to stderr at least every 10 s.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="model name or path")
+    p.add_argument(
+        "--prompt", default="The three primary colors are red, yellow and", help="greedy prompt"
+    )
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per run")
+    p.add_argument("--repeats", type=int, default=2, help="runs per row (the best is kept)")
     p.add_argument("--hop-delay", type=float, default=0.05, help="seconds each way per hop")
-    p.add_argument("--failover-trials", type=int, default=2)
+    p.add_argument(
+        "--failover-trials", type=int, default=2, help="SIGKILLs of the middle peer, one per run"
+    )
     p.add_argument("--codec", default="int8-block64", help="the compressed activation codec")
-    p.add_argument("--skip-int8-weights", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--skip-int8-weights", action="store_true", help="only the fp32 swarm")
+    p.add_argument("--json", action="store_true", help="also print one JSON object")
     args = p.parse_args(argv)
+    with Progress("bench_inference") as progress:
+        try:
+            bench(args, progress)
+        except KeyboardInterrupt:
+            print("bench_inference: interrupted; peers stopped", file=sys.stderr)
+            sys.exit(130)
 
+
+def bench(args: argparse.Namespace, progress: Progress) -> None:
+    """Every measurement, then the table (and JSON with --json) on stdout."""
+    log = progress.update
     from swarm.model.loading import load_config, load_tokenizer, resolve_model
 
     torch.manual_seed(0)
@@ -174,7 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         # The fp32 swarm gets backups of the middle span for the failover trials.
         middle = thirds[1]
         spans = thirds + ([middle] * args.failover_trials if quant == "none" else [])
-        log(f"starting {len(spans)} peers ({quant} weights): {spans}")
+        why = "one per span"
+        if len(spans) > 3:
+            n = args.failover_trials
+            why += f" + {n} backup{'s' * (n > 1)} of the middle span for the failover trials"
+        log(f"starting {len(spans)} peers ({quant} weights): {spans}; {why}")
         swarm, boot = start_swarm(args.model, quant, spans, n, source.name)
         try:
             for codec in ("none", args.codec):
@@ -240,17 +269,18 @@ def main(argv: list[str] | None = None) -> None:
                     r.tokens_per_s = best
                 r.vs_local = r.tokens_per_s / best
     print(
-        f"{'run':<12} {'weights':<7} {'codec':<13} {'delay':>6} {'tok/s':>7} {'1st ms':>7} "
+        f"{'run':<12} {'weights':<7} {'codec':<13} {'delay':>7} {'tok/s':>7} {'1st ms':>7} "
         f"{'xlocal':>6} {'=fp32':>6} {'=local':>6}  notes"
     )
     for r in rows:
+        delay = f"{r.hop_delay_ms:.0f} ms" if r.hop_delay_ms else "-"
         notes = ""
         if "of_bound" in r.extra:
             x = r.extra
             notes = f"bound {x['bound_tokens_per_s']:.2f} tok/s ({x['hops']} hops): "
             notes += f"{x['of_bound']:.0%} of it"
         print(
-            f"{r.name:<12} {r.weights:<7} {r.codec:<13} {r.hop_delay_ms:>5.0f}m "
+            f"{r.name:<12} {r.weights:<7} {r.codec:<13} {delay:>7} "
             f"{r.tokens_per_s:>7.2f} {r.first_token_ms:>7.0f} {r.vs_local:>6.2f} "
             f"{r.agree_fp32:>6} {r.agree_local or '-':>6}  {notes}"
         )

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from simulations.churn_harness import TINY_CONFIG, HarnessConfig, HarnessResult, run_harness
+from simulations.progress import Progress
 from simulations.sim.model import SimConfig
 from simulations.sim.strategies import simulate
 
@@ -166,11 +167,23 @@ def averaging_time(workdir: str | Path) -> float:
     return statistics.fmean(slowest.values()) if slowest else 0.0
 
 
-def calibrate(cfg: HarnessConfig) -> dict:
-    """Measure without churn, fit, measure with churn, predict it; the comparison as a dict."""
+def calibrate(cfg: HarnessConfig, progress: Progress | None = None) -> dict:
+    """Measure without churn, fit, measure with churn, predict it; the comparison as a dict.
+
+    cfg.workdir is required: the fit reads the peers' logs of both runs (in no-churn/, churn/).
+    """
+    if cfg.workdir is None:
+        raise ValueError("calibrate needs cfg.workdir: it reads the peers' logs after the runs")
+    say = progress.update if progress is not None else logger.info
+    say("measuring the loopback link")
     latency_ms, bandwidth_mbps = loopback_link()
-    quiet = run_harness(dataclasses.replace(cfg, kill_every=0.0))
-    churn = run_harness(cfg)
+    say("run 1 of 2: no churn")
+    quiet_dir = str(Path(cfg.workdir) / "no-churn")
+    quiet = run_harness(dataclasses.replace(cfg, kill_every=0.0, workdir=quiet_dir), progress)
+    say(f"run 2 of 2: a kill every {cfg.kill_every:g} s")
+    churn_dir = str(Path(cfg.workdir) / "churn")
+    churn = run_harness(dataclasses.replace(cfg, workdir=churn_dir), progress)
+    say("fitting the simulator to the runs")
     return compare(cfg, quiet, churn, latency_ms, bandwidth_mbps)
 
 
@@ -279,7 +292,10 @@ def format_report(report: dict) -> str:
         f"predicted {report['churn_vs_baseline']['predicted']:.3f}; churn run / no-churn run "
         f"measured {report['churn_vs_no_churn_run_measured']:.3f} (across runs: load drift)",
         f"calibration: {report['calibration_file']} (replay: python -m simulations.churn "
-        f"--calibration {report['calibration_file']} --strategy swarm-norebalance --json)",
+        f"--calibration {report['calibration_file']} --strategy swarm-norebalance --json)"
+        if report["calibration_file"]
+        else "calibration: not kept (its temp dir is removed; pass --workdir DIR to keep "
+        "calibration.json and the logs)",
     ]
     if not c["valid"]:
         errors = " ".join(x["measured"]["error"] for x in (q, c))

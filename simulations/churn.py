@@ -27,6 +27,7 @@ import json
 import sys
 import time
 
+from simulations.progress import Progress
 from simulations.sim.model import STRATEGIES, SimConfig, load_calibration
 from simulations.sim.strategies import SimResult, simulate
 
@@ -89,13 +90,27 @@ def parse_sweep(text: str) -> tuple[str, list]:
     return name, [_parse_value(fields[name], v) for v in raw.split(",") if v.strip()]
 
 
-def run_all(base: dict, strategies: list[str], sweep: tuple[str, list] | None) -> list[tuple]:
-    """(swept value or None, SimResult) for every combination, in a fixed order."""
+def run_all(
+    base: dict,
+    strategies: list[str],
+    sweep: tuple[str, list] | None,
+    progress: Progress | None = None,
+) -> list[tuple]:
+    """(swept value or None, SimResult) for every combination, in a fixed order.
+
+    progress: told which run is simulating (repeated on stderr while it runs); None: silent.
+    """
     values = sweep[1] if sweep else [None]
+    total = len(values) * len(strategies)
+    current = [""]
+    if progress is not None:
+        progress.update(lambda: current[0])
     rows = []
     for value in values:
         changes = {sweep[0]: value} if sweep else {}
         for strategy in strategies:
+            point = f", {sweep[0]}={value}" if sweep else ""
+            current[0] = f"run {len(rows) + 1} of {total}: {strategy}{point}"
             cfg = SimConfig(**{**base, **changes, "strategy": strategy})
             rows.append((value, simulate(cfg)))
     return rows
@@ -163,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    rows = run_all(base, strategies, sweep)
+    with Progress("churn") as progress:
+        rows = run_all(base, strategies, sweep, progress)
     if args.json:
         for value, r in rows:
             data = r.to_dict(timeline=args.timeline)

@@ -2,7 +2,8 @@
 schedule while `swarm-train` trains; measures throughput, retries and lost microbatches.
 
 Used by its CLI (simulations/churn_real.py), the simulator's calibration (simulations/calibrate.py)
-and tests/simulations/test_churn_real.py. Every process it starts is killed by group and by pid.
+and tests/simulations/test_churn_real.py. Every process it starts is killed by group and by pid;
+a temp workdir is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simulations.progress import Progress
+from simulations.scratch import scratch_dir
 from swarm.procs import alive, family, kill_tree, start_ticks, stop_tree
 from swarm.tiny_checkpoint import TINY_CONFIG as TINY_BASE
 from swarm.tiny_checkpoint import write_tiny_checkpoint
@@ -63,7 +66,7 @@ class HarnessConfig:
     microbatches: int = 4
     announce_period: float = 5.0  # a SIGKILLed peer's record lingers two periods
     max_wall: float = 300.0  # hard bound on the trainer's run, seconds
-    workdir: str | None = None  # None: a fresh temp dir
+    workdir: str | None = None  # None: a temp dir, removed when the run ends
 
     def validate(self) -> None:
         if self.mode not in ("train", "generate"):
@@ -110,7 +113,7 @@ class HarnessResult:
     left_running: list[int] = field(default_factory=list)  # pids still alive after cleanup
     # [pid, start time in clock ticks] of every process started or seen as a descendant
     pids: list[list[int]] = field(default_factory=list)
-    workdir: str = ""
+    workdir: str = ""  # where the logs are; "" when they were in a temp dir, now removed
 
 
 # Processes
@@ -324,11 +327,20 @@ def _trainer_argv(cfg: HarnessConfig, swarm: Swarm, text: Path) -> list[str]:
     return argv
 
 
-def run_harness(cfg: HarnessConfig) -> HarnessResult:
-    """Start the swarm, train under the kill schedule, stop everything; the measured figures."""
+def run_harness(cfg: HarnessConfig, progress: Progress | None = None) -> HarnessResult:
+    """Start the swarm, train under the kill schedule, stop everything; the measured figures.
+
+    progress: where to report what runs (the step, kills, restarts); None: silent.
+    """
     cfg.validate()
-    workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="churn_real_"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    with scratch_dir("churn_real_", cfg.workdir) as workdir:
+        result = _run(cfg, workdir, progress)
+    if cfg.workdir is None:
+        result.workdir = ""
+    return result
+
+
+def _run(cfg: HarnessConfig, workdir: Path, progress: Progress | None) -> HarnessResult:
     (workdir / "cache").mkdir(exist_ok=True)
     model = cfg.model
     if model == "tiny":
@@ -342,7 +354,13 @@ def run_harness(cfg: HarnessConfig) -> HarnessResult:
     intervals: list[list[float]] = []
     pending: list[tuple[float, int]] = []  # (restart at, slot)
     trainer: Proc | None = None
+
+    def say(status: str | Callable[[], str]) -> None:
+        if progress is not None:
+            progress.update(status)
+
     try:
+        say(f"starting a bootstrap and {cfg.peers} peers, {cfg.stages} stage(s)")
         swarm.start()
         initial_startup = sum(swarm.startups) / len(swarm.startups)
         swarm.startups.clear()
@@ -352,6 +370,13 @@ def run_harness(cfg: HarnessConfig) -> HarnessResult:
         first_step: float | None = None
         counted = {p.pid for p in swarm.slots if p is not None}
         next_kill = float("inf")
+
+        def status() -> str:
+            done = sum(1 for _, x in trainer.lines if STEP_RE.match(x))
+            goal = f"/{cfg.steps}" if cfg.duration is None else ""
+            return f"training: step {done}{goal}, kills {kills}, restarts {restarts}"
+
+        say(status)
         while trainer.running():
             now = time.monotonic()
             if now - t_start > cfg.max_wall:
@@ -406,6 +431,7 @@ def run_harness(cfg: HarnessConfig) -> HarnessResult:
             time.sleep(0.2)
         t_end = time.monotonic()
     finally:
+        say("stopping the trainer and every peer")
         if trainer is not None and trainer.running():
             trainer.stop(signal.SIGINT, 20.0)
         swarm.stop()

@@ -12,6 +12,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -19,13 +20,18 @@ from dataclasses import asdict
 
 from simulations.calibrate import calibrate, format_report
 from simulations.churn_harness import HarnessConfig, HarnessResult, run_harness
+from simulations.cli_help import DefaultsHelpFormatter
+from simulations.progress import Progress
+from simulations.scratch import scratch_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.churn_real",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Progress (step, kills, restarts) goes to stderr at least every 10 s. Without "
+        "--workdir the logs live in a temp dir that is removed at exit.",
+        formatter_class=DefaultsHelpFormatter,
     )
     d = HarnessConfig()
     parser.add_argument("--mode", choices=("train", "generate"), default=d.mode)
@@ -37,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-kills", type=int, default=d.max_kills, help="0: no limit")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=d.steps, help="trainer steps")
-    length.add_argument("--duration", type=float, default=None, help="s of training instead")
+    length.add_argument(
+        "--duration", type=float, default=None, help="s of training instead of --steps"
+    )
     parser.add_argument("--model", default=d.model, help="'tiny' (written to a temp dir) or path")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -45,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--microbatches", type=int, default=d.microbatches)
     parser.add_argument("--announce-period", type=float, default=d.announce_period)
     parser.add_argument("--max-wall", type=float, default=d.max_wall, help="s bound per run")
-    parser.add_argument("--workdir", default=None, help="logs and model here (default: temp)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="keep logs and model here (default: a temp dir, removed at exit)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--calibrate",
@@ -62,7 +74,8 @@ def format_result(r: HarnessResult) -> str:
         f"samples {r.samples}  kills {r.kills}  restarts {r.restarts}  retries {r.retries}  "
         f"resent {r.resent}  lost {r.lost}  finished {r.finished}  "
         f"step split {r.compute_s:.2f}s + {r.wait_s:.2f}s  startup {r.startup_s:.1f}s  "
-        f"left running {len(r.left_running)}  logs {r.workdir}"
+        f"left running {len(r.left_running)}  "
+        + (f"logs {r.workdir}" if r.workdir else "logs removed (pass --workdir DIR to keep them)")
     )
 
 
@@ -79,12 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        with Progress("churn_real") as progress, scratch_dir("churn_real_", cfg.workdir) as wd:
+            run_cfg = dataclasses.replace(cfg, workdir=str(wd))
+            if args.calibrate:
+                report = calibrate(run_cfg, progress)
+            else:
+                result = run_harness(run_cfg, progress)
+    except (RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("churn_real: interrupted; every process stopped", file=sys.stderr)
+        return 130
+    if cfg.workdir is None:  # the temp dir went with the block: name nothing in it
+        if args.calibrate:
+            report["calibration_file"], report["workdirs"] = "", []
+        else:
+            result.workdir = ""
     if args.calibrate:
-        report = calibrate(cfg)
         print(json.dumps(report) if args.json else format_report(report), flush=True)
         churn = report["churn"]
         return 0 if churn["valid"] and churn["measured"]["lost"] == 0 else 1
-    result = run_harness(cfg)
     print(json.dumps(asdict(result)) if args.json else format_result(result), flush=True)
     if result.error:
         print(f"trainer failed: {result.error}", file=sys.stderr)

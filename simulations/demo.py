@@ -1,6 +1,7 @@
 """Demo: the embedded SmolLM2-135M-Instruct answers a fixed question, generated in this process.
 
-Run by `make demo` (`python -m simulations.demo`); prints the answer and a one-line summary.
+Run as `python -m simulations.demo` (no swarm; `make demo` runs simulations.demo_swarm); prints
+the answer and a one-line summary.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import sys
 import time
 
+from simulations.progress import Progress
 from swarm.errors import SwarmError
 from swarm.generation import SamplingConfig, generate_local
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -26,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         t0 = time.perf_counter()
         source = resolve_model(args.model)
-        tok, model = load_tokenizer(source), load_model(source, quant=args.quant)
+        with Progress("demo") as progress:
+            progress.update(f"loading {source.name} ({args.quant} weights)")
+            tok, model = load_tokenizer(source), load_model(source, quant=args.quant)
         load_s = time.perf_counter() - t0
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTION}]))
         print(f"Q: {QUESTION}\nA: ", end="", flush=True)

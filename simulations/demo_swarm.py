@@ -1,7 +1,8 @@
 """A local swarm on 127.0.0.1 (bootstrap DHT plus peers) that generates text, then shuts down.
 
 Run by `make demo` (`python -m simulations.demo_swarm`); `LocalSwarm` is reused by
-simulations/bench_inference.py. Every process is stopped by pid and process group.
+simulations/bench_inference.py. Every process is stopped by pid and process group; a temp log
+dir is removed at close.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+from simulations.progress import Progress
+from simulations.scratch import raise_interrupt, scratch_dir
 from swarm.procs import family, stop_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,8 +93,8 @@ class LocalSwarm:
 
     def __init__(self, model: str, log_dir: Path | None = None):
         self.model = model
-        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="swarm-demo-"))
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._scratch = ExitStack()  # a temp log dir lives until close()
+        self.log_dir = self._scratch.enter_context(scratch_dir("swarm-demo-", log_dir))
         self.procs: list[Proc] = []
         self.bootstrap: list[str] = []
 
@@ -141,6 +144,7 @@ class LocalSwarm:
             for p in reversed(self.procs):
                 p.stop()
             self.procs.clear()
+            self._scratch.close()
         finally:
             signal.signal(signal.SIGINT, old)
 
@@ -175,17 +179,20 @@ def run_demo(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     config = load_config(source)
     swarm = LocalSwarm(args.model)
-    print(f"demo: logs in {swarm.log_dir}", file=sys.stderr)
+    print(f"demo: logs in {swarm.log_dir} (removed at exit)", file=sys.stderr)
     dht = None
+    progress = Progress("demo")
     try:
         boot = swarm.start_bootstrap()
         print(f"demo: bootstrap at {boot[0]}", file=sys.stderr)
         # Our DHT client process is forked now, before anything starts threads.
         dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+        progress.start()
         # Spans of ceil(N / peers) blocks: the balancer places each flush with the gap it fills,
         # so the peers tile the model.
         per_peer = -(-config.num_layers // max(1, args.peers))
         for i in range(args.peers):
+            progress.update(f"starting peer {i + 1} of {args.peers} ({args.quant} weights)")
             # One at a time, so each --stage auto peer sees where the swarm is weakest.
             swarm.start_peer(
                 "--stage",
@@ -204,9 +211,10 @@ def run_demo(args: argparse.Namespace) -> int:
             )
         records = swarm.wait_online(dht, source.name, config.num_layers, args.peers, 30)
         spans = ", ".join(f"{r.start}:{r.end}" for r in sorted(records, key=lambda r: r.start))
-        print(
-            f"demo: {args.peers} peers serve {spans} ({time.monotonic() - t0:.0f} s)",
-            file=sys.stderr,
+        # The client streams text and prints its own summary: say this once.
+        progress.update(
+            f"{args.peers} peers serve {spans} ({time.monotonic() - t0:.0f} s); generating",
+            repeat=False,
         )
         cmd = [
             sys.executable,
@@ -234,14 +242,12 @@ def run_demo(args: argparse.Namespace) -> int:
         print("demo: interrupted", file=sys.stderr)
         return 130
     finally:
+        progress.update("stopping the swarm")
         if dht is not None:
             dht.shutdown()
         swarm.close()
+        progress.stop()
         print(f"demo: swarm shut down ({time.monotonic() - t0:.0f} s in all)", file=sys.stderr)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         run_bootstrap()
         return
     # SIGTERM unwinds like Ctrl-C, so the swarm is shut down by the `finally` of run_demo.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     sys.exit(run_demo(args))
 
 
