@@ -50,6 +50,7 @@ class NoRunPeers(NoRoute):
 
 # A replica's progress record must be absent this long before its microbatches are resent.
 MISSING_GRACE_S = 2.0
+NOTE_EVERY_S = 10.0  # a wait this long or longer is reported on stderr, again every as long
 
 
 @dataclass
@@ -313,6 +314,7 @@ class Trainer:
         """Wait up to `timeout` s for the run's chain; longer (stall_timeout) while peers of the
         run are still loading, so a trainer started with its peers does not give up on them."""
         t0 = time.monotonic()
+        note_at = t0 + NOTE_EVERY_S
         while True:
             try:
                 await self.refresh_stages()
@@ -322,6 +324,9 @@ class Trainer:
                 loading = isinstance(e, NoRunPeers) and e.loading
                 if waited > (max(timeout, self.config.stall_timeout) if loading else timeout):
                     raise NoRoute(f"{e} (waited {waited:.0f} s)") from None
+                if time.monotonic() >= note_at:
+                    note_at += NOTE_EVERY_S
+                    logger.warning("waiting %.0f s for the run's peers: %s", waited, e)
                 await asyncio.sleep(1.0)
 
     # One call to one stage, retried on other replicas
@@ -666,12 +671,17 @@ class Trainer:
         """
         t0 = time.monotonic()
         deadline = t0 + self.config.step_timeout
+        note_at = t0 + NOTE_EVERY_S
         while not done():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 logger.warning(
                     "%s after %.0f s: going on, staler", what(), self.config.step_timeout
                 )
                 break
+            if now >= note_at:  # a long wait says so: nobody watches a silent terminal for long
+                note_at += NOTE_EVERY_S
+                logger.warning("waiting %.0f s: %s", now - t0, what())
             changed.clear()
             try:
                 await asyncio.wait_for(changed.wait(), 1.0)
