@@ -31,26 +31,17 @@ def _coverage(records, n=6) -> list[int]:
     return cover
 
 
-def _status_json(maddrs: list[str], model: str) -> dict:
+def _status(maddrs: list[str], model: str, *flags: str) -> str:
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarm.cli.peer",
-            "status",
-            "--initial-peers",
-            *maddrs,
-            "--model",
-            model,
-            "--json",
-        ],
+        [sys.executable, "-m", "swarm.cli.peer", "status", "--initial-peers", *maddrs]
+        + ["--model", model, *flags],
         capture_output=True,
         timeout=120,
         cwd=REPO,
         text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
+    return out.stdout
 
 
 @pytest.mark.slow
@@ -92,8 +83,14 @@ def test_scenario_auto_cover_kill_and_drain(tiny_model_dir, peer_factory):
         records = wait_for(covered, 120, 0.5, "4 auto peers to cover all 6 blocks")
 
         # status --json shows every block served.
-        table = _status_json(maddrs, name)
+        table = json.loads(_status(maddrs, name, "--json"))
         assert table["model"] == name and table["num_blocks"] == 6
+        assert len(table["peers"]) == 4 and table["uncovered"] == []
+        # The table people read: one row per peer and span, then the coverage line.
+        text = _status(maddrs, name).splitlines()
+        assert text[0] == f"model {name}: 6 blocks, 4 peers" and len(text) == 2 + 4 + 1, text
+        assert text[-1].startswith("coverage: every block served, by at least "), text
+        assert all(line.split()[-1] == "inference" for line in text[2:-1]), text
         assert all(
             any(p["state"] == "online" for p in block["peers"]) for block in table["blocks"]
         ), table
