@@ -1,7 +1,7 @@
 """P2P daemon start-up in words: is our port free, are the multiaddrs real, what did p2pd mean?
 
 Used by `swarm.peer.server.Peer`, the trainer, `swarm-peer status` and the client before their DHT
-starts (p2pd takes ~10 s to report a bad address), and by `swarm.cli.console` for p2pd's errors.
+starts (so a bad address is named, with a hint), and by `swarm.cli.console` for p2pd's errors.
 """
 
 from __future__ import annotations
