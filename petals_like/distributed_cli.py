@@ -14,7 +14,6 @@ import torch
 
 from petals_like.console import PrefillProgress, cut_notice
 from swarm.errors import SwarmError
-from swarm.net import check_initial_peers
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,6 @@ def run_distributed(args: argparse.Namespace) -> int:
     from swarm.model.tokenizer import StreamDecoder
 
     t0 = time.perf_counter()
-    check_initial_peers(args.initial_peers)
     model = DistributedModelForCausalLM.from_pretrained(
         args.model,
         args.initial_peers,
