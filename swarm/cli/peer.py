@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--timeout", type=float, default=10.0, help="DHT timeout in seconds")
+    status.add_argument(
+        "--web", action="store_true", help="serve the live dashboard page instead of printing"
+    )
+    status.add_argument("--host", default="127.0.0.1", help="--web: address to listen on")
+    status.add_argument(
+        "--port", type=int, default=8080, help="--web: port to listen on, 0 for any free one"
+    )
     return parser
 
 
@@ -55,34 +62,6 @@ def join(args: argparse.Namespace) -> int:
     else:
         peer = Peer(config, on_maddrs=_print_maddrs)
     return peer.run()
-
-
-def swarm_table(model: str, num_blocks: int, records: list) -> dict:
-    """The status JSON object: each peer and span, every block's peers, the uncovered blocks."""
-    peers = [
-        {
-            "peer_id": r.peer_id,
-            "start": r.start,
-            "end": r.end,
-            "state": r.state,
-            "throughput": round(r.throughput, 3),
-            "cache_tokens_left": r.cache_tokens_left,
-            "run_id": r.run_id,
-        }
-        for r in sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
-    ]
-    blocks = [
-        {"index": i, "peers": [p for p in peers if p["start"] <= i < p["end"]]}
-        for i in range(num_blocks)
-    ]
-    uncovered = [b["index"] for b in blocks if not any(p["state"] != "offline" for p in b["peers"])]
-    return {
-        "model": model,
-        "num_blocks": num_blocks,
-        "peers": peers,
-        "blocks": blocks,
-        "uncovered": uncovered,
-    }
 
 
 def _print_table(table: dict) -> None:
@@ -109,35 +88,29 @@ def _print_table(table: dict) -> None:
 def status(args: argparse.Namespace) -> int:
     import hivemind
 
+    from swarm.dashboard.snapshot import fetch_tables
     from swarm.net import check_initial_peers
-    from swarm.peer.dht_view import fetch_models, fetch_swarm
 
     check_initial_peers(args.initial_peers)
     reap_children_on_exit()
+    if args.web:
+        from swarm.dashboard.web import serve_dashboard
+
+        def listening(url: str) -> None:
+            print(f"dashboard at {url}/", flush=True)
+
+        return serve_dashboard(
+            args.initial_peers, args.model, args.host, args.port, args.timeout, listening
+        )
     dht = hivemind.DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
     try:
-        models = fetch_models(dht, timeout=args.timeout)
-        if args.model:
-            wanted = {args.model}
-            try:
-                from swarm.model.loading import resolve_model
-
-                wanted.add(resolve_model(args.model).name)
-            except Exception:  # a name only the swarm knows is fine
-                pass
-            models = [m for m in models if m.prefix in wanted]
-        if not models:
-            what = f"model {args.model!r} is not" if args.model else "no model is"
-            print(f"swarm-peer: error: {what} announced in this swarm", file=sys.stderr)
-            return 1
-        tables = [
-            swarm_table(
-                m.prefix, m.num_blocks, fetch_swarm(dht, m.prefix, m.num_blocks, args.timeout)
-            )
-            for m in models
-        ]
+        tables = fetch_tables(dht, args.model, args.timeout)
     finally:
         dht.shutdown()
+    if not tables:
+        what = f"model {args.model!r} is not" if args.model else "no model is"
+        print(f"swarm-peer: error: {what} announced in this swarm", file=sys.stderr)
+        return 1
     if args.json:
         out = tables[0] if len(tables) == 1 else {"models": tables}
         print(json.dumps(out))
