@@ -28,6 +28,24 @@ class _StopMatched(Exception):
     """A stop sequence appeared: generation ends here (finish_reason "stop")."""
 
 
+def token_budget(prompt_len: int, asked: int | None, context: int, default: int) -> int:
+    """New tokens for a prompt: `asked`, or `default` cut to the context when not given.
+
+    Raises BadRequest for an empty prompt or one that, with `asked`, does not fit the context
+    (OpenAI refuses such a request rather than cutting it).
+    """
+    if prompt_len == 0:
+        raise BadRequest("the prompt is empty")
+    room = context - prompt_len
+    if room <= 0 or (asked is not None and asked > room):
+        want = prompt_len + (asked or 0)
+        raise BadRequest(
+            f"this model's maximum context length is {context} tokens; the request needs "
+            f"{want} ({prompt_len} in the prompt, {asked or 0} for the completion)"
+        )
+    return min(default, room) if asked is None else asked
+
+
 class StopScanner:
     """Cuts streamed text at the first stop sequence, holding back what may start one.
 
@@ -110,17 +128,7 @@ class Engine:
         return self.encode(self.tokenizer.apply_chat_template(messages))
 
     def budget(self, prompt_len: int, asked: int | None) -> int:
-        """New tokens for a prompt: `asked`, or the default cut to the context when not given."""
-        if prompt_len == 0:
-            raise BadRequest("the prompt is empty")
-        room = self.context - prompt_len
-        if room <= 0 or (asked is not None and asked > room):
-            want = prompt_len + (asked or 0)
-            raise BadRequest(
-                f"this model's maximum context length is {self.context} tokens; the request "
-                f"needs {want} ({prompt_len} in the prompt, {asked or 0} for the completion)"
-            )
-        return min(self.default_max_tokens, room) if asked is None else asked
+        return token_budget(prompt_len, asked, self.context, self.default_max_tokens)
 
     # ---- generation --------------------------------------------------------------------------
     def run(self, job: Job, emit: Callable[[str], None], cancelled: threading.Event) -> Outcome:
