@@ -19,6 +19,7 @@ from swarm.generation import SamplingConfig, generate_local
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from swarm.model.tokenizer import StreamDecoder
 from swarm.procs import reap_children_on_exit
+from swarm.speculative import SpeculativeStats
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="block weights with --local (default: %(default)s)",
     )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument(
+        "--speculative",
+        metavar="ngram|MODEL",
+        default=None,
+        help="draft tokens and verify several per step (per chain round trip on the swarm): "
+        "'ngram' looks them up in the text so far, or a small local model with the same "
+        "tokenizer drafts them; greedy text is unchanged (batch 1)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     add_distributed_arguments(p)
     return p
@@ -94,6 +103,7 @@ def run_local(args: argparse.Namespace) -> None:
         sys.stdout.write(stream.push(token))
         sys.stdout.flush()
 
+    spec = SpeculativeStats() if args.speculative else None
     t1 = time.perf_counter()
     new_ids = generate_local(
         model,
@@ -103,6 +113,8 @@ def run_local(args: argparse.Namespace) -> None:
         sampling,
         on_token=on_token,
         on_prefill=PrefillProgress(),
+        speculative=args.speculative,
+        stats=spec,
     )
     gen_s = time.perf_counter() - t1
     sys.stdout.write(stream.flush() + "\n")
@@ -121,6 +133,8 @@ def run_local(args: argparse.Namespace) -> None:
         f"{tps:.1f} tokens/s",
         file=sys.stderr,
     )
+    if spec is not None:
+        print(spec.summary(args.speculative), file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

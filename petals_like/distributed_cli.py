@@ -44,6 +44,8 @@ def _summary(model, args: argparse.Namespace, prompt_len: int, load_s: float) ->
         f"{st.first_token_s * 1000:.0f} ms, {st.decode_tokens_per_s:.1f} tokens/s",
         f"route: {describe(st.route)} (compression {getattr(args, 'compression', 'auto')})",
     ]
+    if st.speculative is not None:
+        lines.append(st.speculative.summary(args.speculative))
     lines += [f"failover: {f.summary()}" for f in st.failovers]
     if not st.failovers:
         lines.append("failover: none")
@@ -92,6 +94,7 @@ def run_distributed(args: argparse.Namespace) -> int:
             seed=args.seed,
             on_token=on_token,
             on_prefill=PrefillProgress(),
+            speculative=getattr(args, "speculative", None),
         )
         sys.stdout.write(stream.flush() + "\n")
         sys.stdout.flush()

@@ -63,6 +63,10 @@ class InferenceSession:
         """[B, T, H] hidden states at the next T positions through every block of the swarm."""
         return self.model.loop.run(self._remote.step(hidden), timeout)
 
+    def rollback(self, position: int, timeout: float | None = 10.0) -> None:
+        """Keep only the first `position` positions on the swarm (speculative decoding)."""
+        self.model.loop.run(self._remote.rollback(position), timeout)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -89,6 +93,7 @@ class GenerationStats:
     route: list[Hop] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # time.monotonic() per new token
+    speculative: Any = None  # swarm.speculative.SpeculativeStats when drafts were verified
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -222,6 +227,7 @@ class DistributedModelForCausalLM:
         on_token: Callable[[torch.Tensor], None] | None = None,
         step_timeout: float | None = 600.0,
         on_prefill: Callable[[int, int], None] | None = None,
+        speculative: Any = None,
     ) -> torch.Tensor:
         """Sample up to `max_new_tokens` after `input_ids` [B, T]; returns [B, T + new].
 
@@ -232,6 +238,10 @@ class DistributedModelForCausalLM:
         step_timeout bounds each step, failovers included. Near the end of the context, generation
         cuts `max_new_tokens` down to what fits. on_prefill gets (tokens done, tokens in
         all) while a long prompt is prefilled in steps of `swarm.generation.PREFILL_CHUNK`.
+        speculative: "ngram" (prompt lookup), a local draft model's path or alias (same
+        tokenizer), or a swarm.speculative drafter: each chain round trip verifies a draft of
+        several tokens (batch 1). Greedy text is unchanged; sampled text keeps the model's
+        distribution. last_stats.speculative tells tokens per round trip.
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         if ids.dim() == 1:
@@ -265,6 +275,7 @@ class DistributedModelForCausalLM:
                 on_token,
                 step_timeout,
                 on_prefill,
+                speculative,
             )
         finally:
             if own:
@@ -281,6 +292,7 @@ class DistributedModelForCausalLM:
         on_token: Callable[[torch.Tensor], None] | None,
         step_timeout: float | None,
         on_prefill: Callable[[int, int], None] | None = None,
+        speculative: Any = None,
     ) -> torch.Tensor:
         feed = ids if session.pending is None else torch.cat([session.pending[:, None], ids], 1)
         room = session.max_length - session.position - feed.shape[1] + 1
@@ -310,6 +322,30 @@ class DistributedModelForCausalLM:
 
         eos = eos_ids(self.tokenizer, self.config)
         try:
+            if speculative is not None:
+                from swarm.speculative import SpeculativeStats, make_drafter, speculative_loop
+
+                def step_all(step_input: torch.Tensor) -> torch.Tensor:
+                    hidden = session.step(self.client_parts.embed(step_input), step_timeout)
+                    return self.client_parts.logits(hidden)[0]
+
+                stats.speculative = SpeculativeStats()
+                return speculative_loop(
+                    step_all,
+                    session.rollback,
+                    session.position,
+                    feed,
+                    session.token_ids,
+                    max_new_tokens,
+                    sampling,
+                    make_drafter(speculative, session.max_length),
+                    eos,
+                    stop_on_eos,
+                    on_new,
+                    on_prefill,
+                    room=session.max_length,
+                    stats=stats.speculative,
+                )
             return generation_loop(
                 step,
                 feed,

@@ -194,6 +194,19 @@ class RemoteInferenceSession:
         self.position = pos + n
         return out
 
+    async def rollback(self, position: int) -> None:
+        """Keep the first `position` positions (speculative decoding dropped the rest).
+
+        The peers are not told: the next step starts at `position`, and their caches overwrite
+        what they held from there. The kept inputs are cut too, so a replay sends only these.
+        """
+        if not 0 <= position <= self.position:
+            raise BadRequest(f"cannot roll back to {position}: the session holds {self.position}")
+        async with self._lock:
+            for h in self._hops:
+                h.truncate(position)
+            self.position = position
+
     async def _run(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         end_pos = pos + hidden.shape[1]
         x, x_start = hidden, pos  # x holds the activations for positions [x_start, end_pos)

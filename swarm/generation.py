@@ -93,6 +93,31 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def adjusted_logits(
+    logits: torch.Tensor,
+    prev_ids: torch.Tensor | Sequence[Sequence[int]] | None,
+    cfg: SamplingConfig,
+) -> torch.Tensor:
+    """fp32 logits [B, V] with the repetition penalty applied (what greedy takes the argmax of)."""
+    logits = logits.float()
+    if prev_ids is not None and cfg.repetition_penalty != 1.0:
+        prev = torch.as_tensor(prev_ids, dtype=torch.long, device=logits.device)
+        logits = apply_repetition_penalty(
+            logits, prev.reshape(logits.shape[0], -1), cfg.repetition_penalty
+        )
+    return logits
+
+
+def next_token_probs(
+    logits: torch.Tensor,
+    prev_ids: torch.Tensor | Sequence[Sequence[int]] | None,
+    cfg: SamplingConfig,
+) -> torch.Tensor:
+    """The distribution [B, V] that sampling at temperature > 0 draws from."""
+    logits = adjusted_logits(logits, prev_ids, cfg)
+    return filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     prev_ids: torch.Tensor | Sequence[Sequence[int]] | None,
@@ -102,16 +127,9 @@ def sample_next(
     """The next token of each row: logits [B, V], prev_ids [B, T] (prompt and generated so far)."""
     if logits.dim() != 2:
         raise BadRequest(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
-    logits = logits.float()
-    if prev_ids is not None and cfg.repetition_penalty != 1.0:
-        prev = torch.as_tensor(prev_ids, dtype=torch.long, device=logits.device)
-        logits = apply_repetition_penalty(
-            logits, prev.reshape(logits.shape[0], -1), cfg.repetition_penalty
-        )
     if cfg.temperature == 0.0:
-        return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    probs = logits.softmax(-1)
+        return adjusted_logits(logits, prev_ids, cfg).argmax(-1)
+    probs = next_token_probs(logits, prev_ids, cfg)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -203,20 +221,57 @@ def generate_local(
     stop_on_eos: bool = True,
     on_token: Callable[[int], None] | None = None,
     on_prefill: Callable[[int, int], None] | None = None,
+    speculative: object | None = None,
+    stats: object | None = None,
 ) -> list[int]:
     """Generate up to `max_new_tokens` after `prompt_ids` with the KV cache; returns new ids only.
 
     Stops early at the model's context (see `new_token_budget`). tokenizer: gives
     `eos_token_ids` (falls back to the config's). on_token: called per new token. on_prefill:
-    as in `generation_loop`.
+    as in `generation_loop`. speculative: "ngram", a draft model's path or a drafter
+    (swarm.speculative); stats: a swarm.speculative.SpeculativeStats to fill.
     """
     sampling = sampling or SamplingConfig()
     prompt = [int(t) for t in prompt_ids]
     max_new_tokens = new_token_budget(
         len(prompt), max_new_tokens, model.config.max_position_embeddings
     )
-    caches = model.new_caches(1, len(prompt) + max_new_tokens)
+    length = len(prompt) + max_new_tokens
+    caches = model.new_caches(1, length)
     pos = 0
+    ids = torch.tensor([prompt], dtype=torch.long)
+    eos = eos_ids(tokenizer, model.config)
+    emit = None if on_token is None else lambda nxt: on_token(int(nxt[0]))
+    if speculative is not None:
+        from swarm.speculative import make_drafter, speculative_loop
+
+        def step_all(x: torch.Tensor) -> torch.Tensor:
+            nonlocal pos
+            logits = model(x, pos, caches)[0]
+            pos += x.shape[1]
+            return logits
+
+        def rollback(n: int) -> None:
+            nonlocal pos
+            pos = n  # later writes at these positions overwrite the rejected ones
+
+        new = speculative_loop(
+            step_all,
+            rollback,
+            0,
+            ids,
+            ids,
+            max_new_tokens,
+            sampling,
+            make_drafter(speculative, length),
+            eos,
+            stop_on_eos,
+            emit,
+            on_prefill,
+            room=length,
+            stats=stats,
+        )
+        return new[0].tolist()
 
     def step(x: torch.Tensor) -> torch.Tensor:
         nonlocal pos
@@ -224,16 +279,7 @@ def generate_local(
         pos += x.shape[1]
         return logits
 
-    ids = torch.tensor([prompt], dtype=torch.long)
     new = generation_loop(
-        step,
-        ids,
-        ids,
-        max_new_tokens,
-        sampling,
-        eos_ids(tokenizer, model.config),
-        stop_on_eos,
-        None if on_token is None else lambda nxt: on_token(int(nxt[0])),
-        on_prefill,
+        step, ids, ids, max_new_tokens, sampling, eos, stop_on_eos, emit, on_prefill
     )
     return new[0].tolist()

@@ -98,6 +98,22 @@ def test_scenario_greedy_through_the_swarm_equals_local(swarm, tiny_model_dir, l
 
 
 @pytest.mark.timeout(300)
+def test_scenario_speculative_greedy_through_the_swarm_equals_local(
+    swarm, tiny_model_dir, local_model
+):
+    from swarm.speculative import ModelDrafter
+
+    want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
+    with connect(swarm, tiny_model_dir, compression="none") as model:
+        for spec in ("ngram", ModelDrafter(local_model, len(PROMPT) + NEW)):
+            out = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False, speculative=spec)
+            assert out[0, len(PROMPT) :].tolist() == want
+        # The draft model is the target itself: every draft is taken, few round trips are made.
+        st = model.last_stats.speculative
+    assert st.tokens == NEW and st.accepted == st.drafted and st.rounds <= NEW // 3, st
+
+
+@pytest.mark.timeout(300)
 def test_scenario_int8_activations_stay_close(swarm, tiny_model_dir, local_model):
     want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
     with connect(swarm, tiny_model_dir, compression="int8-block64") as model:

@@ -226,3 +226,30 @@ def test_failover_reason_is_one_short_line_with_the_short_peer_id():
     assert peer not in text and text.count(f"...{peer[-6:]}") == 2
     assert "\n" not in text and len(text) <= 164 and text.endswith(" ...")
     assert text.startswith("PeerUnavailable: peer ...")
+
+
+@pytest.mark.timeout(30)
+async def test_rollback_overwrites_from_there_and_replays_only_what_was_kept(
+    fake_swarm, tiny_model
+):
+    peers = {p: fake_swarm.add(p, s, e) for p, s, e in [("a", 0, 3), ("b", 3, 6)]}
+    fake_swarm.add("z", 3, 6, rps=1.0)  # a slower backup of b's span
+    router = fake_swarm.router()
+    await router.start()
+    session = RemoteInferenceSession(router, 64)
+    x = make_chunks(tiny_model, [6, 4, 2, 1], seed=3)
+    await session.step(x[0])
+    await session.step(x[1])  # a draft of 4 positions, 6..9
+    await session.rollback(7)  # only position 6 was accepted
+    assert session.position == 7
+    out = await session.step(x[2])  # positions 7, 8 again: the peers overwrite them
+    assert peers["a"].streams[-1].positions[-1] == (7, 2)
+    kept = torch.cat([x[0], x[1][:, :1], x[2]], dim=1)
+    want = local_steps(tiny_model, [kept])[0][:, -2:]
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+    peers["b"].dead = True  # the replay sends the 9 kept positions and the new one, no more
+    await session.step(x[3])
+    assert fake_swarm.peers["z"].streams[-1].positions[0] == (0, 10)
+    with pytest.raises(BadRequest, match="roll back"):
+        await session.rollback(11)
+    await session.close()
