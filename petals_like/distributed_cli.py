@@ -27,10 +27,17 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
         "(exact fp32) or a codec name such as dynamic8-block64 (default: %(default)s)",
     )
     parser.add_argument(
-        "--hop-delay",
+        "--link-delay",
         type=float,
         default=0.0,
-        help="seconds added each way on every request to a peer (WAN emulation; default 0)",
+        help="WAN emulation: seconds added to every message this client sends to a peer (one "
+        "way; give peers the same with `swarm-peer join --link-delay`; default 0)",
+    )
+    parser.add_argument(
+        "--link-bandwidth",
+        type=float,
+        default=0.0,
+        help="WAN emulation: this client's uplink in Mbit/s (default 0: no cap)",
     )
 
 
@@ -56,7 +63,8 @@ def run_distributed(args: argparse.Namespace) -> int:
     """Generate through the swarm at `args.initial_peers`; returns the process exit code.
 
     Reads the flags of swarm-generate (prompt, model, initial_peers, max_new_tokens, temperature,
-    top_k, top_p, repetition_penalty, seed, chat) and, if present, compression and hop_delay.
+    top_k, top_p, repetition_penalty, seed, chat) and, if present, compression, link_delay and
+    link_bandwidth.
     The continuation streams to stdout; the summary (tokens/s, route, failovers) to stderr.
     """
     from petals_like.model import DistributedModelForCausalLM
@@ -67,7 +75,8 @@ def run_distributed(args: argparse.Namespace) -> int:
         args.model,
         args.initial_peers,
         compression=getattr(args, "compression", "auto"),
-        hop_delay=getattr(args, "hop_delay", 0.0),
+        link_delay=getattr(args, "link_delay", 0.0),
+        link_bandwidth=getattr(args, "link_bandwidth", 0.0),
     )
     load_s = time.perf_counter() - t0
     try:

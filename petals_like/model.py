@@ -18,9 +18,9 @@ from petals_like.loop import BackgroundLoop
 from petals_like.router import RouterConfig, SwarmRouter
 from petals_like.routing import Hop, RouteCosts
 from petals_like.session import Failover, RemoteInferenceSession
-from petals_like.wan import with_delay
 from swarm.errors import BadRequest, CheckpointError, PeerUnavailable
 from swarm.generation import SamplingConfig, eos_ids, generation_loop, new_token_budget
+from swarm.link import Link
 from swarm.model.config import ModelConfig
 from swarm.model.llama import ClientParts
 
@@ -135,7 +135,8 @@ class DistributedModelForCausalLM:
         initial_peers: Sequence[str],
         *,
         compression: str | None = None,
-        hop_delay: float = 0.0,
+        link_delay: float = 0.0,
+        link_bandwidth: float = 0.0,
         router_config: RouterConfig | None = None,
         costs: RouteCosts | None = None,
         dht: Any = None,
@@ -149,8 +150,9 @@ class DistributedModelForCausalLM:
         initial_peers: multiaddrs of any peers of the swarm.
         compression: activation codec: "auto" (int8-block64 where a peer offers it), "none"
             (exact: fp32 on the wire) or a codec name; by default router_config's ("auto").
-        hop_delay: seconds added each way on every request (user-space WAN emulation,
-            petals_like.wan).
+        link_delay, link_bandwidth: WAN emulation (swarm.link): seconds added to every message
+            this client sends to a peer (one way; peers add theirs with `--link-delay`), and
+            this client's uplink in Mbit/s (0: no cap).
         router_config: routing, timeout, ban and compression settings.
         dht: an already running hivemind.DHT to share; by default one is started in client mode.
         """
@@ -186,7 +188,7 @@ class DistributedModelForCausalLM:
             p2p = loop.run(dht.replicate_p2p(), timeout=start_timeout)
             router = SwarmRouter(
                 dht,
-                with_delay(PeerClient(p2p), hop_delay),
+                PeerClient(p2p, link=Link(link_delay, link_bandwidth)),
                 source.name,
                 config.num_layers,
                 config=rc,

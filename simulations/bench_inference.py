@@ -35,7 +35,7 @@ class Row:
     name: str
     weights: str  # block weights: none (fp32) or int8
     codec: str  # activation codec on the wire
-    hop_delay_ms: float = 0.0
+    link_delay_ms: float = 0.0  # one way, on every link (client and peers)
     tokens_per_s: float = 0.0
     first_token_ms: float = 0.0
     vs_local: float = 0.0  # tokens/s over --local with the same weights
@@ -71,16 +71,20 @@ def run_local(source, quant: str, prompt: list[int], new: int, repeats: int):
     return best, first_ms, tokens
 
 
-def run_swarm(model_name, boot, prompt, new, repeats, compression, hop_delay=0.0):
+def run_swarm(
+    model_name, boot, prompt, new, repeats, compression, link_delay=0.0, speculative=None
+):
     """Best decode tokens/s through the swarm, first-token ms, tokens, route."""
     from petals_like.model import DistributedModelForCausalLM
 
     with DistributedModelForCausalLM.from_pretrained(
-        model_name, boot, compression=compression, hop_delay=hop_delay
+        model_name, boot, compression=compression, link_delay=link_delay
     ) as model:
         best, first_ms, tokens, route = 0.0, 0.0, [], []
         for _ in range(repeats):
-            out = model.generate(prompt, max_new_tokens=new, stop_on_eos=False)
+            out = model.generate(
+                prompt, max_new_tokens=new, stop_on_eos=False, speculative=speculative
+            )
             st = model.last_stats
             if st.decode_tokens_per_s > best:
                 best, first_ms = st.decode_tokens_per_s, st.first_token_s * 1000
@@ -120,14 +124,80 @@ def run_failover(model_name, boot, swarm: LocalSwarm, prompt, new, reference, ki
     }
 
 
-def start_swarm(model: str, quant: str, spans: list[str], num_blocks: int, prefix: str):
+def run_wan(args, source, spans, local, log) -> list[Row]:
+    """A swarm whose every link pays --link-delay one way: plain and speculative greedy."""
+    from petals_like.model import DistributedModelForCausalLM
+    from swarm.model.loading import load_tokenizer
+
+    d = args.link_delay
+    prompt = load_tokenizer(source).encode(args.repeat_prompt)
+    new = max(8, args.new_tokens // 2)
+    log(f"starting {len(spans)} peers with --link-delay {d}: {spans}")
+    swarm, boot = start_swarm(args.model, "none", spans, source_blocks(source), source.name, d)
+    rows, plain = [], None
+    try:
+        with DistributedModelForCausalLM.from_pretrained(
+            args.model, boot, compression="none", link_delay=d
+        ) as model:
+            model.generate(prompt, max_new_tokens=2, stop_on_eos=False)  # routes and dials
+            for spec in (None, "ngram"):
+                out = model.generate(
+                    prompt, max_new_tokens=new, stop_on_eos=False, speculative=spec
+                )
+                st = model.last_stats
+                toks = out[0, len(prompt) :].tolist()
+                hops = len(st.route)
+                bound = 1.0 / (hops * 2 * d)  # a relayed token: a round trip per hop
+                tps = st.decode_tokens_per_s
+                extra = {"bound_tokens_per_s": bound, "of_bound": tps / bound, "hops": hops}
+                if spec:
+                    extra["same_text_as_plain"] = toks == plain
+                    extra["tokens_per_round_trip"] = st.speculative.tokens_per_round
+                else:
+                    plain = toks
+                rows.append(
+                    Row(
+                        "wan" if spec is None else "wan+ngram",
+                        "none",
+                        "none",
+                        link_delay_ms=d * 1000,
+                        tokens_per_s=tps,
+                        first_token_ms=st.first_token_s * 1000,
+                        vs_local=tps / local["none"][0],
+                        extra=extra,
+                    )
+                )
+                log(f"{d * 1000:.0f} ms one way, speculative {spec}: {tps:.2f} tok/s")
+    finally:
+        swarm.close()
+    return rows
+
+
+def source_blocks(source) -> int:
+    from swarm.model.loading import load_config
+
+    return load_config(source).num_layers
+
+
+def start_swarm(
+    model: str, quant: str, spans: list[str], num_blocks: int, prefix: str, link_delay: float = 0.0
+):
     import hivemind
 
     swarm = LocalSwarm(model)
     boot = swarm.start_bootstrap()
     dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
     for s in spans:
-        swarm.start_peer("--stage", s, "--quant", quant, "--max-start-delay", "0")
+        swarm.start_peer(
+            "--stage",
+            s,
+            "--quant",
+            quant,
+            "--max-start-delay",
+            "0",
+            "--link-delay",
+            str(link_delay),
+        )
     swarm.wait_online(dht, prefix, num_blocks, len(spans), 600)
     dht.shutdown()
     return swarm, boot
@@ -146,7 +216,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per run")
     p.add_argument("--repeats", type=int, default=2, help="runs per row (the best is kept)")
-    p.add_argument("--hop-delay", type=float, default=0.05, help="seconds each way per hop")
+    p.add_argument(
+        "--link-delay",
+        type=float,
+        default=0.05,
+        help="one-way seconds on every link, for the WAN rows (a swarm of its own; 0: none)",
+    )
+    p.add_argument(
+        "--repeat-prompt",
+        default="Say it three times: the cat sat on the mat, the cat sat on the mat, the cat",
+        help="prompt of the WAN rows, whose continuation repeats it (--speculative ngram)",
+    )
     p.add_argument(
         "--failover-trials", type=int, default=2, help="SIGKILLs of the middle peer, one per run"
     )
@@ -222,29 +302,6 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
                     )
                 )
                 log(f"swarm {quant}/{codec}: {tps:.1f} tok/s via {route}")
-            if quant == "none" and args.hop_delay > 0:
-                tps, ftm, toks, route = run_swarm(
-                    args.model, boot, prompt, max(8, new // 4), 1, "none", args.hop_delay
-                )
-                hops = len(route)
-                bound = 1.0 / (hops * 2 * args.hop_delay)
-                rows.append(
-                    Row(
-                        "swarm+delay",
-                        quant,
-                        "none",
-                        hop_delay_ms=args.hop_delay * 1000,
-                        tokens_per_s=tps,
-                        first_token_ms=ftm,
-                        vs_local=tps / local[quant][0],
-                        agree_fp32=agreement(toks, local["none"][1][: len(toks)]),
-                        extra={"bound_tokens_per_s": bound, "of_bound": tps / bound, "hops": hops},
-                    )
-                )
-                log(
-                    f"swarm with {args.hop_delay * 1000:.0f} ms/hop each way: {tps:.2f} tok/s, "
-                    f"bound {bound:.2f}"
-                )
             if quant == "none":
                 for trial in range(args.failover_trials):
                     r = run_failover(args.model, boot, swarm, prompt, new, local["none"][1], 12)
@@ -255,6 +312,9 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
                     )
         finally:
             swarm.close()
+
+    if args.link_delay > 0:
+        rows += run_wan(args, source, thirds, local, log)
 
     # Measure --local again after the swarms: on a shared machine the load drifts; keep the best
     # and recompute the ratios against it.
@@ -273,12 +333,14 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
         f"{'xlocal':>6} {'=fp32':>6} {'=local':>6}  notes"
     )
     for r in rows:
-        delay = f"{r.hop_delay_ms:.0f} ms" if r.hop_delay_ms else "-"
+        delay = f"{r.link_delay_ms:.0f} ms" if r.link_delay_ms else "-"
         notes = ""
         if "of_bound" in r.extra:
             x = r.extra
-            notes = f"bound {x['bound_tokens_per_s']:.2f} tok/s ({x['hops']} hops): "
+            notes = f"relay bound {x['bound_tokens_per_s']:.2f} tok/s ({x['hops']} hops): "
             notes += f"{x['of_bound']:.0%} of it"
+            if "tokens_per_round_trip" in x:
+                notes += f"; {x['tokens_per_round_trip']:.2f} tokens per chain round trip"
         print(
             f"{r.name:<12} {r.weights:<7} {r.codec:<13} {delay:>7} "
             f"{r.tokens_per_s:>7.2f} {r.first_token_ms:>7.0f} {r.vs_local:>6.2f} "

@@ -18,6 +18,7 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 
 from proto import peer_pb2
 from swarm.errors import BadRequest, PeerTimeout, PeerUnavailable, SwarmError
+from swarm.link import NO_LINK, Link
 from swarm.peer import wire
 from swarm.peer.handler import PeerHandler
 
@@ -54,12 +55,14 @@ class PeerClient:
     """RPCs to peers through a hivemind P2P (e.g. `await dht.replicate_p2p()`).
 
     `compression` is the default codec of what we send and what we ask peers to reply with; each
-    call may choose another with `codec=`.
+    call may choose another with `codec=`. `link`: the emulated WAN every request pays
+    (swarm.link; none by default).
     """
 
-    def __init__(self, p2p: P2P, compression: str = "none"):
+    def __init__(self, p2p: P2P, compression: str = "none", link: Link | None = None):
         self.p2p = p2p
         self.compression = compression
+        self.link = link or NO_LINK
 
     def _stub(self, peer: PeerID):
         return PeerHandler.get_stub(self.p2p, peer)
@@ -68,6 +71,7 @@ class PeerClient:
         """The peer's model, span, state, codecs and free cache."""
         peer = as_peer_id(peer_id)
         try:
+            await self.link.send(0)
             return await self._stub(peer).rpc_info(peer_pb2.InfoRequest(), timeout=timeout)
         except TRANSPORT_ERRORS as e:
             raise _transport_error(e, peer, "info") from None
@@ -168,6 +172,7 @@ class PeerClient:
         peer = as_peer_id(peer_id)
         stub = self._stub(peer)
         try:
+            await self.link.send(request.ByteSize())
             if request.ByteSize() <= wire.UNARY_LIMIT_BYTES:
                 reply = await getattr(stub, unary)(request, timeout=timeout)
             else:
@@ -277,6 +282,7 @@ class InferenceStream:
     async def _exchange(self, request: peer_pb2.InferenceRequest, timeout: float):
         if self.closed:
             raise PeerUnavailable(f"the session on peer {self.peer} is closed")
+        await self.client.link.send(request.ByteSize())
         self._queue.put_nowait(request)
         try:
             reply = await asyncio.wait_for(

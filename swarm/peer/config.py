@@ -57,6 +57,17 @@ class PeerConfig:
     compression: str = field(
         default="none", metadata={"help": "codec of replies when the client asks for none"}
     )
+    link_delay: float = field(
+        default=0.0,
+        metadata={
+            "help": "WAN emulation: seconds added to every message this peer sends to the mesh "
+            "(one way; user space, the network is untouched)"
+        },
+    )
+    link_bandwidth: float = field(
+        default=0.0,
+        metadata={"help": "WAN emulation: this peer's uplink in Mbit/s (0: no cap)"},
+    )
     cache_tokens: int = field(
         default=8192,
         metadata={

@@ -19,6 +19,7 @@ from hivemind.p2p import P2PContext, ServicerBase
 import kernels
 from proto import peer_pb2
 from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
+from swarm.link import Link
 from swarm.peer import wire
 from swarm.peer.backend import Session, SpanBackend, StepItem
 from swarm.peer.config import PeerConfig
@@ -47,6 +48,7 @@ class PeerHandler(ServicerBase):
         budget: CacheBudget,
         config: PeerConfig,
         model_prefix: str,
+        link: Link | None = None,
     ):
         self.backend = backend
         self.worker = worker
@@ -60,12 +62,14 @@ class PeerHandler(ServicerBase):
         self.sessions: dict[str, Session] = {}
         self.inflight = 0
         self.codecs = sorted(kernels.CODECS)
+        self.link = link or Link(config.link_delay, config.link_bandwidth)  # --link-delay
 
     # ---- info -------------------------------------------------------------------------------
     async def rpc_info(
         self, request: peer_pb2.InfoRequest, context: P2PContext
     ) -> peer_pb2.InfoResponse:
         b = self.backend
+        await self.link.send(0)
         return peer_pb2.InfoResponse(
             model=self.model_prefix,
             start=b.start,
@@ -88,9 +92,10 @@ class PeerHandler(ServicerBase):
         self, request: peer_pb2.ForwardRequest, context: P2PContext
     ) -> peer_pb2.ForwardResponse:
         try:
-            return peer_pb2.ForwardResponse(hidden=await self._forward(request))
+            reply = peer_pb2.ForwardResponse(hidden=await self._forward(request))
         except Exception as e:
-            return peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
+            reply = peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
+        return await self._unary(reply)
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
@@ -100,7 +105,7 @@ class PeerHandler(ServicerBase):
             reply = peer_pb2.ForwardResponse(hidden=await self._forward(request))
         except Exception as e:
             reply = peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
-        for part in wire.split(reply):
+        async for part in self._parts(reply):
             yield part
         await _drain(requests)
 
@@ -108,9 +113,10 @@ class PeerHandler(ServicerBase):
         self, request: peer_pb2.BackwardRequest, context: P2PContext
     ) -> peer_pb2.BackwardResponse:
         try:
-            return await self._backward(request)
+            reply = await self._backward(request)
         except Exception as e:
-            return peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
+            reply = peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
+        return await self._unary(reply)
 
     async def rpc_backward_stream(
         self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
@@ -120,7 +126,7 @@ class PeerHandler(ServicerBase):
             reply = await self._backward(request)
         except Exception as e:
             reply = peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
-        for part in wire.split(reply):
+        async for part in self._parts(reply):
             yield part
         await _drain(requests)
 
@@ -200,16 +206,16 @@ class PeerHandler(ServicerBase):
                 elif kind == "close":
                     self._check_session(session, request.close.session_id)
                     reply = peer_pb2.InferenceResponse(closed=True, length=session.length)
-                    for part in wire.split(reply):
+                    async for part in self._parts(reply):
                         yield part
                     break
                 else:
                     raise BadRequest("an inference request must hold open, step or close")
-                for part in wire.split(reply):
+                async for part in self._parts(reply):
                     yield part
         except Exception as e:
             reply = peer_pb2.InferenceResponse(error=self._report(e, "inference", context))
-            for part in wire.split(reply):
+            async for part in self._parts(reply):
                 yield part
         finally:
             self._free(session)
@@ -321,6 +327,16 @@ class PeerHandler(ServicerBase):
         if x.numel() > ENCODE_IN_THREAD:
             return await asyncio.to_thread(wire.encode, x, codec)
         return wire.encode(x, codec)
+
+    async def _parts(self, reply) -> AsyncIterator[peer_pb2.Part]:
+        """A reply's stream parts, after the emulated link (--link-delay) carried it."""
+        await self.link.send(reply.ByteSize())
+        for part in wire.split(reply):
+            yield part
+
+    async def _unary(self, reply):
+        await self.link.send(reply.ByteSize())
+        return reply
 
     def _report(self, e: Exception, what: str, context: P2PContext):
         if isinstance(e, asyncio.TimeoutError):

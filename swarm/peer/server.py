@@ -17,6 +17,7 @@ import hivemind
 import torch
 
 from kernels import DTYPES
+from swarm.link import Link
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
 from swarm.net import check_initial_peers, ensure_port_free
@@ -60,6 +61,7 @@ class Peer:
         self.model_config = load_config(self.source)
         self.prefix = self.source.name
         self.num_layers = self.model_config.num_layers
+        self.link = Link(config.link_delay, config.link_bandwidth)  # what every send pays
         self.dtype = DTYPES.get(config.dtype)
         if self.dtype is None:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
@@ -133,7 +135,9 @@ class Peer:
             self.start, self.end = start, end
             await self.announcer.announce(self._record("joining"))
             backend = await self._load(start, end)
-            self.handler = PeerHandler(backend, self.worker, self.budget, self.config, self.prefix)
+            self.handler = PeerHandler(
+                backend, self.worker, self.budget, self.config, self.prefix, self.link
+            )
             self.handler.throughput = self._throughput()
             await self.handler.add_p2p_handlers(p2p)
             self.handler.state = "online"
@@ -141,7 +145,9 @@ class Peer:
             logger.info("serving blocks %d:%d of %s as %s", start, end, self.prefix, self.peer_id)
             tasks.append(asyncio.create_task(self.announcer.run(self._current_record)))
             tasks.append(
-                asyncio.create_task(self.announcer.ping_loop(PeerClient(p2p), self._fetch))
+                asyncio.create_task(
+                    self.announcer.ping_loop(PeerClient(p2p, link=self.link), self._fetch)
+                )
             )
             if self.config.span() is None:
                 tasks.append(asyncio.create_task(self._rebalance_loop()))

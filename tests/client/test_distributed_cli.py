@@ -22,7 +22,7 @@ def args_for(model_dir, peers):
         seed=0,
         chat=False,
         compression="none",
-        hop_delay=0.0,
+        link_delay=0.0,
     )
 
 
@@ -40,6 +40,6 @@ def test_unreachable_swarm_exits_1_with_a_message(tiny_model_dir, capsys):
 def test_distributed_flags():
     p = argparse.ArgumentParser()
     add_distributed_arguments(p)
-    a = p.parse_args(["--compression", "none", "--hop-delay", "0.05"])
-    assert a.compression == "none" and a.hop_delay == 0.05
+    a = p.parse_args(["--compression", "none", "--link-delay", "0.05", "--link-bandwidth", "20"])
+    assert (a.compression, a.link_delay, a.link_bandwidth) == ("none", 0.05, 20.0)
     assert p.parse_args([]).compression == "auto"

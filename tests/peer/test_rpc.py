@@ -6,6 +6,7 @@ Tests swarm/peer/handler.py through swarm/peer/client.py (two peers, blocks 0:3 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import hivemind
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from proto import peer_pb2
 from swarm.errors import BadRequest, CacheFull, SessionExpired
+from swarm.link import Link
 from swarm.model.loading import load_model
 from swarm.peer import wire
 from swarm.peer.client import PeerClient, as_peer_id
@@ -24,6 +26,7 @@ from tests.conftest import PeerProcess, wait_for
 # One event loop for the module: a second P2P replica of the same DHT daemon, made after the
 # first one's loop closed, loses unary replies (seen here: forward timed out).
 pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
+PEER_LINK_DELAY = 0.02  # peer b's emulated link (swarm-peer join --link-delay)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,10 @@ def swarm2(tiny_model_dir, tmp_path_factory, throughput_cache):
         boot = peers[0].wait_maddrs(90)
         peers.append(
             PeerProcess(
-                ["join", "--stage", "3:6", "--initial-peers", *boot, *common], env, logs / "b.log"
+                ["join", "--stage", "3:6", "--initial-peers", *boot, *common]
+                + ["--link-delay", str(PEER_LINK_DELAY)],  # every reply of b pays it
+                env,
+                logs / "b.log",
             )
         )
         peers[1].wait_maddrs(90)
@@ -327,3 +333,22 @@ async def test_blocks_outside_span(client, swarm2):
     with pytest.raises(BadRequest, match="not inside"):
         await client.forward(a, torch.randn(1, 3, 64), 2, 5)
     await _still_serving(client, a)
+
+
+async def test_link_delay_is_paid_by_what_each_side_sends(client, swarm2):
+    _, (a, b) = swarm2
+    slow = PeerClient(client.p2p, link=Link(0.05))
+    t0 = time.perf_counter()
+    await client.info(b)
+    replies = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await slow.info(b)
+    both = time.perf_counter() - t0
+    stream = await slow.open_inference(b, 3, 6, 8)
+    t0 = time.perf_counter()
+    await stream.step(torch.randn(1, 1, 64), 0)
+    step = time.perf_counter() - t0
+    await stream.close()
+    # Lower bounds only: the link adds at least its delay; the machine may add more.
+    assert replies >= PEER_LINK_DELAY
+    assert both >= 0.05 + PEER_LINK_DELAY and step >= 0.05 + PEER_LINK_DELAY
