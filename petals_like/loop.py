@@ -13,6 +13,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from swarm import loops
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -25,7 +27,7 @@ class BackgroundLoop:
     """
 
     def __init__(self, name: str = "swarm-client-loop"):
-        self._loop = asyncio.new_event_loop()
+        self._loop = loops.new_event_loop()  # uvloop unless SWARM_MESH_EVENT_LOOP=asyncio
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()

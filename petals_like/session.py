@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -96,29 +96,40 @@ class _HopState:
     """A hop of the route with the inputs sent to its first block and what its peer holds."""
 
     hop: Hop
-    history: list[torch.Tensor] = field(default_factory=list)  # chunks of [B, t, H]
-    length: int = 0  # positions in history
+    # Inputs [B, capacity, H] of positions 0..length-1 (capacity doubles as it fills, so each
+    # step writes its few positions instead of copying the whole history).
+    buffer: torch.Tensor | None = None
+    length: int = 0  # positions in the buffer
     cached: int = 0  # positions the peer holds in its cache
     stream: StepStream | None = None
     opening: asyncio.Task | None = None
     lost: BaseException | None = None  # set when its peer failed and no replacement was found
 
     def append(self, x: torch.Tensor) -> None:
-        if x.shape[1]:
-            self.history.append(x)
-            self.length += x.shape[1]
+        t = x.shape[1]
+        if not t:
+            return
+        need = self.length + t
+        if self.buffer is None or need > self.buffer.shape[1]:
+            capacity = max(need, 2 * (0 if self.buffer is None else self.buffer.shape[1]), 16)
+            grown = x.new_empty(x.shape[0], capacity, x.shape[2])
+            if self.buffer is not None:
+                grown[:, : self.length] = self.buffer[:, : self.length]
+            self.buffer = grown
+        self.buffer[:, self.length : need] = x
+        self.length = need
 
     def truncate(self, length: int) -> None:
-        if self.length > length:
-            self.history = [self.inputs(0)[:, :length]]
-            self.length = length
+        self.length = min(self.length, length)
         self.cached = min(self.cached, length)
 
     def inputs(self, start: int) -> torch.Tensor:
-        """History from position `start` on (merging chunks once, so replays stay cheap)."""
-        if len(self.history) > 1:
-            self.history = [torch.cat(self.history, dim=1)]
-        return self.history[0][:, start:]
+        """Inputs from position `start` on: a view, valid until the next append."""
+        return self.buffer[:, start : self.length]
+
+    def inherit(self, other: _HopState) -> None:
+        """Take `other`'s inputs (a replacement replays them from position 0)."""
+        self.buffer, self.length = other.buffer, other.length
 
 
 class RemoteInferenceSession:
@@ -295,7 +306,7 @@ class RemoteInferenceSession:
                 f"{lost.hop.peer_id} on blocks {lost.hop.start}:{lost.hop.end} ({reason})"
             ) from error
         new = await self._new_hops(lost.hop.start, lost.hop.end)
-        new[0].history, new[0].length = lost.history, lost.length
+        new[0].inherit(lost)
         self._hops[i : i + 1] = new
         return Failover(
             peer_id=lost.hop.peer_id,

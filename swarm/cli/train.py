@@ -6,10 +6,10 @@ Prints one line per step (`step N loss X samples/s Y retries R`) and a summary w
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
+from swarm import loops
 from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
 from swarm.procs import reap_children_on_exit
@@ -40,7 +40,7 @@ def train(config: TrainerConfig) -> int:
         )
 
     try:
-        history = asyncio.run(trainer.run(on_step))
+        history = loops.run(trainer.run(on_step))
         if config.save:
             from swarm.training.checkpoint import save_checkpoint
 

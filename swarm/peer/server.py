@@ -17,6 +17,7 @@ import hivemind
 import torch
 
 from kernels import DTYPES
+from swarm import loops
 from swarm.link import Link
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
@@ -106,7 +107,7 @@ class Peer:
     # ---- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
         try:
-            return asyncio.run(self._main())
+            return loops.run(self._main())
         finally:
             self.dht.shutdown()
             logger.info("stopped (%s)", self.peer_id)
