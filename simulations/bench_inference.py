@@ -281,8 +281,8 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
         spans = thirds + ([middle] * args.failover_trials if quant == "none" else [])
         why = "one per span"
         if len(spans) > 3:
-            n = args.failover_trials
-            why += f" + {n} backup{'s' * (n > 1)} of the middle span for the failover trials"
+            k = args.failover_trials
+            why += f" + {k} backup{'s' * (k > 1)} of the middle span for the failover trials"
         log(f"starting {len(spans)} peers ({quant} weights): {spans}; {why}")
         swarm, boot = start_swarm(args.model, quant, spans, n, source.name)
         try:
