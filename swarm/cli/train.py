@@ -40,7 +40,7 @@ def train(config: TrainerConfig) -> int:
         )
 
     try:
-        history = loops.run(trainer.run(on_step))
+        history = loops.run(trainer.run(on_step), "asyncio")  # see swarm.loops
         if config.save:
             from swarm.training.checkpoint import save_checkpoint
 

@@ -105,9 +105,11 @@ class Peer:
         self._cooldown_until = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
+    EVENT_LOOP = "uvloop"  # swarm.loops: training peers stay on asyncio (see there)
+
     def run(self) -> int:
         try:
-            return loops.run(self._main())
+            return loops.run(self._main(), self.EVENT_LOOP)
         finally:
             self.dht.shutdown()
             logger.info("stopped (%s)", self.peer_id)
