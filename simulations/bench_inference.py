@@ -341,6 +341,7 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
             notes += f"{x['of_bound']:.0%} of it"
             if "tokens_per_round_trip" in x:
                 notes += f"; {x['tokens_per_round_trip']:.2f} tokens per chain round trip"
+                notes += f", same text as plain: {x['same_text_as_plain']}"
         print(
             f"{r.name:<12} {r.weights:<7} {r.codec:<13} {delay:>7} "
             f"{r.tokens_per_s:>7.2f} {r.first_token_ms:>7.0f} {r.vs_local:>6.2f} "
