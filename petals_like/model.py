@@ -18,6 +18,7 @@ from petals_like.loop import BackgroundLoop
 from petals_like.router import RouterConfig, SwarmRouter
 from petals_like.routing import Hop, RouteCosts
 from petals_like.session import Failover, RemoteInferenceSession
+from petals_like.tuning import RemoteTuning, TuningConfig
 from petals_like.wan import with_delay
 from swarm.errors import BadRequest, CheckpointError, PeerUnavailable
 from swarm.generation import SamplingConfig, eos_ids, generation_loop, new_token_budget
@@ -39,7 +40,12 @@ class InferenceSession:
     def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int):
         self.model = model
         self.max_length, self.batch_size = max_length, batch_size
-        self._remote = RemoteInferenceSession(model.router, max_length, batch_size)
+        # Soft prompts take the first positions of the swarm's caches.
+        self._pre = model.tuning.pre_seq_len if model.tuning is not None else 0
+        adapter = model.adapter_payload if model.tuning is not None else None
+        self._remote = RemoteInferenceSession(
+            model.router, max_length + self._pre, batch_size, adapter=adapter
+        )
         # Token bookkeeping for generate(): ids seen so far (for the repetition penalty) and the
         # last sampled token, which has not been through the swarm yet.
         self.token_ids: torch.Tensor = torch.zeros(batch_size, 0, dtype=torch.long)
@@ -48,8 +54,8 @@ class InferenceSession:
 
     @property
     def position(self) -> int:
-        """Positions the swarm's caches hold."""
-        return self._remote.position
+        """Positions the swarm's caches hold (soft prompts not counted)."""
+        return max(0, self._remote.position - self._pre)
 
     @property
     def route(self) -> list[Hop]:
@@ -61,7 +67,11 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         """[B, T, H] hidden states at the next T positions through every block of the swarm."""
-        return self.model.loop.run(self._remote.step(hidden), timeout)
+        first = self._pre and self._remote.position == 0
+        if first:
+            hidden = self.model.tuning.prepend(hidden)
+        out = self.model.loop.run(self._remote.step(hidden), timeout)
+        return out[:, self._pre :] if first else out
 
     def close(self) -> None:
         if not self._closed:
@@ -122,6 +132,9 @@ class DistributedModelForCausalLM:
         self._active_sessions: list[InferenceSession] = []
         self._owns_dht = False
         self._closed = False
+        self.tuning: RemoteTuning | None = None
+        self._blocks = None
+        self._payloads: dict[tuple, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -136,6 +149,9 @@ class DistributedModelForCausalLM:
         dht: Any = None,
         load_tokenizer: bool = True,
         start_timeout: float = START_TIMEOUT,
+        tuning: str | TuningConfig | None = None,
+        adapter: str | None = None,
+        **tuning_options: Any,
     ) -> DistributedModelForCausalLM:
         """Load the client parts of `model` and join the swarm at `initial_peers`.
 
@@ -148,6 +164,11 @@ class DistributedModelForCausalLM:
             petals_like.wan).
         router_config: routing, timeout, ban and compression settings.
         dht: an already running hivemind.DHT to share; by default one is started in client mode.
+        tuning: fine-tune a frozen swarm: "lora", "ptune", "deep_ptune" or a TuningConfig;
+            tuning_options are TuningConfig's fields (rank, alpha, dropout, targets, pre_seq_len,
+            train_embeddings, train_head). Train `model.parameters()` through `model(ids)`.
+        adapter: a folder saved by `save_adapter` (a PEFT LoRA folder, or soft prompts) to
+            generate with; the peers get it once per session, and other clients do not see it.
         """
         import hivemind
         from hivemind.p2p import P2PDaemonError
@@ -158,6 +179,10 @@ class DistributedModelForCausalLM:
 
         if not initial_peers and dht is None:
             raise BadRequest("initial_peers is empty: give the multiaddr of a peer of the swarm")
+        if tuning is not None and adapter is not None:
+            raise BadRequest("give tuning= (train a new adapter) or adapter= (load one), not both")
+        if tuning_options and tuning is None:
+            raise BadRequest(f"options {sorted(tuning_options)} need tuning=")
         rc = with_compression(router_config, compression)
         source = loading.resolve_model(model)
         config = loading.load_config(source)
@@ -195,7 +220,120 @@ class DistributedModelForCausalLM:
             raise
         self = cls(config, client_parts, router, loop, dht, tokenizer, source.name)
         self._owns_dht = owns_dht
+        try:
+            if tuning is not None:
+                tc = tuning if isinstance(tuning, TuningConfig) else TuningConfig(tuning)
+                self.set_tuning(
+                    RemoteTuning(
+                        config,
+                        dataclasses.replace(tc, **tuning_options),
+                        client_parts.embed_tokens.weight,
+                    )
+                )
+            elif adapter is not None:
+                from petals_like.peft_format import load_adapter
+
+                self.set_tuning(load_adapter(adapter, config, client_parts))
+        except BaseException:
+            self.close()
+            raise
         return self
+
+    # ---- fine-tuning ---------------------------------------------------------------------------
+    def set_tuning(self, tuning: RemoteTuning | None) -> None:
+        """Train or serve with `tuning`: base weights, local and remote, stay frozen."""
+        from petals_like.remote_blocks import RemoteBlocks
+
+        self.tuning = tuning
+        self._payloads.clear()
+        self._blocks = RemoteBlocks(self.router, tuning)
+        tc = tuning.tuning if tuning is not None else None
+        parts = self.client_parts
+        for p in parts.parameters():
+            p.requires_grad_(False)
+        if tc is not None and tc.train_embeddings:
+            parts.embed_tokens.weight.requires_grad_(True)
+        if tc is not None and tc.train_head:
+            parts.lm_head.weight.requires_grad_(True)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What fine-tuning trains: the adapter, and embeddings / head where asked."""
+        params = list(self.tuning.parameters()) if self.tuning is not None else []
+        seen = {id(p) for p in params}
+        for p in self.client_parts.parameters():
+            if p.requires_grad and id(p) not in seen:
+                params.append(p)
+                seen.add(id(p))
+        return params
+
+    @property
+    def retries(self) -> int:
+        """Spans retried on another replica by training forwards and backwards."""
+        return self._blocks.retries if self._blocks is not None else 0
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes of activations, gradients and adapters that training moved (approximate)."""
+        return self._blocks.wire_bytes if self._blocks is not None else 0
+
+    def adapter_payload(self, start: int, end: int) -> Any:
+        """The adapter of blocks [start, end) as peers get it (computed once per version)."""
+        if self.tuning is None:
+            return None
+        version = tuple(p._version for p in self.tuning.parameters())
+        key = (start, end, version)
+        if key not in self._payloads:
+            if len(self._payloads) > 64:
+                self._payloads.clear()
+            self._payloads[key] = self.tuning.payload(start, end)
+        return self._payloads[key]
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        return self.forward(input_ids, labels)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        """Logits [B, T, vocab] of `input_ids` [B, T] with autograd through the swarm.
+
+        With `labels` [B, T] (-100: ignored), returns (loss, logits): next-token cross-entropy.
+        """
+        from petals_like.remote_blocks import RemoteBlocks, RemoteBlocksFunction
+
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise BadRequest(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise BadRequest(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        if self._blocks is None:
+            self._blocks = RemoteBlocks(self.router, None)
+        tuning = self.tuning
+        hidden = self.client_parts.embed(ids)
+        pre = 0
+        if tuning is not None:
+            hidden = tuning.prepend(hidden)
+            pre = tuning.pre_seq_len
+        meta, params = [], []
+        if tuning is not None and tuning.remote:
+            for b, name, p in tuning.named_block_params(0, self.config.num_layers):
+                meta.append((b, name))
+                params.append(p)
+        out = RemoteBlocksFunction.apply(hidden, self._blocks, self.loop.run, meta, *params)
+        logits = self.client_parts.logits(out[:, pre:])
+        if labels is None:
+            return logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            torch.as_tensor(labels)[:, 1:].reshape(-1),
+            ignore_index=-100,
+        )
+        return loss, logits
+
+    def save_adapter(self, folder: str) -> None:
+        """Write the adapter as a PEFT folder (LoRA) or a safetensors file of soft prompts."""
+        from petals_like.peft_format import save_adapter
+
+        if self.tuning is None:
+            raise BadRequest("nothing to save: the model has no tuning")
+        save_adapter(self.tuning, folder, self.model_prefix, self.client_parts)
 
     # ---- sessions and generation -----------------------------------------------------------------
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:

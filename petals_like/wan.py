@@ -49,6 +49,21 @@ class DelayedClient:
         await asyncio.sleep(self.delay)
         return out
 
+    async def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return await self._delayed(self.inner.forward(*args, **kwargs))
+
+    async def backward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return await self._delayed(self.inner.backward(*args, **kwargs))
+
+    async def backward_tuned(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._delayed(self.inner.backward_tuned(*args, **kwargs))
+
+    async def _delayed(self, work: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        out = await work
+        await asyncio.sleep(self.delay)
+        return out
+
     async def open_inference(self, *args: Any, **kwargs: Any) -> DelayedStream:
         await asyncio.sleep(self.delay)
         stream = await self.inner.open_inference(*args, **kwargs)

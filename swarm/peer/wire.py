@@ -294,7 +294,7 @@ def adapter_to_wire(payload: AdapterPayload, with_tensors: bool) -> peer_pb2.Ada
 
 def tensors_to_wire(tensors: BlockTensors) -> list[peer_pb2.AdapterTensor]:
     return [
-        peer_pb2.AdapterTensor(block=b, name=n, value=encode(t.detach().float(), "none"))
+        peer_pb2.AdapterTensor(block=b, name=n, value=encode(t.detach(), "none"))
         for b in sorted(tensors)
         for n, t in sorted(tensors[b].items())
     ]
