@@ -23,7 +23,6 @@ from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
 from swarm.procs import reap_children_on_exit
 
-
 MADDR_PREFIXES = ("/ip4/", "/ip6/", "/dns", "/p2p/")
 
 

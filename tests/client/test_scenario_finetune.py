@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from petals_like.model import DistributedModelForCausalLM
-from petals_like.tuning import RemoteTuning, TuningConfig
+from petals_like.tuning import RemoteTuning
 from swarm.errors import BadRequest, CacheFull
 from swarm.model import lora
 from tests.conftest import REPO, PeerProcess, wait_for
