@@ -27,6 +27,12 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
         "(exact fp32) or a codec name such as dynamic8-block64 (default: %(default)s)",
     )
     parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="generate with this adapter: a PEFT LoRA folder or soft prompts saved by "
+        "swarm-finetune (sent to the peers once per session)",
+    )
+    parser.add_argument(
         "--hop-delay",
         type=float,
         default=0.0,
@@ -54,7 +60,8 @@ def run_distributed(args: argparse.Namespace) -> int:
     """Generate through the swarm at `args.initial_peers`; returns the process exit code.
 
     Reads the flags of swarm-generate (prompt, model, initial_peers, max_new_tokens, temperature,
-    top_k, top_p, repetition_penalty, seed, chat) and, if present, compression and hop_delay.
+    top_k, top_p, repetition_penalty, seed, chat) and, if present, compression, hop_delay and
+    adapter.
     The continuation streams to stdout; the summary (tokens/s, route, failovers) to stderr.
     """
     from petals_like.model import DistributedModelForCausalLM
@@ -66,6 +73,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         args.initial_peers,
         compression=getattr(args, "compression", "auto"),
         hop_delay=getattr(args, "hop_delay", 0.0),
+        adapter=getattr(args, "adapter", None),
     )
     load_s = time.perf_counter() - t0
     try:

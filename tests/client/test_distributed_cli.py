@@ -40,6 +40,6 @@ def test_unreachable_swarm_exits_1_with_a_message(tiny_model_dir, capsys):
 def test_distributed_flags():
     p = argparse.ArgumentParser()
     add_distributed_arguments(p)
-    a = p.parse_args(["--compression", "none", "--hop-delay", "0.05"])
-    assert a.compression == "none" and a.hop_delay == 0.05
-    assert p.parse_args([]).compression == "auto"
+    a = p.parse_args(["--compression", "none", "--hop-delay", "0.05", "--adapter", "dir"])
+    assert a.compression == "none" and a.hop_delay == 0.05 and a.adapter == "dir"
+    assert p.parse_args([]).compression == "auto" and p.parse_args([]).adapter is None
