@@ -131,7 +131,8 @@ class SpanBackend:
         self, hidden: torch.Tensor, grad_output: torch.Tensor, first: int, last: int
     ) -> torch.Tensor:
         """Recompute blocks [first, last) on `hidden`; return d(output . grad_output)/d(hidden)."""
-        with torch.enable_grad():
+        # Frozen int8 linears have no autograd: hooks pass the gradient through their weights.
+        with torch.enable_grad(), lora.applied(self._span_blocks(first, last), None, None, 0, True):
             x = hidden.detach().to(self.dtype).requires_grad_(True)
             out = self.span(x, 0, None, first, last)
             (grad,) = torch.autograd.grad(out, x, grad_output.to(out.dtype))
