@@ -211,7 +211,9 @@ class PeerHandler(ServicerBase):
         if not request.HasField("adapter"):
             return None, 0
         cache = self.adapters
-        spec, tensors, key, seed = wire.adapter_from_wire(request.adapter, cache.max_elements())
+        spec, tensors, key, seed = wire.adapter_from_wire(
+            request.adapter, cache.max_elements(), max_total=cache.max_bytes // 4
+        )
         cache.check_spec(spec)
         if tensors is None:
             entry = cache.get(key, first, last)

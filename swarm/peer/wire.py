@@ -300,13 +300,27 @@ def tensors_to_wire(tensors: BlockTensors) -> list[peer_pb2.AdapterTensor]:
     ]
 
 
-def tensors_from_wire(msgs, max_elements: int, what: str = "adapter tensor") -> BlockTensors:
+def tensors_from_wire(
+    msgs, max_elements: int, what: str = "adapter tensor", max_total: int | None = None
+) -> BlockTensors:
     """Block -> name -> float32 tensor; BadRequest on duplicates, lossy codecs, other dtypes.
 
-    Each tensor's element count is checked against `max_elements` before it is allocated.
+    Each tensor's element count is checked against `max_elements`, and (if given) their sum
+    against `max_total`, before anything is allocated.
     """
     if len(msgs) > MAX_ADAPTER_TENSORS:
         raise BadRequest(f"an adapter holds at most {MAX_ADAPTER_TENSORS} tensors, got {len(msgs)}")
+    if max_total is not None:
+        total = 0
+        for m in msgs:  # declared sizes, before anything is decoded
+            shape = list(m.value.shape)
+            if len(shape) > MAX_DIMS or any(d > max_elements for d in shape):
+                raise BadRequest(f"{what} {m.block}.{m.name} has shape {shape[: MAX_DIMS + 1]}")
+            total += math.prod(shape)
+        if total > max_total:
+            raise BadRequest(
+                f"the adapter holds {total} elements, more than this peer accepts ({max_total})"
+            )
     out: BlockTensors = {}
     for m in msgs:
         if len(m.name) > MAX_NAME_CHARS:
@@ -329,9 +343,12 @@ def tensors_from_wire(msgs, max_elements: int, what: str = "adapter tensor") -> 
 
 
 def adapter_from_wire(
-    msg: peer_pb2.Adapter, max_elements: int
+    msg: peer_pb2.Adapter, max_elements: int, max_total: int | None = None
 ) -> tuple[AdapterSpec, BlockTensors | None, str, int]:
-    """(spec, tensors or None when only the hash came, hash, seed), checked for consistency."""
+    """(spec, tensors or None when only the hash came, hash, seed), checked for consistency.
+
+    max_elements bounds each tensor and max_total all of them, before decoding.
+    """
     if len(msg.hash) != 64 or any(c not in "0123456789abcdef" for c in msg.hash):
         raise BadRequest("an adapter must name its sha256 hash (64 lowercase hex digits)")
     if len(msg.targets) > 16 or any(len(t) > MAX_NAME_CHARS for t in msg.targets):
@@ -346,5 +363,7 @@ def adapter_from_wire(
         pre_seq_len=msg.pre_seq_len,
     )
     spec.check()
-    tensors = tensors_from_wire(msg.tensors, max_elements) if len(msg.tensors) else None
+    tensors = None
+    if len(msg.tensors):
+        tensors = tensors_from_wire(msg.tensors, max_elements, max_total=max_total)
     return spec, tensors, msg.hash, int(msg.seed)

@@ -36,6 +36,10 @@ class TrainClient(FakeClient):
         self._check(peer_id, "forward", first, last)
         return self.backend.forward(x, first, last, adapter).clone()  # not an inference tensor
 
+    async def backward(self, peer_id, x, g, first, last, timeout=75.0, codec=None):
+        self._check(peer_id, "backward", first, last)
+        return self.backend.backward(x, g, first, last)
+
     async def backward_tuned(self, peer_id, x, g, first, last, adapter, timeout=75.0, codec=None):
         self._check(peer_id, "backward", first, last)
         return self.backend.backward_tuned(x, g, first, last, adapter)
@@ -113,3 +117,24 @@ def test_retries_are_bounded(fake_swarm):
             grads(model)
     finally:
         model.close()
+
+
+@pytest.mark.timeout(60)
+def test_embeddings_and_head_train_when_asked(fake_swarm):
+    fake_swarm.add("a", 0, 6)
+    model = fake_swarm.distributed_model(compression="none")
+    model.router.client = TrainClient(fake_swarm)
+    config = TuningConfig("ptune", pre_seq_len=2, train_embeddings=True, train_head=True)
+    model.set_tuning(RemoteTuning(fake_swarm.model.config, config))
+    try:
+        params = model.parameters()
+        parts = model.client_parts
+        assert any(p is parts.lm_head.weight for p in params)
+        assert any(p is parts.embed_tokens.weight for p in params)
+        grads(model)
+        assert parts.lm_head.weight.grad is not None and model.tuning.prompts.grad is not None
+    finally:
+        model.close()
+        for p in fake_swarm.model.client.parameters():  # shared with other tests' fixtures
+            p.requires_grad_(True)
+            p.grad = None

@@ -117,6 +117,8 @@ def test_wire_round_trip_and_refusals():
         wire.adapter_from_wire(wire.adapter_to_wire(half, True), 1 << 16)
     with pytest.raises(BadRequest, match="not valid"):
         wire.adapter_from_wire(msg, 10)  # bounded before allocating
+    with pytest.raises(BadRequest, match="more than this peer accepts"):
+        wire.adapter_from_wire(msg, 1 << 16, max_total=100)
     msg.hash = "xyz"
     with pytest.raises(BadRequest, match="sha256"):
         wire.adapter_from_wire(msg, 1 << 16)
