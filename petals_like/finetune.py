@@ -110,7 +110,7 @@ def heldout_loss(model: Any, windows: TokenWindows, batch_size: int) -> float:
     if not batches:
         return float("nan")
     with torch.no_grad():
-        losses = [float(model(b, labels=b)[0]) for b in batches]
+        losses = [model(b, labels=b)[0].item() for b in batches]
     return sum(losses) / len(losses)
 
 
@@ -147,11 +147,12 @@ def finetune(
             logger.warning("step %d lost: %s", step, e)
             continue
         dt = time.monotonic() - t0
-        if not math.isfinite(float(loss)):
-            raise SwarmError(f"step {step}: the loss is {float(loss)}; lower --lr")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise SwarmError(f"step {step}: the loss is {value}; lower --lr")
         s = StepStats(
             step,
-            float(loss),
+            value,
             config.batch_size / max(dt, 1e-9),
             model.retries - retries0,
             model.wire_bytes - bytes0,
