@@ -185,6 +185,7 @@ class PeerClient:
                 request,
                 peer_pb2.BackwardResponse,
                 timeout,
+                reply_bytes=adapter.nbytes + h.ByteSize() + (1 << 16),
             )
 
         reply = await self._with_adapter(as_peer_id(peer_id), adapter, call)
@@ -257,11 +258,22 @@ class PeerClient:
         )
         return _decoded(reply.grad_input, hidden, peer_id), int(reply.step)
 
-    async def _call(self, peer_id, unary: str, stream: str, request, reply_type, timeout: float):
+    async def _call(
+        self,
+        peer_id,
+        unary: str,
+        stream: str,
+        request,
+        reply_type,
+        timeout: float,
+        reply_bytes: int = 0,
+    ):
+        """reply_bytes: what the reply may hold beyond the request's size (adapter gradients):
+        a reply over hivemind's unary cap would hang the call, so such calls stream."""
         peer = as_peer_id(peer_id)
         stub = self._stub(peer)
         try:
-            if request.ByteSize() <= wire.UNARY_LIMIT_BYTES:
+            if max(request.ByteSize(), reply_bytes) <= wire.UNARY_LIMIT_BYTES:
                 reply = await getattr(stub, unary)(request, timeout=timeout)
             else:
                 reply = await asyncio.wait_for(

@@ -126,3 +126,93 @@ def test_wire_round_trip_and_refusals():
     msg.tensors.append(msg.tensors[0])
     with pytest.raises(BadRequest, match="twice"):
         wire.adapter_from_wire(msg, 1 << 16)
+
+
+class FakeStub:
+    """A peer's stub that records how each call came (unary or stream) and what it carried."""
+
+    def __init__(self, forget_first: bool = False):
+        self.calls: list[tuple[str, int]] = []  # (how, adapter tensors carried)
+        self.forget_first = forget_first
+
+    def _reply(self, request):
+        from proto import peer_pb2
+
+        if self.forget_first and not request.adapter.tensors:
+            self.forget_first = False
+            return peer_pb2.BackwardResponse(
+                error=peer_pb2.Error(kind="AdapterMissing", message="evicted")
+            )
+        if request.adapter.tensors:
+            self.held = list(request.adapter.tensors)  # what a peer caches
+        return peer_pb2.BackwardResponse(grad_input=request.hidden, adapter_grads=self.held)
+
+    async def rpc_backward(self, request, timeout):
+        self.calls.append(("unary", len(request.adapter.tensors)))
+        return self._reply(request)
+
+    async def rpc_backward_stream(self, parts):
+        from proto import peer_pb2
+
+        request = await wire.join(parts, peer_pb2.BackwardRequest)
+        self.calls.append(("stream", len(request.adapter.tensors)))
+        reply = self._reply(request)
+
+        async def out():
+            for p in wire.split(reply):
+                yield p
+
+        return out()
+
+
+def client_with(stub):
+    from swarm.peer.client import PeerClient
+
+    client = PeerClient(p2p=None)
+    client._stub = lambda peer: stub
+    return client
+
+
+PEER = "12D3KooWRSrtAgMjDciZ9gDyPK1Qe69UHzHKZw9i5ipozd7DvF1L"
+
+
+async def test_adapters_go_once_and_again_when_the_peer_lost_them():
+    stub = FakeStub()
+    client = client_with(stub)
+    payload = lora.AdapterPayload(SPEC, tensors())
+    x = torch.randn(1, 3, 32)
+    for _ in range(2):
+        grad, grads = await client.backward_tuned(PEER, x, x, 1, 3, payload)
+        assert torch.equal(grad, x) and torch.equal(
+            grads[1]["q_proj.lora_A"], tensors()[1]["q_proj.lora_A"]
+        )
+    assert stub.calls == [("unary", 8), ("unary", 0)]  # the second time by hash only
+    stub.forget_first = True
+    await client.backward_tuned(PEER, x, x, 1, 3, payload)
+    assert stub.calls[2:] == [("unary", 0), ("unary", 8)]  # AdapterMissing: sent again
+
+
+async def test_a_backward_whose_gradients_are_large_streams():
+    big = lora.AdapterSpec(rank=8, targets=tuple(lora.TARGETS))
+    ts = {
+        b: {n: torch.zeros(s) for n, s in lora.block_shapes(config(), big).items()}
+        for b in range(4)
+    }
+    payload = lora.AdapterPayload(big, ts)
+    stub = FakeStub()
+    client = client_with(stub)
+    x = torch.randn(1, 3, 32)
+    old = wire.UNARY_LIMIT_BYTES
+    wire.UNARY_LIMIT_BYTES = payload.nbytes + (1 << 18)  # requests and replies fit unary
+    try:
+        await client.backward_tuned(PEER, x, x, 0, 4, payload)
+        await client.backward_tuned(PEER, x, x, 0, 4, payload)
+    finally:
+        wire.UNARY_LIMIT_BYTES = old
+    assert stub.calls == [("unary", 4 * len(lora.block_shapes(config(), big))), ("unary", 0)]
+    wire.UNARY_LIMIT_BYTES = payload.nbytes // 2
+    try:
+        await client.backward_tuned(PEER, x, x, 0, 4, payload)
+    finally:
+        wire.UNARY_LIMIT_BYTES = old
+    assert stub.calls[-1] == ("stream", 0)  # by hash, yet the reply is large: a stream
