@@ -43,7 +43,7 @@ class RemoteBlocks:
     def __init__(self, router: Any, tuning: RemoteTuning | None, max_retries: int = 8):
         self.router, self.tuning, self.max_retries = router, tuning, max_retries
         self.retries = 0  # re-routes since creation (all steps)
-        self.wire_bytes = 0  # activations, gradients and adapters sent and received
+        self._moved = 0  # activations and gradients sent and received
         self._step_retries = 0
         self._rng = random.Random()
         self.last_trace: StepTrace | None = None  # of the last forward (tests, benchmarks)
@@ -51,6 +51,15 @@ class RemoteBlocks:
     @property
     def client(self) -> Any:
         return self.router.client
+
+    @property
+    def wire_bytes(self) -> int:
+        """Activations, gradients and adapter tensors sent and received (approximate)."""
+        client, sent = self.client, 0
+        while client is not None and not sent:  # through wrappers (petals_like.wan)
+            sent = getattr(client, "adapter_bytes_sent", 0)
+            client = getattr(client, "inner", None)
+        return self._moved + sent
 
     def new_trace(self) -> StepTrace:
         self._step_retries = 0
@@ -117,7 +126,7 @@ class RemoteBlocks:
             hop.peer_id, x, hop.start, hop.end, CALL_TIMEOUT, codec=codec, adapter=payload
         )
         y = await self._guarded(hop, work, x.shape[0] * x.shape[1])
-        self.wire_bytes += 2 * _nbytes(x, codec)
+        self._moved += 2 * _nbytes(x, codec)
         return y
 
     async def backward(
@@ -157,8 +166,8 @@ class RemoteBlocks:
                 hop.peer_id, x, grad, hop.start, hop.end, payload, CALL_TIMEOUT, codec=codec
             )
             out, g = await self._guarded(hop, work, n)
-            self.wire_bytes += payload.nbytes  # gradients of the same size come back
-        self.wire_bytes += 3 * _nbytes(x, codec)
+            self._moved += payload.nbytes  # gradients of the same size come back
+        self._moved += 3 * _nbytes(x, codec)
         return out, g
 
 

@@ -114,6 +114,42 @@ def run_local_peft(args, source, windows, steps: int) -> Row:
     return Row("lora", "local peft", samples_per_s=args.batch_size / best, losses=losses)
 
 
+def run_local_ours(args, source, windows, steps: int) -> Row:
+    """The same LoRA trained on our own blocks in this process (fp32, hooks): samples/s."""
+    from petals_like.tuning import RemoteTuning, TuningConfig
+    from swarm.model import lora
+    from swarm.model.loading import load_model
+
+    model = load_model(source, progress=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tc = TuningConfig("lora", rank=args.rank, targets=args.targets)
+    tuning = RemoteTuning(model.config, tc)
+    n = model.config.num_layers
+    params: lora.BlockTensors = {}
+    for b, name, p in tuning.named_block_params(0, n):
+        params.setdefault(b, {})[name] = p
+    blocks = list(enumerate(model.span.blocks))
+    opt = torch.optim.AdamW(tuning.parameters(), lr=LR["lora"])
+    times, losses = [], []
+    for _ in range(steps):
+        batch = windows.batch(args.batch_size)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        with lora.applied(blocks, tuning.spec, params):
+            logits = model(batch)
+        v = logits.shape[-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, v), batch[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    best = sorted(times)[len(times) // 2]
+    return Row("lora", "local ours", samples_per_s=args.batch_size / best, losses=losses)
+
+
 def draw(rows: list[Row], path: str) -> None:
     import matplotlib
 
@@ -189,15 +225,18 @@ def bench(args: argparse.Namespace, log) -> None:
         swarm.close()
     if args.local_steps and "lora" in args.methods:
         log("local peft LoRA (fp32) for the speed baseline")
-        rows.append(
-            run_local_peft(args, source, TokenWindows(ids, args.seq_len, 0.1, 0), args.local_steps)
-        )
+        windows = TokenWindows(ids, args.seq_len, 0.1, 0)
+        rows.append(run_local_peft(args, source, windows, args.local_steps))
+        log("local LoRA on our blocks (fp32)")
+        rows.append(run_local_ours(args, source, windows, args.local_steps))
     print(
         f"{'method':<11} {'where':<10} {'samples/s':>9} {'wire/step':>10} {'held-out':>15} "
         f"{'drop':>6} {'retries':>7} lost"
     )
     for r in rows:
         held = f"{r.heldout_before:.3f}->{r.heldout_after:.3f}" if r.where == "swarm" else "-"
+        if r.where != "swarm":
+            r.losses = [round(x, 4) for x in r.losses]
         wire = f"{r.wire_bytes_per_step / 1e6:.2f} MB" if r.where == "swarm" else "-"
         drop = f"{r.reduction:.0%}" if r.where == "swarm" else "-"
         print(
