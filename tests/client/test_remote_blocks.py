@@ -34,7 +34,10 @@ class TrainClient(FakeClient):
 
     async def forward(self, peer_id, x, first, last, timeout=30.0, codec=None, adapter=None):
         self._check(peer_id, "forward", first, last)
-        return self.backend.forward(x, first, last, adapter).clone()  # not an inference tensor
+        seed = adapter.seed if adapter is not None else 0  # as the wire carries it
+        return self.backend.forward(
+            x, first, last, adapter, seed
+        ).clone()  # not an inference tensor
 
     async def backward(self, peer_id, x, g, first, last, timeout=75.0, codec=None):
         self._check(peer_id, "backward", first, last)
@@ -42,7 +45,7 @@ class TrainClient(FakeClient):
 
     async def backward_tuned(self, peer_id, x, g, first, last, adapter, timeout=75.0, codec=None):
         self._check(peer_id, "backward", first, last)
-        return self.backend.backward_tuned(x, g, first, last, adapter)
+        return self.backend.backward_tuned(x, g, first, last, adapter, adapter.seed)
 
 
 def model_on(swarm: FakeSwarm, tuning: str = "lora") -> DistributedModelForCausalLM:
@@ -138,3 +141,38 @@ def test_embeddings_and_head_train_when_asked(fake_swarm):
         for p in fake_swarm.model.client.parameters():  # shared with other tests' fixtures
             p.requires_grad_(True)
             p.grad = None
+
+
+@pytest.mark.timeout(60)
+def test_lora_dropout_masks_agree_between_forward_and_backward(fake_swarm):
+    from swarm.model import lora
+
+    fake_swarm.add("a", 0, 3)
+    fake_swarm.add("b", 3, 6)
+    model = fake_swarm.distributed_model(compression="none")
+    model.router.client = TrainClient(fake_swarm)
+    torch.manual_seed(0)
+    config = TuningConfig("lora", rank=2, dropout=0.3, targets=["q", "up"])
+    t = RemoteTuning(fake_swarm.model.config, config)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.normal_(0, 0.2)
+    model.set_tuning(t)
+    reference = copy.deepcopy(t)
+    try:
+        got = grads(model)
+        seed = model._blocks.last_trace.seed
+    finally:
+        model.close()
+    assert seed != 0
+    local = fake_swarm.model
+    params: lora.BlockTensors = {}
+    for b, name, p in reference.named_block_params(0, 6):
+        params.setdefault(b, {})[name] = p
+    with lora.applied(list(enumerate(local.span.blocks)), reference.spec, params, seed=seed):
+        logits = local.client.logits(local.span(local.client.embed(IDS)))
+    v = logits.shape[-1]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), IDS[:, 1:].reshape(-1))
+    want = torch.autograd.grad(loss, list(reference.parameters()))
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-6)
