@@ -1,7 +1,6 @@
 """Adapters on disk: LoRA as a PEFT folder (peft and transformers load it), prompts as safetensors.
 
-Used by DistributedModelForCausalLM (save_adapter, from_pretrained(adapter=...)), swarm-finetune
-and swarm-generate --adapter.
+Used by DistributedModelForCausalLM (save_adapter, adapter=), swarm-finetune, swarm-generate.
 """
 
 from __future__ import annotations

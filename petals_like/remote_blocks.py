@@ -1,7 +1,6 @@
 """Every remote block as one autograd op: forward and fine-tuning backward through the swarm.
 
-Used by DistributedModelForCausalLM.forward (training); a span whose peer fails is retried on
-another replica (bounded), in the forward and in the backward, so no step is lost.
+Used by DistributedModelForCausalLM.forward (training); failed spans retry on other replicas.
 """
 
 from __future__ import annotations

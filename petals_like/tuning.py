@@ -1,7 +1,6 @@
 """A client's trainable parameters over a frozen remote model: soft prompts, deep prompts, LoRA.
 
-Used by DistributedModelForCausalLM (training forward, generation with an adapter), the PEFT
-folder reader/writer (petals_like.peft_format) and `swarm-finetune`.
+Used by DistributedModelForCausalLM (training, generation), petals_like.peft_format, swarm-finetune.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The peer's adapter cache: clients' LoRA / deep prompts, checked, content-hashed, bounded.
 
-Used by the handler (`swarm.peer.handler`): forward, fine-tuning backward and sessions name
-adapters by hash; the tensors come once per version and are refused past the caps.
+Used by the handler (`swarm.peer.handler`) for forwards, fine-tuning backwards and sessions.
 """
 
 from __future__ import annotations
