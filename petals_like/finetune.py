@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from swarm.errors import BadRequest, SwarmError
+from swarm.errors import BadRequest, NoRoute, PeerUnavailable, SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def finetune(
 ) -> FinetuneResult:
     """`config.steps` optimizer steps of `model.parameters()` (a DistributedModelForCausalLM).
 
-    A step that fails after the model's bounded retries is counted lost and skipped.
+    A step that no replica could take (after the model's bounded retries) is counted lost and
+    skipped; a refused request (BadRequest: a rank over the peers' cap, ...) stops the run.
     """
     params = model.parameters()
     if not params:
@@ -142,7 +143,7 @@ def finetune(
             loss, _ = model(batch, labels=batch)
             loss.backward()
             opt.step()
-        except SwarmError as e:
+        except (PeerUnavailable, NoRoute) as e:  # a bad request (rank over a cap) is no loss
             lost += 1
             logger.warning("step %d lost: %s", step, e)
             continue
