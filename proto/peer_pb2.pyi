@@ -108,12 +108,14 @@ class Adapter(_message.Message):
     def __init__(self, hash: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., pre_seq_len: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden", "error")
+    __slots__ = ("hidden", "error", "adapter")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     hidden: _tensor_pb2.Tensor
     error: Error
-    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("hidden", "grad_output", "first", "last", "reply_codec", "timeout_s", "step", "adapter")
@@ -194,17 +196,19 @@ class InferenceRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("hidden", "step_id", "error", "opened", "closed", "length")
+    __slots__ = ("hidden", "step_id", "error", "opened", "closed", "length", "adapter")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     hidden: _tensor_pb2.Tensor
     step_id: int
     error: Error
     opened: bool
     closed: bool
     length: int
-    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., opened: _Optional[bool] = ..., closed: _Optional[bool] = ..., length: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., opened: _Optional[bool] = ..., closed: _Optional[bool] = ..., length: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...

@@ -148,6 +148,7 @@ class PeerClient:
             )
 
         reply = await self._with_adapter(as_peer_id(peer_id), adapter, call)
+        _check_applied(reply.adapter, adapter, peer_id)
         return _decoded(reply.hidden, hidden, peer_id)
 
     async def backward_tuned(
@@ -341,6 +342,13 @@ async def _stream_call(method, request, reply_type):
             await responses.aclose()
 
 
+def _check_applied(applied: str, adapter, peer) -> None:
+    """A peer too old to know adapters ignores them: its reply would be the base model's."""
+    want = adapter.hash if adapter is not None else ""
+    if applied != want:
+        raise PeerUnavailable(f"peer {peer} did not apply the adapter (it may predate adapters)")
+
+
 def _decoded(msg, like: torch.Tensor, peer: PeerID | str) -> torch.Tensor:
     """A reply's tensor, checked to have the shape of `like` (what we sent) and cast to its dtype.
 
@@ -420,7 +428,10 @@ class InferenceStream:
             reply_codec=self.codec,
             adapter=adapter,
         )
-        await self._exchange(peer_pb2.InferenceRequest(open=open_msg), timeout)
+        reply = await self._exchange(peer_pb2.InferenceRequest(open=open_msg), timeout)
+        if adapter is not None and reply.adapter != adapter.hash:
+            await self._shutdown()
+            _check_applied(reply.adapter, adapter, self.peer)
 
     async def step(
         self, hidden: torch.Tensor, position: int, timeout: float = 30.0

@@ -96,7 +96,7 @@ class PeerHandler(ServicerBase):
         self, request: peer_pb2.ForwardRequest, context: P2PContext
     ) -> peer_pb2.ForwardResponse:
         try:
-            return peer_pb2.ForwardResponse(hidden=await self._forward(request))
+            return await self._forward(request)
         except Exception as e:
             return peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
 
@@ -105,7 +105,7 @@ class PeerHandler(ServicerBase):
     ) -> AsyncIterator[peer_pb2.Part]:
         try:
             request = await self._read_one(requests, peer_pb2.ForwardRequest)
-            reply = peer_pb2.ForwardResponse(hidden=await self._forward(request))
+            reply = await self._forward(request)
         except Exception as e:
             reply = peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
         for part in wire.split(reply):
@@ -141,7 +141,7 @@ class PeerHandler(ServicerBase):
             raise BadRequest("the stream ended before a request arrived")
         return msg
 
-    async def _forward(self, request: peer_pb2.ForwardRequest):
+    async def _forward(self, request: peer_pb2.ForwardRequest) -> peer_pb2.ForwardResponse:
         backend = self.backend
         first, last = self._check_range(backend, request.first, request.last)
         hidden = self._decode(request.hidden, "hidden")
@@ -155,7 +155,8 @@ class PeerHandler(ServicerBase):
             )
         finally:
             self.inflight -= 1
-        return await self._encode(out, codec)
+        applied = adapter.hash if adapter is not None else ""
+        return peer_pb2.ForwardResponse(hidden=await self._encode(out, codec), adapter=applied)
 
     async def _backward(self, request: peer_pb2.BackwardRequest) -> peer_pb2.BackwardResponse:
         received = time.monotonic()
@@ -237,7 +238,9 @@ class PeerHandler(ServicerBase):
                 kind = request.WhichOneof("kind")
                 if kind == "open" and session is None:
                     session = await self._open(request.open)
-                    reply = peer_pb2.InferenceResponse(opened=True, length=0)
+                    reply = peer_pb2.InferenceResponse(
+                        opened=True, length=0, adapter=session.adapter_key
+                    )
                 elif kind == "open":
                     raise BadRequest("this stream already has a session open")
                 elif kind == "step":

@@ -216,3 +216,18 @@ async def test_a_backward_whose_gradients_are_large_streams():
     finally:
         wire.UNARY_LIMIT_BYTES = old
     assert stub.calls[-1] == ("stream", 0)  # by hash, yet the reply is large: a stream
+
+
+async def test_a_peer_that_ignores_the_adapter_is_unavailable():
+    from proto import peer_pb2
+    from swarm.errors import PeerUnavailable
+
+    class OldPeer:  # predates adapters: the field is unknown to it, the reply is the base model's
+        async def rpc_forward(self, request, timeout):
+            return peer_pb2.ForwardResponse(hidden=request.hidden)
+
+    client = client_with(OldPeer())
+    x = torch.randn(1, 3, 32)
+    assert torch.equal(await client.forward(PEER, x, 1, 3), x)
+    with pytest.raises(PeerUnavailable, match="did not apply the adapter"):
+        await client.forward(PEER, x, 1, 3, adapter=lora.AdapterPayload(SPEC, tensors()))
