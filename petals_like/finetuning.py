@@ -56,6 +56,7 @@ class FineTuningMixin:
         """The adapter of blocks [start, end) as peers get it (computed once per version)."""
         if self.tuning is None:
             return None
+        # Optimizer steps update parameters in place, which bumps each tensor's version counter.
         version = tuple(p._version for p in self.tuning.parameters())
         key = (start, end, version)
         if key not in self._payloads:
