@@ -142,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise SwarmError("--max-new-tokens must be >= 0")
     if args.local:
+        if getattr(args, "adapter", None):
+            raise SwarmError("--adapter works through the swarm: give --initial-peers")
         run_local(args)
         return 0
     if args.initial_peers:

@@ -27,6 +27,12 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
         "(exact fp32) or a codec name such as dynamic8-block64 (default: %(default)s)",
     )
     parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="generate with this adapter: a PEFT LoRA folder or soft prompts saved by "
+        "swarm-finetune (sent to the peers once per session)",
+    )
+    parser.add_argument(
         "--link-delay",
         type=float,
         default=0.0,
@@ -63,8 +69,8 @@ def run_distributed(args: argparse.Namespace) -> int:
     """Generate through the swarm at `args.initial_peers`; returns the process exit code.
 
     Reads the flags of swarm-generate (prompt, model, initial_peers, max_new_tokens, temperature,
-    top_k, top_p, repetition_penalty, seed, chat) and, if present, compression, link_delay and
-    link_bandwidth.
+    top_k, top_p, repetition_penalty, seed, chat) and, if present, compression, link_delay,
+    link_bandwidth and adapter.
     The continuation streams to stdout; the summary (tokens/s, route, failovers) to stderr.
     """
     from petals_like.model import DistributedModelForCausalLM
@@ -77,6 +83,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         compression=getattr(args, "compression", "auto"),
         link_delay=getattr(args, "link_delay", 0.0),
         link_bandwidth=getattr(args, "link_bandwidth", 0.0),
+        adapter=getattr(args, "adapter", None),
     )
     load_s = time.perf_counter() - t0
     try:

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from petals_like.finetuning import FineTuningMixin
 from petals_like.loop import BackgroundLoop
 from petals_like.router import RouterConfig, SwarmRouter
 from petals_like.routing import Hop, RouteCosts
 from petals_like.session import Failover, RemoteInferenceSession
+from petals_like.tuning import RemoteTuning, TuningConfig
 from swarm.errors import BadRequest, CheckpointError, PeerUnavailable
 from swarm.generation import SamplingConfig, eos_ids, generation_loop, new_token_budget
 from swarm.link import Link
@@ -39,7 +41,12 @@ class InferenceSession:
     def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int):
         self.model = model
         self.max_length, self.batch_size = max_length, batch_size
-        self._remote = RemoteInferenceSession(model.router, max_length, batch_size)
+        # Soft prompts take the first positions of the swarm's caches.
+        self._pre = model.tuning.pre_seq_len if model.tuning is not None else 0
+        adapter = model.adapter_payload if model.tuning is not None else None
+        self._remote = RemoteInferenceSession(
+            model.router, max_length + self._pre, batch_size, adapter=adapter
+        )
         # Token bookkeeping for generate(): ids seen so far (for the repetition penalty) and the
         # last sampled token, which has not been through the swarm yet.
         self.token_ids: torch.Tensor = torch.zeros(batch_size, 0, dtype=torch.long)
@@ -48,8 +55,8 @@ class InferenceSession:
 
     @property
     def position(self) -> int:
-        """Positions the swarm's caches hold."""
-        return self._remote.position
+        """Positions the swarm's caches hold (soft prompts not counted)."""
+        return max(0, self._remote.position - self._pre)
 
     @property
     def route(self) -> list[Hop]:
@@ -61,11 +68,15 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         """[B, T, H] hidden states at the next T positions through every block of the swarm."""
-        return self.model.loop.run(self._remote.step(hidden), timeout)
+        first = self._pre and self._remote.position == 0
+        if first:
+            hidden = self.model.tuning.prepend(hidden)
+        out = self.model.loop.run(self._remote.step(hidden), timeout)
+        return out[:, self._pre :] if first else out
 
     def rollback(self, position: int, timeout: float | None = 10.0) -> None:
         """Keep only the first `position` positions on the swarm (speculative decoding)."""
-        self.model.loop.run(self._remote.rollback(position), timeout)
+        self.model.loop.run(self._remote.rollback(position + self._pre), timeout)
 
     def close(self) -> None:
         if not self._closed:
@@ -103,7 +114,7 @@ class GenerationStats:
         return (self.new_tokens - 1) / max(1e-9, self.total_s - self.first_token_s)
 
 
-class DistributedModelForCausalLM:
+class DistributedModelForCausalLM(FineTuningMixin):
     """A causal LM whose blocks run on the swarm; generate() samples locally.
 
     Make one with `from_pretrained`; close it (or use `with`) to leave the swarm.
@@ -127,6 +138,9 @@ class DistributedModelForCausalLM:
         self._active_sessions: list[InferenceSession] = []
         self._owns_dht = False
         self._closed = False
+        self.tuning: RemoteTuning | None = None
+        self._blocks = None
+        self._payloads: dict[tuple, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -142,6 +156,9 @@ class DistributedModelForCausalLM:
         dht: Any = None,
         load_tokenizer: bool = True,
         start_timeout: float = START_TIMEOUT,
+        tuning: str | TuningConfig | None = None,
+        adapter: str | None = None,
+        **tuning_options: Any,
     ) -> DistributedModelForCausalLM:
         """Load the client parts of `model` and join the swarm at `initial_peers`.
 
@@ -155,6 +172,11 @@ class DistributedModelForCausalLM:
             this client's uplink in Mbit/s (0: no cap).
         router_config: routing, timeout, ban and compression settings.
         dht: an already running hivemind.DHT to share; by default one is started in client mode.
+        tuning: fine-tune a frozen swarm: "lora", "ptune", "deep_ptune" or a TuningConfig;
+            tuning_options are TuningConfig's fields (rank, alpha, dropout, targets, pre_seq_len,
+            train_embeddings, train_head). Train `model.parameters()` through `model(ids)`.
+        adapter: a folder saved by `save_adapter` (a PEFT LoRA folder, or soft prompts) to
+            generate with; the peers get it once per session, and other clients do not see it.
         """
         import hivemind
         from hivemind.p2p import P2PDaemonError
@@ -165,6 +187,10 @@ class DistributedModelForCausalLM:
 
         if not initial_peers and dht is None:
             raise BadRequest("initial_peers is empty: give the multiaddr of a peer of the swarm")
+        if tuning is not None and adapter is not None:
+            raise BadRequest("give tuning= (train a new adapter) or adapter= (load one), not both")
+        if tuning_options and tuning is None:
+            raise BadRequest(f"options {sorted(tuning_options)} need tuning=")
         rc = with_compression(router_config, compression)
         source = loading.resolve_model(model)
         config = loading.load_config(source)
@@ -202,6 +228,23 @@ class DistributedModelForCausalLM:
             raise
         self = cls(config, client_parts, router, loop, dht, tokenizer, source.name)
         self._owns_dht = owns_dht
+        try:
+            if tuning is not None:
+                tc = tuning if isinstance(tuning, TuningConfig) else TuningConfig(tuning)
+                self.set_tuning(
+                    RemoteTuning(
+                        config,
+                        dataclasses.replace(tc, **tuning_options),
+                        client_parts.embed_tokens.weight,
+                    )
+                )
+            elif adapter is not None:
+                from petals_like.peft_format import load_adapter
+
+                self.set_tuning(load_adapter(adapter, config, client_parts))
+        except BaseException:
+            self.close()
+            raise
         return self
 
     # ---- sessions and generation -----------------------------------------------------------------

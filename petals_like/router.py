@@ -74,8 +74,8 @@ class SwarmRouter:
     """Span records, round trips and bans of the swarm serving one model; routes and streams.
 
     dht: a running hivemind.DHT (client mode is enough).
-    client: a swarm.peer.client.PeerClient (or a petals_like.wan.DelayedClient around one, to
-        emulate a WAN); each stream names its codec when it opens.
+    client: a swarm.peer.client.PeerClient (its `link` emulates a WAN: swarm.link); each
+        stream names its codec when it opens.
     model_prefix, num_blocks: the model's DHT prefix and block count.
     fetch: coroutine function (dht, prefix, num_blocks, timeout) -> records; the DHT by default.
     """
@@ -241,8 +241,9 @@ class SwarmRouter:
             return next((c for c in AUTO_CODECS if c in offered), "none")
         return want if want in offered else "none"
 
-    async def open(self, hop: Hop, max_length: int, batch_size: int) -> Any:
-        """An inference stream on hop's peer for its blocks."""
+    async def open(self, hop: Hop, max_length: int, batch_size: int, adapter: Any = None) -> Any:
+        """An inference stream on hop's peer for its blocks (with an adapter for them, if any)."""
+        extra = {} if adapter is None else {"adapter": adapter}
         return await asyncio.wait_for(
             self.client.open_inference(
                 hop.peer_id,
@@ -252,6 +253,7 @@ class SwarmRouter:
                 batch_size=batch_size,
                 timeout=self.config.open_timeout,
                 codec=self.codec_for(hop.peer_id),
+                **extra,
             ),
             self.config.open_timeout + 0.5,
         )

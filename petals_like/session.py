@@ -35,7 +35,9 @@ class SessionRouter(Protocol):
 
     async def route(self, start: int, end: int, cache_tokens_needed: int) -> list[Hop]: ...
 
-    async def open(self, hop: Hop, max_length: int, batch_size: int) -> StepStream: ...
+    async def open(
+        self, hop: Hop, max_length: int, batch_size: int, adapter: Any = None
+    ) -> StepStream: ...
 
     open_timeout: float
 
@@ -143,6 +145,7 @@ class RemoteInferenceSession:
     max_length: most positions the session will hold (prompt plus generated tokens).
     batch_size: rows of every step.
     max_failovers: bound on re-routes within one step; beyond it the step fails.
+    adapter: (start, end) -> the adapter payload of those blocks, or None (multi-LoRA serving).
     """
 
     def __init__(
@@ -151,12 +154,14 @@ class RemoteInferenceSession:
         max_length: int,
         batch_size: int = 1,
         max_failovers: int = 8,
+        adapter: Any = None,
     ):
         if max_length <= 0 or batch_size <= 0:
             raise BadRequest("max_length and batch_size must be positive")
         self.router = router
         self.max_length, self.batch_size = max_length, batch_size
         self.max_failovers = max_failovers
+        self.adapter = adapter
         self.position = 0
         self.failovers: list[Failover] = []
         self.session_id = uuid.uuid4().hex[:8]
@@ -173,10 +178,14 @@ class RemoteInferenceSession:
         states = [_HopState(hop) for hop in hops]
         # Open every stream at once: the first step pays one round of dialling, not one per hop.
         for s in states:
-            s.opening = asyncio.ensure_future(
-                self.router.open(s.hop, self.max_length, self.batch_size)
-            )
+            s.opening = asyncio.ensure_future(self._open(s.hop))
         return states
+
+    def _open(self, hop: Hop):
+        if self.adapter is None:
+            return self.router.open(hop, self.max_length, self.batch_size)
+        adapter = self.adapter(hop.start, hop.end)
+        return self.router.open(hop, self.max_length, self.batch_size, adapter=adapter)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run [B, T, H] hidden states for the next T positions through every block."""
@@ -268,9 +277,7 @@ class RemoteInferenceSession:
 
     async def _await_open(self, h: _HopState) -> StepStream:
         if h.opening is None:
-            h.opening = asyncio.ensure_future(
-                self.router.open(h.hop, self.max_length, self.batch_size)
-            )
+            h.opening = asyncio.ensure_future(self._open(h.hop))
         try:
             # Dialling a dead peer whose p2pd lives on hangs: probe it rather than wait it out.
             return await self.router.guarded(

@@ -64,27 +64,61 @@ class InfoResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., cache_tokens_left: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., throughput: _Optional[float] = ..., max_request_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("hidden", "first", "last", "reply_codec")
+    __slots__ = ("hidden", "first", "last", "reply_codec", "adapter")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     hidden: _tensor_pb2.Tensor
     first: int
     last: int
     reply_codec: str
-    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., reply_codec: _Optional[str] = ...) -> None: ...
+    adapter: Adapter
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., reply_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
+
+class AdapterTensor(_message.Message):
+    __slots__ = ("block", "name", "value")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    name: str
+    value: _tensor_pb2.Tensor
+    def __init__(self, block: _Optional[int] = ..., name: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class Adapter(_message.Message):
+    __slots__ = ("hash", "rank", "alpha", "dropout", "targets", "pre_seq_len", "tensors", "seed")
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PRE_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    hash: str
+    rank: int
+    alpha: float
+    dropout: float
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    pre_seq_len: int
+    tensors: _containers.RepeatedCompositeFieldContainer[AdapterTensor]
+    seed: int
+    def __init__(self, hash: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., pre_seq_len: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden", "error")
+    __slots__ = ("hidden", "error", "adapter")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     hidden: _tensor_pb2.Tensor
     error: Error
-    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("hidden", "grad_output", "first", "last", "reply_codec", "timeout_s", "step")
+    __slots__ = ("hidden", "grad_output", "first", "last", "reply_codec", "timeout_s", "step", "adapter")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +126,7 @@ class BackwardRequest(_message.Message):
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     hidden: _tensor_pb2.Tensor
     grad_output: _tensor_pb2.Tensor
     first: int
@@ -99,33 +134,38 @@ class BackwardRequest(_message.Message):
     reply_codec: str
     timeout_s: float
     step: int
-    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., reply_codec: _Optional[str] = ..., timeout_s: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+    adapter: Adapter
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., reply_codec: _Optional[str] = ..., timeout_s: _Optional[float] = ..., step: _Optional[int] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_input", "error", "step")
+    __slots__ = ("grad_input", "error", "step", "adapter_grads")
     GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_GRADS_FIELD_NUMBER: _ClassVar[int]
     grad_input: _tensor_pb2.Tensor
     error: Error
     step: int
-    def __init__(self, grad_input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
+    adapter_grads: _containers.RepeatedCompositeFieldContainer[AdapterTensor]
+    def __init__(self, grad_input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., step: _Optional[int] = ..., adapter_grads: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "first", "last", "max_length", "batch_size", "reply_codec")
+    __slots__ = ("session_id", "first", "last", "max_length", "batch_size", "reply_codec", "adapter")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     first: int
     last: int
     max_length: int
     batch_size: int
     reply_codec: str
-    def __init__(self, session_id: _Optional[str] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., reply_codec: _Optional[str] = ...) -> None: ...
+    adapter: Adapter
+    def __init__(self, session_id: _Optional[str] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., reply_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
     __slots__ = ("session_id", "hidden", "position", "step_id")
@@ -156,17 +196,19 @@ class InferenceRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("hidden", "step_id", "error", "opened", "closed", "length")
+    __slots__ = ("hidden", "step_id", "error", "opened", "closed", "length", "adapter")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     hidden: _tensor_pb2.Tensor
     step_id: int
     error: Error
     opened: bool
     closed: bool
     length: int
-    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., opened: _Optional[bool] = ..., closed: _Optional[bool] = ..., length: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., opened: _Optional[bool] = ..., closed: _Optional[bool] = ..., length: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...

@@ -32,6 +32,10 @@ class SessionExpired(SwarmError):
     """An inference session is unknown to the peer (closed, timed out, or never opened)."""
 
 
+class AdapterMissing(SwarmError):
+    """The peer does not hold the adapter a request names by hash: send its tensors again."""
+
+
 class NoRoute(SwarmError):
     """No chain of live peers covers the blocks the client needs."""
 

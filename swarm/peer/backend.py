@@ -8,11 +8,14 @@ the handler, worker and announcer stay as they are.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from swarm.model import lora
 from swarm.model.llama import Block, BlockSpan, KVCache, apply_rope, rope_cos_sin
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,11 @@ class Session:
     length: int = 0  # positions [0, length) are in the caches
     tokens: int = 0  # what it holds of the cache budget
     reply_codec: str = "none"
+    adapter: Any = None  # the swarm.peer.adapters.AdapterEntry its steps run with, if any
+
+    @property
+    def adapter_key(self) -> str:
+        return self.adapter.hash if self.adapter is not None else ""
 
 
 @dataclass
@@ -64,17 +72,67 @@ class SpanBackend:
     def end(self) -> int:
         return self.span.end
 
-    def forward(self, hidden: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Stateless forward of blocks [first, last) from position 0."""
-        with torch.inference_mode():
+    def forward(
+        self, hidden: torch.Tensor, first: int, last: int, adapter: Any = None, seed: int = 0
+    ) -> torch.Tensor:
+        """Stateless forward of blocks [first, last) from position 0, with a client's adapter."""
+        with torch.inference_mode(), self._adapted(adapter, first, last, seed):
             out = self.span(hidden.to(self.dtype), 0, None, first, last)
         return out.to(hidden.dtype)
+
+    def backward_tuned(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        first: int,
+        last: int,
+        adapter: Any,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, lora.BlockTensors]:
+        """Fine-tuning backward: the input's and the adapter's gradients; base weights stay.
+
+        Recomputes blocks [first, last) on `hidden` with the adapter (an AdapterEntry) hooked
+        in; gradients reach the input through frozen int8 linears too (QLoRA).
+        """
+        with torch.enable_grad():
+            x = hidden.detach().to(self.dtype).requires_grad_(True)
+            params = {
+                b: {
+                    n: t.detach().clone().requires_grad_(True)
+                    for n, t in adapter.tensors[b].items()
+                }
+                for b in range(first, last)
+            }
+            flat = [t for b in sorted(params) for _, t in sorted(params[b].items())]
+            with lora.applied(self._span_blocks(first, last), adapter.spec, params, seed, True):
+                out = self.span(x, 0, None, first, last)
+            grads = torch.autograd.grad(
+                out, [x, *flat], grad_output.to(out.dtype), allow_unused=True
+            )
+        grad_in = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        it = iter(grads[1:])
+        out_grads: lora.BlockTensors = {}
+        for b in sorted(params):
+            for n, t in sorted(params[b].items()):
+                g = next(it)
+                out_grads.setdefault(b, {})[n] = torch.zeros_like(t) if g is None else g.detach()
+        return grad_in.to(hidden.dtype), out_grads
+
+    def _span_blocks(self, first: int, last: int) -> list[tuple[int, Block]]:
+        return [(i, self.span.blocks[i - self.start]) for i in range(first, last)]
+
+    def _adapted(self, adapter: Any, first: int, last: int, seed: int = 0):
+        if adapter is None:
+            return contextlib.nullcontext()
+        blocks = self._span_blocks(first, last)
+        return lora.applied(blocks, adapter.spec, adapter.tensors, seed)
 
     def backward(
         self, hidden: torch.Tensor, grad_output: torch.Tensor, first: int, last: int
     ) -> torch.Tensor:
         """Recompute blocks [first, last) on `hidden`; return d(output . grad_output)/d(hidden)."""
-        with torch.enable_grad():
+        # Frozen int8 linears have no autograd: hooks pass the gradient through their weights.
+        with torch.enable_grad(), lora.applied(self._span_blocks(first, last), None, None, 0, True):
             x = hidden.detach().to(self.dtype).requires_grad_(True)
             out = self.span(x, 0, None, first, last)
             (grad,) = torch.autograd.grad(out, x, grad_output.to(out.dtype))
@@ -111,9 +169,12 @@ class SpanBackend:
         The weight matmuls run once on all sessions' rows; attention runs per session, since
         each has its own cache and positions.
         """
-        if len(items) == 1 or not all(_batchable(b) for b in self._blocks(items[0])):
+        s = items[0].session
+        prompts = s.adapter is not None and s.adapter.has_prompts  # hooked on Block.forward
+        if len(items) == 1 or prompts or not all(_batchable(b) for b in self._blocks(items[0])):
             return [self._step_one(it) for it in items]
-        with torch.inference_mode():
+        # The worker batches only sessions with the same adapter (its batch key).
+        with torch.inference_mode(), self._adapted(s.adapter, s.first, s.last):
             return self._step_batched(items)
 
     def _blocks(self, item: StepItem) -> list[Block]:
@@ -124,7 +185,7 @@ class SpanBackend:
         s = item.session
         # Caches cover only [first, last): pad the list so BlockSpan indexes by span offset.
         caches = [None] * (s.first - self.start) + s.caches
-        with torch.inference_mode():
+        with torch.inference_mode(), self._adapted(s.adapter, s.first, s.last):
             out = self.span(item.hidden.to(self.dtype), item.position, caches, s.first, s.last)
         return out.to(item.hidden.dtype)
 

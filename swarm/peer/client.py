@@ -11,18 +11,24 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 
 from proto import peer_pb2
-from swarm.errors import BadRequest, PeerTimeout, PeerUnavailable, SwarmError
+from swarm.errors import AdapterMissing, BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.link import NO_LINK, Link
+from swarm.model.lora import AdapterPayload, BlockTensors
 from swarm.peer import wire
 from swarm.peer.handler import PeerHandler
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SENT_MEMORY = 4096  # (peer, adapter hash) pairs we remember having sent
 
 
 def as_peer_id(peer_id: PeerID | str) -> PeerID:
@@ -63,6 +69,31 @@ class PeerClient:
         self.p2p = p2p
         self.compression = compression
         self.link = link or NO_LINK
+        self._sent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.adapter_bytes_sent = 0  # adapter tensors sent, in bytes (benchmarks)
+
+    async def _with_adapter(
+        self, peer: PeerID, adapter: AdapterPayload | None, call: Callable[[Any], Awaitable[T]]
+    ) -> T:
+        """`call(adapter message)`: by hash where the peer got it before, else with tensors.
+
+        A peer that lost it (evicted, restarted) answers AdapterMissing: we resend once.
+        """
+        if adapter is None:
+            return await call(None)
+        key = (str(peer), adapter.hash)
+        if key in self._sent:
+            self._sent.move_to_end(key)
+            try:
+                return await call(wire.adapter_to_wire(adapter, with_tensors=False))
+            except AdapterMissing:
+                logger.debug("peer %s lost adapter %s: resending", peer, adapter.hash[:12])
+        result = await call(wire.adapter_to_wire(adapter, with_tensors=True))
+        self.adapter_bytes_sent += adapter.nbytes
+        self._sent[key] = None
+        while len(self._sent) > SENT_MEMORY:
+            self._sent.popitem(last=False)
+        return result
 
     def _stub(self, peer: PeerID):
         return PeerHandler.get_stub(self.p2p, peer)
@@ -97,19 +128,83 @@ class PeerClient:
         last: int,
         timeout: float = 30.0,
         codec: str | None = None,
+        adapter: AdapterPayload | None = None,
     ) -> torch.Tensor:
         """Blocks [first, last) of the peer applied to `hidden` [B, T, H] from position 0.
 
         codec: of the request and the reply (default: this client's `compression`).
+        adapter: a client's LoRA / deep prompts for exactly blocks [first, last).
         """
         codec = codec or self.compression
-        request = peer_pb2.ForwardRequest(
-            hidden=wire.encode(hidden, codec), first=first, last=last, reply_codec=codec
-        )
-        reply = await self._call(
-            peer_id, "rpc_forward", "rpc_forward_stream", request, peer_pb2.ForwardResponse, timeout
-        )
+        encoded = wire.encode(hidden, codec)
+
+        async def call(msg):
+            request = peer_pb2.ForwardRequest(
+                hidden=encoded, first=first, last=last, reply_codec=codec, adapter=msg
+            )
+            return await self._call(
+                peer_id,
+                "rpc_forward",
+                "rpc_forward_stream",
+                request,
+                peer_pb2.ForwardResponse,
+                timeout,
+            )
+
+        reply = await self._with_adapter(as_peer_id(peer_id), adapter, call)
+        _check_applied(reply.adapter, adapter, peer_id)
         return _decoded(reply.hidden, hidden, peer_id)
+
+    async def backward_tuned(
+        self,
+        peer_id: PeerID | str,
+        hidden: torch.Tensor,
+        grad_out: torch.Tensor,
+        first: int,
+        last: int,
+        adapter: AdapterPayload,
+        timeout: float = 75.0,
+        codec: str | None = None,
+    ) -> tuple[torch.Tensor, BlockTensors]:
+        """Fine-tuning backward: gradients w.r.t. `hidden` and every tensor of `adapter`.
+
+        The peer recomputes blocks [first, last) with the adapter; its base weights stay.
+        """
+        codec = codec or self.compression
+        h, g = wire.encode(hidden, codec), wire.encode(grad_out, codec)
+
+        async def call(msg):
+            request = peer_pb2.BackwardRequest(
+                hidden=h,
+                grad_output=g,
+                first=first,
+                last=last,
+                reply_codec=codec,
+                timeout_s=timeout,
+                adapter=msg,
+            )
+            return await self._call(
+                peer_id,
+                "rpc_backward",
+                "rpc_backward_stream",
+                request,
+                peer_pb2.BackwardResponse,
+                timeout,
+                reply_bytes=adapter.nbytes + h.ByteSize() + (1 << 16),
+            )
+
+        reply = await self._with_adapter(as_peer_id(peer_id), adapter, call)
+        grad = _decoded(reply.grad_input, hidden, peer_id)
+        try:
+            grads = wire.tensors_from_wire(reply.adapter_grads, 1 << 26, "adapter gradient")
+        except BadRequest as e:
+            raise PeerUnavailable(f"peer {peer_id} replied with bad gradients: {e}") from None
+        for b, ts in adapter.tensors.items():
+            for n, t in ts.items():
+                got = grads.get(b, {}).get(n)
+                if got is None or got.shape != t.shape:
+                    raise PeerUnavailable(f"peer {peer_id} sent no valid gradient of {b}.{n}")
+        return grad, grads
 
     async def backward(
         self,
@@ -168,12 +263,23 @@ class PeerClient:
         )
         return _decoded(reply.grad_input, hidden, peer_id), int(reply.step)
 
-    async def _call(self, peer_id, unary: str, stream: str, request, reply_type, timeout: float):
+    async def _call(
+        self,
+        peer_id,
+        unary: str,
+        stream: str,
+        request,
+        reply_type,
+        timeout: float,
+        reply_bytes: int = 0,
+    ):
+        """reply_bytes: what the reply may hold beyond the request's size (adapter gradients):
+        a reply over hivemind's unary cap would hang the call, so such calls stream."""
         peer = as_peer_id(peer_id)
         stub = self._stub(peer)
         try:
             await self.link.send(request.ByteSize())
-            if request.ByteSize() <= wire.UNARY_LIMIT_BYTES:
+            if max(request.ByteSize(), reply_bytes) <= wire.UNARY_LIMIT_BYTES:
                 reply = await getattr(stub, unary)(request, timeout=timeout)
             else:
                 reply = await asyncio.wait_for(
@@ -194,23 +300,29 @@ class PeerClient:
         batch_size: int = 1,
         timeout: float = 10.0,
         codec: str | None = None,
+        adapter: AdapterPayload | None = None,
     ) -> InferenceStream:
         """Open a session holding up to `max_length` positions of blocks [first, last).
 
         codec: of every step's input and output (default: this client's `compression`).
+        adapter: served with this session's steps only (for exactly blocks [first, last)).
         Raises CacheFull at once if the peer's cache budget cannot hold batch_size * max_length.
         """
-        stream = InferenceStream(
-            self,
-            as_peer_id(peer_id),
-            first,
-            last,
-            max_length,
-            batch_size,
-            codec or self.compression,
-        )
-        await stream._open(timeout)
-        return stream
+
+        async def call(msg):
+            stream = InferenceStream(
+                self,
+                as_peer_id(peer_id),
+                first,
+                last,
+                max_length,
+                batch_size,
+                codec or self.compression,
+            )
+            await stream._open(timeout, msg)
+            return stream
+
+        return await self._with_adapter(as_peer_id(peer_id), adapter, call)
 
 
 async def _stream_call(method, request, reply_type):
@@ -233,6 +345,13 @@ async def _stream_call(method, request, reply_type):
         await asyncio.sleep(0)
         with contextlib.suppress(Exception):
             await responses.aclose()
+
+
+def _check_applied(applied: str, adapter, peer) -> None:
+    """A peer too old to know adapters ignores them: its reply would be the base model's."""
+    want = adapter.hash if adapter is not None else ""
+    if applied != want:
+        raise PeerUnavailable(f"peer {peer} did not apply the adapter (it may predate adapters)")
 
 
 def _decoded(msg, like: torch.Tensor, peer: PeerID | str) -> torch.Tensor:
@@ -299,7 +418,7 @@ class InferenceStream:
             raise wire.error_from_wire(reply.error, str(self.peer))
         return reply
 
-    async def _open(self, timeout: float) -> None:
+    async def _open(self, timeout: float, adapter: peer_pb2.Adapter | None = None) -> None:
         stub = self.client._stub(self.peer)
         try:
             self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
@@ -313,8 +432,12 @@ class InferenceStream:
             max_length=self.max_length,
             batch_size=self.batch_size,
             reply_codec=self.codec,
+            adapter=adapter,
         )
-        await self._exchange(peer_pb2.InferenceRequest(open=open_msg), timeout)
+        reply = await self._exchange(peer_pb2.InferenceRequest(open=open_msg), timeout)
+        if adapter is not None and reply.adapter != adapter.hash:
+            await self._shutdown()
+            _check_applied(reply.adapter, adapter, self.peer)
 
     async def step(
         self, hidden: torch.Tensor, position: int, timeout: float = 30.0

@@ -108,6 +108,17 @@ class PeerConfig:
     dht_timeout: float = field(
         default=10.0, metadata={"help": "seconds each DHT get/store may take"}
     )
+    adapter_cache_mb: float = field(
+        default=256.0,
+        metadata={"help": "memory for clients' LoRA adapters and deep prompts, in MiB"},
+    )
+    max_adapters: int = field(
+        default=32, metadata={"help": "most client adapters held at once (multi-LoRA serving)"}
+    )
+    max_adapter_rank: int = field(default=64, metadata={"help": "largest LoRA rank accepted"})
+    max_pre_seq_len: int = field(
+        default=256, metadata={"help": "longest deep prompt accepted, in positions"}
+    )
     dtype: str = field(
         default="float32",
         metadata={
@@ -168,6 +179,8 @@ class PeerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.cache_tokens < 0 or self.max_request_tokens <= 0:
             raise ValueError("--cache-tokens must be >= 0 and --max-request-tokens positive")
+        if self.adapter_cache_mb < 0 or self.max_adapters < 0 or self.max_adapter_rank < 0:
+            raise ValueError("--adapter-cache-mb, --max-adapters, --max-adapter-rank must be >= 0")
         if not 0.0 < self.balance_quality <= 1.0:
             raise ValueError("--balance-quality must be in (0, 1]")
         if self.min_gain < 0:

@@ -21,6 +21,7 @@ from proto import peer_pb2
 from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
 from swarm.link import Link
 from swarm.peer import wire
+from swarm.peer.adapters import AdapterCache, AdapterEntry
 from swarm.peer.backend import Session, SpanBackend, StepItem
 from swarm.peer.config import PeerConfig
 from swarm.peer.memory import CacheBudget
@@ -63,6 +64,13 @@ class PeerHandler(ServicerBase):
         self.inflight = 0
         self.codecs = sorted(kernels.CODECS)
         self.link = link or Link(config.link_delay, config.link_bandwidth)  # --link-delay
+        self.adapters = AdapterCache(
+            backend.config,
+            max_bytes=int(config.adapter_cache_mb * (1 << 20)),
+            max_entries=config.max_adapters,
+            max_rank=config.max_adapter_rank,
+            max_pre_seq_len=config.max_pre_seq_len,
+        )
 
     # ---- info -------------------------------------------------------------------------------
     async def rpc_info(
@@ -92,7 +100,7 @@ class PeerHandler(ServicerBase):
         self, request: peer_pb2.ForwardRequest, context: P2PContext
     ) -> peer_pb2.ForwardResponse:
         try:
-            reply = peer_pb2.ForwardResponse(hidden=await self._forward(request))
+            reply = await self._forward(request)
         except Exception as e:
             reply = peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
         return await self._unary(reply)
@@ -102,7 +110,7 @@ class PeerHandler(ServicerBase):
     ) -> AsyncIterator[peer_pb2.Part]:
         try:
             request = await self._read_one(requests, peer_pb2.ForwardRequest)
-            reply = peer_pb2.ForwardResponse(hidden=await self._forward(request))
+            reply = await self._forward(request)
         except Exception as e:
             reply = peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
         async for part in self._parts(reply):
@@ -139,20 +147,22 @@ class PeerHandler(ServicerBase):
             raise BadRequest("the stream ended before a request arrived")
         return msg
 
-    async def _forward(self, request: peer_pb2.ForwardRequest):
+    async def _forward(self, request: peer_pb2.ForwardRequest) -> peer_pb2.ForwardResponse:
         backend = self.backend
         first, last = self._check_range(backend, request.first, request.last)
         hidden = self._decode(request.hidden, "hidden")
         codec = self._reply_codec(request.reply_codec)
+        adapter, seed = await self._adapter(request, first, last)
         self.inflight += 1
         try:
             out = await asyncio.wait_for(
-                self.worker.call(lambda: backend.forward(hidden, first, last)),
+                self.worker.call(lambda: backend.forward(hidden, first, last, adapter, seed)),
                 self.config.request_timeout,
             )
         finally:
             self.inflight -= 1
-        return await self._encode(out, codec)
+        applied = adapter.hash if adapter is not None else ""
+        return peer_pb2.ForwardResponse(hidden=await self._encode(out, codec), adapter=applied)
 
     async def _backward(self, request: peer_pb2.BackwardRequest) -> peer_pb2.BackwardResponse:
         received = time.monotonic()
@@ -169,6 +179,8 @@ class PeerHandler(ServicerBase):
         # Commit only well before the caller gives up: a call it resends elsewhere never counts
         # twice as long as the round trip takes under a fifth of its timeout.
         deadline = received + COMMIT_FRACTION * budget if budget > 0 else None
+        if request.HasField("adapter"):
+            return await self._backward_tuned(request, hidden, grad, first, last, codec)
         self.inflight += 1
         try:
             out, step = await asyncio.wait_for(
@@ -182,6 +194,41 @@ class PeerHandler(ServicerBase):
         finally:
             self.inflight -= 1
         return peer_pb2.BackwardResponse(grad_input=await self._encode(out, codec), step=step)
+
+    async def _backward_tuned(self, request, hidden, grad, first, last, codec: str):
+        """Fine-tuning: input and adapter gradients; never counted by training peers."""
+        backend = self.backend
+        adapter, seed = await self._adapter(request, first, last)
+        self.inflight += 1
+        try:
+            out, grads = await asyncio.wait_for(
+                self.worker.call(
+                    lambda: backend.backward_tuned(hidden, grad, first, last, adapter, seed)
+                ),
+                self.config.request_timeout,
+            )
+        finally:
+            self.inflight -= 1
+        return peer_pb2.BackwardResponse(
+            grad_input=await self._encode(out, codec), adapter_grads=wire.tensors_to_wire(grads)
+        )
+
+    async def _adapter(self, request, first: int, last: int) -> tuple[AdapterEntry | None, int]:
+        """The request's adapter from the cache, or checked and cached from its tensors."""
+        if not request.HasField("adapter"):
+            return None, 0
+        cache = self.adapters
+        spec, tensors, key, seed = wire.adapter_from_wire(
+            request.adapter, cache.max_elements(), max_total=cache.max_bytes // 4
+        )
+        cache.check_spec(spec)
+        if tensors is None:
+            entry = cache.get(key, first, last)
+        else:
+            entry = await asyncio.to_thread(cache.put, key, spec, tensors, first, last)
+        if entry.spec != spec:
+            raise BadRequest(f"adapter {key[:12]} was cached with another spec")
+        return entry, seed
 
     # ---- inference sessions -------------------------------------------------------------------
     async def rpc_inference(
@@ -197,7 +244,9 @@ class PeerHandler(ServicerBase):
                 kind = request.WhichOneof("kind")
                 if kind == "open" and session is None:
                     session = await self._open(request.open)
-                    reply = peer_pb2.InferenceResponse(opened=True, length=0)
+                    reply = peer_pb2.InferenceResponse(
+                        opened=True, length=0, adapter=session.adapter_key
+                    )
                 elif kind == "open":
                     raise BadRequest("this stream already has a session open")
                 elif kind == "step":
@@ -248,6 +297,7 @@ class PeerHandler(ServicerBase):
         session_id = req.session_id or uuid.uuid4().hex
         if session_id in self.sessions:
             raise BadRequest(f"session {session_id!r} is already open")
+        adapter, _ = await self._adapter(req, first, last)
         tokens = self.budget.allocate(req.batch_size * req.max_length)
         try:
             caches = await self.worker.call(
@@ -260,6 +310,9 @@ class PeerHandler(ServicerBase):
             session_id, first, last, req.max_length, req.batch_size, caches, backend, tokens=tokens
         )
         session.reply_codec = self._reply_codec(req.reply_codec)
+        if adapter is not None:
+            self.adapters.pin(adapter)
+            session.adapter = adapter
         self.sessions[session_id] = session
         return session
 
@@ -298,6 +351,9 @@ class PeerHandler(ServicerBase):
         self.budget.free(session.tokens)
         session.tokens = 0
         session.caches = []
+        if session.adapter is not None:
+            self.adapters.unpin(session.adapter)
+            session.adapter = None
 
     # ---- helpers ------------------------------------------------------------------------------
     def _check_range(self, backend: SpanBackend, first: int, last: int) -> tuple[int, int]:

@@ -18,7 +18,15 @@ from google.protobuf.message import DecodeError, Message
 
 import kernels
 from proto import peer_pb2, tensor_pb2
-from swarm.errors import BadRequest, CacheFull, PeerUnavailable, SessionExpired, SwarmError
+from swarm.errors import (
+    AdapterMissing,
+    BadRequest,
+    CacheFull,
+    PeerUnavailable,
+    SessionExpired,
+    SwarmError,
+)
+from swarm.model.lora import AdapterPayload, AdapterSpec, BlockTensors
 
 WIRE_VERSION = 1
 MAX_ELEMENTS = 1 << 28  # 1 GiB of float32: far above any stage's activations, far below harm
@@ -34,7 +42,10 @@ ERROR_KINDS: dict[str, type[SwarmError]] = {
     "CacheFull": CacheFull,
     "SessionExpired": SessionExpired,
     "PeerUnavailable": PeerUnavailable,
+    "AdapterMissing": AdapterMissing,
 }
+MAX_ADAPTER_TENSORS = 4096  # 7 targets x 2 tensors + a prompt, over hundreds of blocks
+MAX_NAME_CHARS = 64
 
 
 def error_to_wire(e: BaseException) -> peer_pb2.Error:
@@ -262,3 +273,97 @@ def parse(data: bytes, msg_type: type[Message]) -> Message:
     except (DecodeError, RuntimeWarning, ValueError) as e:
         raise BadRequest(f"malformed {msg_type.__name__}: {e}") from None
     return msg
+
+
+def adapter_to_wire(payload: AdapterPayload, with_tensors: bool) -> peer_pb2.Adapter:
+    """An adapter message: spec and hash, and its tensors (exact float32) if `with_tensors`."""
+    spec = payload.spec
+    msg = peer_pb2.Adapter(
+        hash=payload.hash,
+        rank=spec.rank,
+        alpha=spec.alpha,
+        dropout=spec.dropout,
+        targets=list(spec.targets),
+        pre_seq_len=spec.pre_seq_len,
+        seed=payload.seed,
+    )
+    if with_tensors:
+        msg.tensors.extend(tensors_to_wire(payload.tensors))
+    return msg
+
+
+def tensors_to_wire(tensors: BlockTensors) -> list[peer_pb2.AdapterTensor]:
+    return [
+        peer_pb2.AdapterTensor(block=b, name=n, value=encode(t.detach(), "none"))
+        for b in sorted(tensors)
+        for n, t in sorted(tensors[b].items())
+    ]
+
+
+def tensors_from_wire(
+    msgs, max_elements: int, what: str = "adapter tensor", max_total: int | None = None
+) -> BlockTensors:
+    """Block -> name -> float32 tensor; BadRequest on duplicates, lossy codecs, other dtypes.
+
+    Each tensor's element count is checked against `max_elements`, and (if given) their sum
+    against `max_total`, before anything is allocated.
+    """
+    if len(msgs) > MAX_ADAPTER_TENSORS:
+        raise BadRequest(f"an adapter holds at most {MAX_ADAPTER_TENSORS} tensors, got {len(msgs)}")
+    if max_total is not None:
+        total = 0
+        for m in msgs:  # declared sizes, before anything is decoded
+            shape = list(m.value.shape)
+            if len(shape) > MAX_DIMS or any(d > max_elements for d in shape):
+                raise BadRequest(f"{what} {m.block}.{m.name} has shape {shape[: MAX_DIMS + 1]}")
+            total += math.prod(shape)
+        if total > max_total:
+            raise BadRequest(
+                f"the adapter holds {total} elements, more than this peer accepts ({max_total})"
+            )
+    out: BlockTensors = {}
+    for m in msgs:
+        if len(m.name) > MAX_NAME_CHARS:
+            raise BadRequest(f"{what} name of {len(m.name)} characters is too long")
+        if m.value.codec != "none" or m.value.dtype != "float32":
+            raise BadRequest(
+                f"{what} {m.block}.{m.name} must be float32 with codec 'none', "
+                f"got {m.value.dtype or '?'} / {m.value.codec or '?'}"
+            )
+        if m.name in out.get(m.block, {}):
+            raise BadRequest(f"{what} {m.block}.{m.name} appears twice")
+        try:
+            t = deserialize(m.value, max_elements=max_elements)
+        except ValueError as e:
+            raise BadRequest(f"{what} {m.block}.{m.name} is not valid: {e}") from None
+        if not torch.isfinite(t).all():
+            raise BadRequest(f"{what} {m.block}.{m.name} contains NaN or infinite values")
+        out.setdefault(m.block, {})[m.name] = t
+    return out
+
+
+def adapter_from_wire(
+    msg: peer_pb2.Adapter, max_elements: int, max_total: int | None = None
+) -> tuple[AdapterSpec, BlockTensors | None, str, int]:
+    """(spec, tensors or None when only the hash came, hash, seed), checked for consistency.
+
+    max_elements bounds each tensor and max_total all of them, before decoding.
+    """
+    if len(msg.hash) != 64 or any(c not in "0123456789abcdef" for c in msg.hash):
+        raise BadRequest("an adapter must name its sha256 hash (64 lowercase hex digits)")
+    if len(msg.targets) > 16 or any(len(t) > MAX_NAME_CHARS for t in msg.targets):
+        raise BadRequest("an adapter names too many or too long target modules")
+    if not (math.isfinite(msg.alpha) and math.isfinite(msg.dropout)):
+        raise BadRequest("adapter alpha and dropout must be finite")
+    spec = AdapterSpec(
+        rank=msg.rank,
+        alpha=msg.alpha,
+        dropout=msg.dropout,
+        targets=tuple(msg.targets),
+        pre_seq_len=msg.pre_seq_len,
+    )
+    spec.check()
+    tensors = None
+    if len(msg.tensors):
+        tensors = tensors_from_wire(msg.tensors, max_elements, max_total=max_total)
+    return spec, tensors, msg.hash, int(msg.seed)

@@ -31,7 +31,7 @@ class _Task:
         if self.step is None:
             return None
         s, x = self.step.session, self.step.hidden
-        return (id(s.backend), s.first, s.last, x.shape[1], x.dtype)
+        return (id(s.backend), s.first, s.last, x.shape[1], x.dtype, s.adapter_key)
 
 
 class ComputeWorker:

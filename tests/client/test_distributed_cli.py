@@ -42,4 +42,5 @@ def test_distributed_flags():
     add_distributed_arguments(p)
     a = p.parse_args(["--compression", "none", "--link-delay", "0.05", "--link-bandwidth", "20"])
     assert (a.compression, a.link_delay, a.link_bandwidth) == ("none", 0.05, 20.0)
-    assert p.parse_args([]).compression == "auto"
+    assert p.parse_args(["--adapter", "dir"]).adapter == "dir"
+    assert p.parse_args([]).compression == "auto" and p.parse_args([]).adapter is None
