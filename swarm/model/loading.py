@@ -17,17 +17,19 @@ from torch import nn
 
 from swarm.errors import BadRequest, CheckpointError
 from swarm.model.config import ModelConfig
-from swarm.model.int8 import quantize_blocks
 from swarm.model.llama import BlockSpan, ClientParts, LlamaModel, rope_inv_freq
 from swarm.model.loaders.gguf import BLOCK_TENSORS, CLIENT_TENSORS, GGUFFile, unpermute_qk
 from swarm.model.loaders.hf import HFCheckpoint, read_json
 from swarm.model.loaders.resolve import DEFAULT_MODEL, ModelSource, resolve_model
+from swarm.model.quantize import quantize_blocks_as
 from swarm.model.tokenizer import Tokenizer
+from swarm.quant import QUANT_MODES
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODEL",
+    "QUANT_MODES",
     "ModelSource",
     "load_client_parts",
     "load_config",
@@ -36,8 +38,6 @@ __all__ = [
     "load_tokenizer",
     "resolve_model",
 ]
-
-QUANT_MODES = ("none", "int8")
 
 
 class _Reader:
@@ -163,8 +163,7 @@ def _load_span(
         names = [n for n, _ in block.named_parameters()]
         tensors = {n: r.block_tensor(i, n, dtype) for n in names}
         _fill(block, tensors, f"block {i}")
-        if quant == "int8":
-            quantize_blocks(block)
+        quantize_blocks_as(block, quant)
         span.blocks[i - start] = block
         if bar is not None:
             bar.update(1)
@@ -192,7 +191,8 @@ def load_span(
 ) -> BlockSpan:
     """Blocks [start, end) with their weights, reading only those blocks' tensors.
 
-    quant: "none" keeps `dtype` weights; "int8" swaps the blocks' linear layers for `Int8Linear`.
+    quant: "none" keeps `dtype` weights; "int8" swaps the blocks' linear layers for `Int8Linear`,
+    "nf4", "fp4" and "int4" for `FourBitLinear` (swarm.model.quantize).
     """
     with _open(source_or_str) as r:
         return _load_span(r, start, end, quant, dtype, progress)
