@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import fourbit
+import kernels
 from swarm.model.int8 import FrozenWeightLinear
 
 
@@ -25,10 +25,10 @@ class FourBitLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
         n = in_features * out_features
-        blocks = -(-n // fourbit.BLOCK)
+        blocks = -(-n // kernels.FOURBIT_BLOCK)
         self.register_buffer("packed", torch.zeros(2 * -(-n // 4), dtype=torch.uint8))
         self.register_buffer("absmax_codes", torch.zeros(blocks, dtype=torch.uint8))
-        scales = -(-blocks // fourbit.ABSMAX_BLOCK)
+        scales = -(-blocks // kernels.FOURBIT_ABSMAX_BLOCK)
         self.register_buffer("absmax_scales", torch.zeros(scales, dtype=torch.float32))
         self.register_buffer("absmax_mean", torch.zeros((), dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -36,7 +36,7 @@ class FourBitLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, kind: str = "nf4") -> FourBitLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, kind)
-        w = fourbit.quantize_4bit(linear.weight.detach(), kind)
+        w = kernels.quantize_4bit(linear.weight.detach(), kind)
         q.packed, q.absmax_codes = w.packed, w.absmax_codes
         q.absmax_scales, q.absmax_mean = w.absmax_scales, w.absmax_mean
         if linear.bias is not None:
@@ -44,8 +44,8 @@ class FourBitLinear(nn.Module):
         return q
 
     @property
-    def weight(self) -> fourbit.FourBitWeight:
-        return fourbit.FourBitWeight(
+    def weight(self) -> kernels.FourBitWeight:
+        return kernels.FourBitWeight(
             self.packed,
             self.absmax_codes,
             self.absmax_scales,
@@ -64,7 +64,7 @@ class FourBitLinear(nn.Module):
         return self.weight.dequantize(dtype)
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fourbit.fourbit_linear(x, self.weight, self.bias)
+        return kernels.fourbit_linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
