@@ -126,7 +126,7 @@ def weight_only_supported(weight: Int8Weight, device: torch.device) -> bool:
 def weight_only_max_tokens(device: torch.device) -> int:
     """Most rows (tokens) for which the weight-only path beats LLM.int8(), on this device kind.
 
-    CPU: measured with simulations/bench_kernels.py --int8-paths on SmolLM2's four shapes
+    CPU: measured with simulations/bench_matmul.py and bench_local on SmolLM2's four shapes
     (2-core x86, torch 2.13): the bf16 pack kernel wins at M = 1..WEIGHT_ONLY_MAX_TOKENS_CPU,
     _int_mm from there up. CUDA: _int_mm needs M > 16, below that the Triton kernel.
     """
