@@ -28,7 +28,12 @@ MODES = ("fp32", "int8", "nf4", "fp4", "int4")
 BATCHES = (1, 4, 16)
 # (row name, outlier threshold, matmul path, note): the int8 model with one path forced.
 INT8_VARIANTS = (
-    ("int8/llm.int8", DEFAULT_THRESHOLD, "int8", "LLM.int8() at every batch size (t=6.0)"),
+    (
+        "int8/llm.int8",
+        DEFAULT_THRESHOLD,
+        "int8",
+        f"LLM.int8() at every batch (t={DEFAULT_THRESHOLD})",
+    ),
     ("int8/no-outliers", 0.0, "int8", "LLM.int8() without the outlier split (t=0)"),
     ("int8/weight-only", DEFAULT_THRESHOLD, "weight-only", "weight-only at every batch size"),
 )
@@ -62,68 +67,69 @@ def set_int8_options(model: LlamaModel, threshold: float, path: str) -> None:
 
 
 @torch.inference_mode()
-def decode_speed(
-    model: LlamaModel, prompt: list[int], new_tokens: int, repeats: int, batch: int = 1
-) -> float:
-    """Best-of-`repeats` greedy decode tokens/s over `batch` sequences (prefill excluded)."""
-    best = 0.0
-    for _ in range(repeats):
-        caches = model.new_caches(batch, len(prompt) + new_tokens + 1)
-        ids = torch.tensor([prompt] * batch)
-        nxt = model(ids, 0, caches)[:, -1:].argmax(-1)
-        pos = len(prompt)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            nxt = model(nxt, pos, caches)[:, -1:].argmax(-1)
-            pos += 1
-        best = max(best, batch * new_tokens / (time.perf_counter() - t0))
-    return best
+def decode_speed(model: LlamaModel, prompt: list[int], new_tokens: int, batch: int = 1) -> float:
+    """Greedy decode tokens/s over `batch` sequences (prefill excluded), one timed run."""
+    caches = model.new_caches(batch, len(prompt) + new_tokens + 1)
+    nxt = model(torch.tensor([prompt] * batch), 0, caches)[:, -1:].argmax(-1)
+    pos = len(prompt)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = model(nxt, pos, caches)[:, -1:].argmax(-1)
+        pos += 1
+    return batch * new_tokens / (time.perf_counter() - t0)
 
 
 def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], Path, list[int]]:
-    """One row per mode (and the int8 path variants), the model's source and the text's ids."""
+    """One row per mode (and the int8 path variants), the model's source and the text's ids.
+
+    Every model is loaded first; decode speed is then timed in rounds, each round running every
+    row once, and the best round of each row is kept: a load that comes and goes on a shared
+    machine then slows every row alike instead of whichever happened to run at that moment.
+    """
     source = resolve_model(args.model)
     tok = load_tokenizer(source)
     ids = tok.encode(args.text.read_text(encoding="utf-8"))
     prompt = tok.encode(PROMPT)
-    rows = []
+    rows, models = [], []  # models[i]: (model, int8 threshold, int8 path) of rows[i]
     for mode in args.modes:
-        quant = "none" if mode == "fp32" else mode
         progress.update(f"loading {source.name} ({mode} block weights)")
         rss0 = rss_mb()
         t0 = time.perf_counter()
-        model = load_model(source, quant=quant, progress=False)
+        model = load_model(source, quant="none" if mode == "fp32" else mode, progress=False)
         load_s = time.perf_counter() - t0
-        params = quantized_params(model.span)
-        row = {"mode": mode, "load_s": load_s}
-        for b in BATCHES:
-            progress.update(f"{mode}: decoding {args.max_new_tokens} tokens x {b} x {args.repeats}")
-            row[f"tok_s_b{b}"] = decode_speed(model, prompt, args.max_new_tokens, args.repeats, b)
         rss1 = rss_mb()
-        progress.update(f"{mode}: perplexity over {len(ids)} tokens")
-        row.update(
-            tok_s=row["tok_s_b1"],
-            block_weights_mb=weight_bytes(model.span) / 2**20,
-            bytes_per_param=weight_bytes(model.span) / params,
-            rss_delta_mb=rss1 - rss0 if rss0 is not None and rss1 is not None else None,
-            ppl=perplexity(model, ids, args.window),
-            note="",
-        )
+        row = {
+            "mode": mode,
+            "load_s": load_s,
+            "block_weights_mb": weight_bytes(model.span) / 2**20,
+            "bytes_per_param": weight_bytes(model.span) / quantized_params(model.span),
+            "rss_delta_mb": rss1 - rss0 if rss0 is not None and rss1 is not None else None,
+            "note": "",
+        }
         rows.append(row)
+        models.append((model, DEFAULT_THRESHOLD, "auto"))
         if mode == "int8" and args.int8_variants:
             # The same loaded weights with one matmul path forced: no load or memory of their own.
             for name, threshold, path, note in INT8_VARIANTS:
-                set_int8_options(model, threshold, path)
-                progress.update(f"{name}: decoding and perplexity")
-                variant = dict(row, mode=name, load_s=None, rss_delta_mb=None, note=note)
-                for b in BATCHES:
-                    variant[f"tok_s_b{b}"] = decode_speed(
-                        model, prompt, args.max_new_tokens, args.repeats, b
-                    )
-                variant.update(tok_s=variant["tok_s_b1"], ppl=perplexity(model, ids, args.window))
-                rows.append(variant)
-            set_int8_options(model, DEFAULT_THRESHOLD, "auto")
-        del model
+                rows.append(dict(row, mode=name, load_s=None, rss_delta_mb=None, note=note))
+                models.append((model, threshold, path))
+    for row, (model, threshold, path) in zip(rows, models, strict=True):
+        progress.update(f"{row['mode']}: warming up")
+        set_int8_options(model, threshold, path)
+        decode_speed(model, prompt, 2, 1)  # first calls allocate and fill caches: not timed
+    for r in range(args.repeats):
+        for row, (model, threshold, path) in zip(rows, models, strict=True):
+            set_int8_options(model, threshold, path)
+            for b in BATCHES:
+                progress.update(
+                    f"round {r + 1}/{args.repeats}: {row['mode']} decoding at batch {b}"
+                )
+                speed = decode_speed(model, prompt, args.max_new_tokens, b)
+                row[f"tok_s_b{b}"] = max(row.get(f"tok_s_b{b}", 0.0), speed)
+    for row, (model, threshold, path) in zip(rows, models, strict=True):
+        set_int8_options(model, threshold, path)
+        progress.update(f"{row['mode']}: perplexity over {len(ids)} tokens")
+        row.update(tok_s=row["tok_s_b1"], ppl=perplexity(model, ids, args.window))
     return rows, source, ids
 
 
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", type=Path, default=TEXT, help="text for perplexity")
     p.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (best kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument(

@@ -15,7 +15,9 @@ from swarm.model.llama import Block
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 6.0
+# LLM.int8() uses 6.0 for models of 6.7B+ parameters; on SmolLM2-135M (Pride and Prejudice, 512-
+# token windows) 6.0 cost +1.26% perplexity over fp32, 4.0 +0.50%, 0 (no split) +2.6%.
+DEFAULT_THRESHOLD = 4.0
 
 
 class FrozenWeightLinear(torch.autograd.Function):
