@@ -94,3 +94,13 @@ def test_fourbit_linear_equals_dequantized_matmul(dtype):
     assert _rel(y, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
     with pytest.raises(QuantizationError):
         fourbit.fourbit_linear(torch.randn(3, 100), q)
+
+
+def test_absmax_decode_equals_the_dynamic8_codec():
+    from kernels import reference
+
+    torch.manual_seed(4)
+    a = torch.rand(600) * 0.1  # 600 blocks: two full groups of 256 and a tail
+    codes, scales, mean = fourbit.quantize_absmax(a)
+    ref = reference.decode_blocks(codes, scales, fourbit.ABSMAX_BLOCK, "dynamic", torch.float32)
+    assert torch.equal(fourbit.dequantize_absmax(codes, scales, mean), ref + mean)
