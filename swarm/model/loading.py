@@ -6,6 +6,7 @@ Only the tensors asked for are read: loading blocks 10..19 never touches the oth
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 import time
@@ -146,6 +147,18 @@ def _progress(total: int, enabled: bool, desc: str):
     )
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by the load back to the OS (glibc keeps it otherwise).
+
+    Quantizing makes float copies of every block on the way: measured on SmolLM2 nf4, the
+    process kept ~300 MB more than the model holds until malloc_trim. A no-op off glibc.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _load_span(
     r: _Reader, start: int, end: int, quant: str, dtype: torch.dtype, progress: bool
 ) -> BlockSpan:
@@ -169,6 +182,8 @@ def _load_span(
             bar.update(1)
     if bar is not None:
         bar.close()
+    if quant != "none":
+        _release_freed_memory()
     logger.info(
         "loaded blocks %d:%d of %s (%s) in %.2fs",
         start,
