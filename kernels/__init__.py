@@ -1,6 +1,6 @@
-"""Swarm Mesh's int8 quantization kernels: wire codecs and LLM.int8() weights and matmul.
+"""Swarm Mesh's quantization kernels: wire codecs, int8 and 4-bit (NF4/FP4/Int4) weights, matmuls.
 
-Used by swarm (int8 blocks; the peer's wire layer, codec list and dtype names) and
+Used by swarm (int8 and 4-bit blocks; the peer's wire layer, codec list and dtype names) and
 simulations/bench_kernels.py; the only door into kernels/. (Not Hugging Face's `kernels`
 package: it defines none of that package's names and no __version__.)
 """
@@ -17,12 +17,18 @@ from kernels.codecs import (
     parse_codec,
     quantize,
 )
+from kernels.fourbit import ABSMAX_BLOCK as FOURBIT_ABSMAX_BLOCK
+from kernels.fourbit import BLOCK as FOURBIT_BLOCK
+from kernels.fourbit import KINDS as FOURBIT_KINDS
+from kernels.fourbit import FourBitWeight, fourbit_linear, quantize_4bit
 from kernels.int8_matmul import (
     Int8Weight,
+    choose_path,
     int8_linear,
     int8_mm,
     quantize_rows_with_outliers,
     quantize_weight,
+    weight_only_max_tokens,
 )
 from kernels.reference import QuantizationError
 
@@ -31,16 +37,24 @@ __all__ = [
     "CODECS",
     "DTYPES",
     "DTYPE_NAMES",
+    "FOURBIT_ABSMAX_BLOCK",
+    "FOURBIT_BLOCK",
+    "FOURBIT_KINDS",
     "CodecSpec",
+    "FourBitWeight",
     "Int8Weight",
     "QuantizationError",
     "QuantizedTensor",
+    "choose_path",
     "dequantize",
+    "fourbit_linear",
     "int8_linear",
     "int8_mm",
     "is_valid_codec",
     "parse_codec",
     "quantize",
+    "quantize_4bit",
     "quantize_rows_with_outliers",
     "quantize_weight",
+    "weight_only_max_tokens",
 ]

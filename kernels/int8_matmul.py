@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 
-from kernels.reference import QuantizationError
+from kernels.reference import TINY_ABSMAX, QuantizationError
 
 logger = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PATHS = ("auto", "weight-only", "int8")
+WEIGHT_ONLY_MAX_TOKENS_CPU = 4
 
 
 @dataclasses.dataclass
@@ -110,29 +113,109 @@ def int8_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b_t.t())
 
 
+def weight_only_supported(weight: Int8Weight, device: torch.device) -> bool:
+    """True where the weight-only kernel runs: CUDA with Triton, or CPU with K % 16 == 0."""
+    if device.type == "cuda":
+        from kernels import triton_dequant_mm
+
+        return triton_dequant_mm.available()
+    # torch 2.13's CPU _weight_int8pack_mm reads out of bounds (segfaults) when K % 16 != 0.
+    return device.type == "cpu" and weight.shape[1] % 16 == 0
+
+
+def weight_only_max_tokens(device: torch.device) -> int:
+    """Most rows (tokens) for which the weight-only path beats LLM.int8(), on this device kind.
+
+    CPU: measured with simulations/bench_matmul.py and bench_local on SmolLM2's four shapes
+    (2-core x86, torch 2.13): the bf16 pack kernel wins at M = 1..WEIGHT_ONLY_MAX_TOKENS_CPU,
+    _int_mm from there up (hot weights: crossover at M = 4-6; whole model, 1 thread: weight-only
+    1.34x faster at batch 4, even at 16). CUDA: _int_mm needs M > 16, below that Triton.
+    """
+    return 16 if device.type == "cuda" else WEIGHT_ONLY_MAX_TOKENS_CPU
+
+
+def int8_weight_only_mm(x2d: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """x2d [M, K] float @ dequantized weight^T -> float32 [M, N]; activations stay in float.
+
+    No activation quantization, so no outlier columns are needed: outliers pass at full
+    (bf16 on CPU) precision. CPU: torch's _weight_int8pack_mm on bf16 activations (its fp32
+    variant is ~5x slower than a fp32 matmul); CUDA: kernels.triton_dequant_mm.int8_dequant_mm.
+    """
+    if x2d.is_cuda:
+        from kernels import triton_dequant_mm
+
+        return triton_dequant_mm.int8_dequant_mm(x2d, weight.codes, weight.scales)
+    scales = (weight.scales / 127.0).to(torch.bfloat16)
+    out = torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), weight.codes, scales)
+    return out.to(torch.float32)
+
+
+def int8_activation_mm(x2d: torch.Tensor, weight: Int8Weight, threshold: float) -> torch.Tensor:
+    """LLM.int8(): per-token int8 activations x row-wise int8 weights -> float32 [M, N].
+
+    Outlier columns (any |x| >= threshold; threshold <= 0 disables) go through a float matmul
+    against those weight columns dequantized: the per-token int8 scale is set by the largest
+    |x| of the row, so one outlier feature would otherwise flatten the rest of the row to a few
+    codes. When no value reaches the threshold (one max over the batch says so), the split is
+    skipped: the common case, and a dozen fewer small ops per call.
+    """
+    x2d = x2d.to(torch.float32)
+    absmax = x2d.abs().amax(dim=1, keepdim=True)
+    top = float(absmax.max()) if x2d.numel() else 0.0
+    if not math.isfinite(top):
+        raise QuantizationError("cannot quantize a tensor holding NaN or inf")
+    if threshold > 0 and top >= threshold:
+        return _int8_with_outliers(x2d, weight, threshold)
+    step = absmax.clamp_min_(TINY_ABSMAX).div_(127.0)
+    codes = torch.div(x2d, step).round_().to(torch.int8)
+    acc = int8_mm(codes, weight.codes)
+    return acc * (step * (weight.scales / 127.0))
+
+
+def _int8_with_outliers(x2d: torch.Tensor, weight: Int8Weight, threshold: float) -> torch.Tensor:
+    codes, x_scales, cols = quantize_rows_with_outliers(x2d, threshold)
+    acc = int8_mm(codes, weight.codes)
+    out = acc * (x_scales[:, None] / 127.0) * (weight.scales[None, :] / 127.0)
+    if cols.numel():
+        w_cols = weight.codes.index_select(1, cols) * (weight.scales[:, None] / 127.0)
+        out += x2d.index_select(1, cols) @ w_cols.t()
+    return out
+
+
+def choose_path(m: int, weight: Int8Weight, device: torch.device) -> str:
+    """ "weight-only" for small batches (decode) where supported, else "int8" (LLM.int8())."""
+    if m <= weight_only_max_tokens(device) and weight_only_supported(weight, device):
+        return "weight-only"
+    return "int8"
+
+
 def int8_linear(
     x: torch.Tensor,
     weight: Int8Weight,
     bias: torch.Tensor | None = None,
     threshold: float = 6.0,
+    path: str = "auto",
 ) -> torch.Tensor:
-    """LLM.int8() linear layer: x [..., in] (any float dtype) -> [..., out] in x's dtype.
+    """Linear layer with int8 weights: x [..., in] (any float dtype) -> [..., out] in x's dtype.
 
-    Inlier columns: per-token int8 x per-row int8 weight -> int32, scaled by the outer product of
-    the scales / 127**2. Outlier columns (any |x| >= threshold; threshold <= 0 disables) go
-    through a float32 matmul against those weight columns dequantized. No autograd.
+    path: "auto" picks by the number of rows (choose_path), "weight-only" keeps activations in
+    float (int8_weight_only_mm), "int8" quantizes them per token (LLM.int8(), with outlier
+    columns in float when threshold > 0; int8_activation_mm). No autograd: callers that need
+    input gradients use swarm.model.int8.Int8Linear.
     """
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise QuantizationError(f"input has {x.shape[-1]} features; weight expects {in_features}")
+    if path not in PATHS:
+        raise QuantizationError(f"unknown int8 path {path!r}; choose one of {', '.join(PATHS)}")
     with torch.no_grad():
         x2d = x.detach().reshape(-1, in_features)
-        codes, x_scales, cols = quantize_rows_with_outliers(x2d, threshold)
-        acc = int8_mm(codes, weight.codes)
-        out = acc * (x_scales[:, None] / 127.0) * (weight.scales[None, :] / 127.0)
-        if cols.numel():
-            w_cols = weight.codes.index_select(1, cols) * (weight.scales[:, None] / 127.0)
-            out += x2d.index_select(1, cols).to(torch.float32) @ w_cols.t()
+        if path == "auto":
+            path = choose_path(x2d.shape[0], weight, x2d.device)
+        if path == "weight-only" and x2d.shape[0] and weight_only_supported(weight, x2d.device):
+            out = int8_weight_only_mm(x2d, weight)
+        else:
+            out = int8_activation_mm(x2d, weight, threshold)
         if bias is not None:
             out += bias.to(torch.float32)
         return out.to(x.dtype).reshape(*x.shape[:-1], out_features)

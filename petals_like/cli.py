@@ -20,6 +20,7 @@ from swarm.generation import SamplingConfig, generate_local
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from swarm.model.tokenizer import StreamDecoder
 from swarm.procs import reap_children_on_exit
+from swarm.quant import QUANT_MODES
 from swarm.speculative import SpeculativeStats
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, SamplingConfig)
     p.add_argument(
         "--quant",
-        choices=("none", "int8"),
+        choices=QUANT_MODES,
         default="none",
-        help="block weights with --local (default: %(default)s)",
+        help="block weights with --local: none, int8, or 4-bit nf4/fp4/int4 (default: %(default)s)",
     )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument(

@@ -1,6 +1,8 @@
-"""Local benchmark: load time, tokens/s, block memory and perplexity of fp32 vs LLM.int8() blocks.
+"""Local benchmark: load time, decode tokens/s (batch 1, 4, 16), block memory and perplexity of
+fp32, int8 and 4-bit (nf4, fp4, int4) blocks, all measured in one run.
 
-Run `python -m simulations.bench_local` (SmolLM2 by default); prints a table, or JSON with --json.
+Run `python -m simulations.bench_local` (SmolLM2 by default); prints a table, or with --json one
+JSON object per line per mode (mode, tok_s, tok_s_b1/b4/b16, ppl, bytes_per_param, ...).
 """
 
 from __future__ import annotations
@@ -15,13 +17,26 @@ from pathlib import Path
 import torch
 
 from simulations.progress import Progress
-from swarm.generation import SamplingConfig, generate_local
-from swarm.model.int8 import Int8Linear, weight_bytes
+from swarm.model.int8 import DEFAULT_THRESHOLD, Int8Linear, weight_bytes
 from swarm.model.llama import LlamaModel
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from swarm.model.quantize import quantized_params
 
 TEXT = Path(__file__).parent / "data" / "pride_and_prejudice_ch1.txt"
 PROMPT = "It was a bright cold day in April, and"
+MODES = ("fp32", "int8", "nf4", "fp4", "int4")
+BATCHES = (1, 4, 16)
+# (row name, outlier threshold, matmul path, note): the int8 model with one path forced.
+INT8_VARIANTS = (
+    (
+        "int8/llm.int8",
+        DEFAULT_THRESHOLD,
+        "int8",
+        f"LLM.int8() at every batch (t={DEFAULT_THRESHOLD})",
+    ),
+    ("int8/no-outliers", 0.0, "int8", "LLM.int8() without the outlier split (t=0)"),
+    ("int8/weight-only", DEFAULT_THRESHOLD, "weight-only", "weight-only at every batch size"),
+)
 
 
 def rss_mb() -> float | None:
@@ -45,79 +60,76 @@ def perplexity(model: LlamaModel, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
-def set_threshold(model: LlamaModel, threshold: float) -> None:
+def set_int8_options(model: LlamaModel, threshold: float, path: str) -> None:
     for m in model.modules():
         if isinstance(m, Int8Linear):
-            m.threshold = threshold
+            m.threshold, m.path = threshold, path
 
 
-def decode_speed(model: LlamaModel, prompt: list[int], new_tokens: int, repeats: int) -> float:
-    """Best-of-`repeats` decode tokens/s (excluding the prefill step)."""
-    best = 0.0
-    for _ in range(repeats):
-        stamps: list[float] = []
-        generate_local(
-            model,
-            None,
-            prompt,
-            new_tokens,
-            SamplingConfig(),
-            stop_on_eos=False,
-            on_token=lambda _t, s=stamps: s.append(time.perf_counter()),
-        )
-        if len(stamps) > 1:
-            best = max(best, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return best
+@torch.inference_mode()
+def decode_speed(model: LlamaModel, prompt: list[int], new_tokens: int, batch: int = 1) -> float:
+    """Greedy decode tokens/s over `batch` sequences (prefill excluded), one timed run."""
+    caches = model.new_caches(batch, len(prompt) + new_tokens + 1)
+    nxt = model(torch.tensor([prompt] * batch), 0, caches)[:, -1:].argmax(-1)
+    pos = len(prompt)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = model(nxt, pos, caches)[:, -1:].argmax(-1)
+        pos += 1
+    return batch * new_tokens / (time.perf_counter() - t0)
 
 
 def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], Path, list[int]]:
-    """The table's rows (fp32, int8, int8 without outliers), the model's source and text ids."""
+    """One row per mode (and the int8 path variants), the model's source and the text's ids.
+
+    Every model is loaded first; decode speed is then timed in rounds, each round running every
+    row once, and the best round of each row is kept: a load that comes and goes on a shared
+    machine then slows every row alike instead of whichever happened to run at that moment.
+    """
     source = resolve_model(args.model)
     tok = load_tokenizer(source)
     ids = tok.encode(args.text.read_text(encoding="utf-8"))
     prompt = tok.encode(PROMPT)
-    rows = []
-    for quant in ("none", "int8"):
-        progress.update(f"loading {source.name} ({quant} block weights)")
+    rows, models = [], []  # models[i]: (model, int8 threshold, int8 path) of rows[i]
+    for mode in args.modes:
+        progress.update(f"loading {source.name} ({mode} block weights)")
         rss0 = rss_mb()
         t0 = time.perf_counter()
-        model = load_model(source, quant=quant, progress=False)
+        model = load_model(source, quant="none" if mode == "fp32" else mode, progress=False)
         load_s = time.perf_counter() - t0
-        params = sum(
-            m.codes.numel() if isinstance(m, Int8Linear) else 0 for m in model.span.modules()
-        ) + sum(p.numel() for p in model.span.parameters())
-        mode = "fp32" if quant == "none" else "int8 (t=6.0)"
-        progress.update(f"{mode}: decoding {args.max_new_tokens} tokens x {args.repeats}")
-        tokens_per_s = decode_speed(model, prompt, args.max_new_tokens, args.repeats)
         rss1 = rss_mb()
-        progress.update(f"{mode}: perplexity over {len(ids)} tokens")
         row = {
             "mode": mode,
             "load_s": load_s,
-            "tokens_per_s": tokens_per_s,
             "block_weights_mb": weight_bytes(model.span) / 2**20,
-            "bytes_per_param": weight_bytes(model.span) / params,
+            "bytes_per_param": weight_bytes(model.span) / quantized_params(model.span),
             "rss_delta_mb": rss1 - rss0 if rss0 is not None and rss1 is not None else None,
-            "ppl": perplexity(model, ids, args.window),
             "note": "",
         }
         rows.append(row)
-        if quant == "int8":
-            # The same loaded weights with outlier threshold 0: no load and no memory of its own.
-            set_threshold(model, 0.0)
-            progress.update("int8 (no outliers): decoding and perplexity")
-            rows.append(
-                dict(
-                    row,
-                    mode="int8 (no outliers)",
-                    load_s=None,
-                    tokens_per_s=decode_speed(model, prompt, args.max_new_tokens, args.repeats),
-                    rss_delta_mb=None,
-                    ppl=perplexity(model, ids, args.window),
-                    note="the int8 model above with threshold 0: load and RSS not its own",
+        models.append((model, DEFAULT_THRESHOLD, "auto"))
+        if mode == "int8" and args.int8_variants:
+            # The same loaded weights with one matmul path forced: no load or memory of their own.
+            for name, threshold, path, note in INT8_VARIANTS:
+                rows.append(dict(row, mode=name, load_s=None, rss_delta_mb=None, note=note))
+                models.append((model, threshold, path))
+    for row, (model, threshold, path) in zip(rows, models, strict=True):
+        progress.update(f"{row['mode']}: warming up")
+        set_int8_options(model, threshold, path)
+        decode_speed(model, prompt, 2, 1)  # first calls allocate and fill caches: not timed
+    for r in range(args.repeats):
+        for row, (model, threshold, path) in zip(rows, models, strict=True):
+            set_int8_options(model, threshold, path)
+            for b in BATCHES:
+                progress.update(
+                    f"round {r + 1}/{args.repeats}: {row['mode']} decoding at batch {b}"
                 )
-            )
-        del model
+                speed = decode_speed(model, prompt, args.max_new_tokens, b)
+                row[f"tok_s_b{b}"] = max(row.get(f"tok_s_b{b}", 0.0), speed)
+    for row, (model, threshold, path) in zip(rows, models, strict=True):
+        set_int8_options(model, threshold, path)
+        progress.update(f"{row['mode']}: perplexity over {len(ids)} tokens")
+        row.update(tok_s=row["tok_s_b1"], ppl=perplexity(model, ids, args.window))
     return rows, source, ids
 
 
@@ -127,34 +139,47 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", type=Path, default=TEXT, help="text for perplexity")
     p.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (best kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument(
+        "--no-int8-variants",
+        dest="int8_variants",
+        action="store_false",
+        help="skip the rows of the int8 model with one matmul path forced",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line per mode")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     with Progress("bench_local") as progress:
         rows, source, ids = measure(args, progress)
-    fp32 = rows[0]["ppl"]
+    fp32 = next((r["ppl"] for r in rows if r["mode"] == "fp32"), rows[0]["ppl"])
+    fp32_tok_s = next((r["tok_s"] for r in rows if r["mode"] == "fp32"), rows[0]["tok_s"])
     for row in rows:
         row["ppl_vs_fp32_pct"] = 100 * (row["ppl"] / fp32 - 1)
+        row["tok_s_vs_fp32"] = row["tok_s"] / fp32_tok_s
+        row.update(model=source.name, text_tokens=len(ids), threads=torch.get_num_threads())
     if args.json:
-        print(json.dumps({"model": source.name, "text_tokens": len(ids), "rows": rows}))
+        for row in rows:
+            print(json.dumps(row))
         return
     print(
         f"model {source.name}; perplexity on {args.text.name} ({len(ids)} tokens); "
-        f"{args.max_new_tokens} new tokens, {torch.get_num_threads()} threads"
+        f"{args.max_new_tokens} new tokens, best of {args.repeats}, "
+        f"{torch.get_num_threads()} threads"
     )
-    head = f"{'mode':<20}{'load s':>8}{'tok/s':>8}{'blocks MB':>11}{'B/param':>9}"
-    head += f"{'RSS+ MB':>9}{'ppl':>9}{'vs fp32':>9}"
+    head = f"{'mode':<18}{'load s':>7}{'tok/s':>7}{'x fp32':>7}{'b4':>7}{'b16':>7}"
+    head += f"{'blocks MB':>10}{'B/param':>8}{'RSS+ MB':>8}{'ppl':>8}{'vs fp32':>9}"
     print(head)
     for r in rows:
         load = "-" if r["load_s"] is None else f"{r['load_s']:.2f}"
         rss = "-" if r["rss_delta_mb"] is None else f"{r['rss_delta_mb']:.0f}"
         print(
-            f"{r['mode']:<20}{load:>8}{r['tokens_per_s']:>8.1f}"
-            f"{r['block_weights_mb']:>11.1f}{r['bytes_per_param']:>9.3f}"
-            f"{rss:>9}{r['ppl']:>9.3f}{r['ppl_vs_fp32_pct']:>+8.2f}%"
+            f"{r['mode']:<18}{load:>7}{r['tok_s']:>7.1f}{r['tok_s_vs_fp32']:>6.2f}x"
+            f"{r['tok_s_b4']:>7.1f}{r['tok_s_b16']:>7.1f}"
+            f"{r['block_weights_mb']:>10.1f}{r['bytes_per_param']:>8.3f}"
+            f"{rss:>8}{r['ppl']:>8.3f}{r['ppl_vs_fp32_pct']:>+8.2f}%"
             + (f"  ({r['note']})" if r["note"] else "")
         )
     sys.stdout.flush()

@@ -169,7 +169,8 @@ def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
     dht = None
     try:
         progress.update(f"starting {len(wanted)} peers, one per span: {wanted}")
-        common = ["--model", args.model, "--announce-period", "30", "--max-request-tokens", "65536"]
+        common = ["--model", args.model, "--quant", "none", "--announce-period", "30"]
+        common += ["--max-request-tokens", "65536"]  # fp32 peers: compared with the local model
         first = _start_peer(["--stage", "{}:{}".format(*wanted[0]), *common], logs / "p0.log")
         procs.append(first)
         boot = _maddr(first)

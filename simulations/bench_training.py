@@ -54,6 +54,8 @@ class Swarm:
             "--train",
             "--run-id",
             self.run_id,
+            "--quant",
+            "none",
         ]
         # Every live peer's address: a restarted peer must not depend on one that was killed.
         live = [p.lines[0][1] for p in self.peers.values() if p.lines and p.running()]

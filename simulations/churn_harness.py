@@ -261,7 +261,7 @@ class Swarm:
         argv += ["--announce-period", str(self.cfg.announce_period), "--max-start-delay", "0"]
         argv += ["--seed", str(self.cfg.seed * 1000 + len(self.all))]
         if self.cfg.mode == "train":
-            argv += ["--train", "--run-id", self.run_id]
+            argv += ["--train", "--run-id", self.run_id, "--quant", "none"]
         proc = self.spawn(argv, f"peer{i}")
         self.slots[i] = proc
         return proc

@@ -15,6 +15,7 @@ from swarm.errors import SwarmError
 from swarm.generation import SamplingConfig, generate_local
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from swarm.model.tokenizer import StreamDecoder
+from swarm.quant import QUANT_MODES
 
 QUESTION = "What are three good reasons to learn to cook at home?"
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--quant", choices=("none", "int8"), default="none")
+    p.add_argument("--quant", choices=QUANT_MODES, default="none")
     args = p.parse_args(argv)
     try:
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from pathlib import Path
 from simulations.progress import Progress
 from simulations.scratch import raise_interrupt, scratch_dir
 from swarm.procs import family, stop_tree
+from swarm.quant import DEFAULT_PEER_QUANT, QUANT_MODES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("mode", nargs="?", default="demo", choices=("demo", "bootstrap"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--peers", type=int, default=3)
-    p.add_argument("--quant", default="int8", choices=("none", "int8"))
+    p.add_argument("--quant", default=DEFAULT_PEER_QUANT, choices=QUANT_MODES)
     p.add_argument("--compression", default="auto")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)

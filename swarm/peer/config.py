@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import swarm
+from swarm.quant import DEFAULT_PEER_QUANT, QUANT_MODES
 
 
 @dataclass
@@ -33,8 +34,13 @@ class PeerConfig:
         metadata={"help": "multiaddrs of peers to join; none starts a new swarm"},
     )
     quant: str = field(
-        default="none",
-        metadata={"help": "weight quantization of the served blocks", "choices": ("none", "int8")},
+        default=DEFAULT_PEER_QUANT,
+        metadata={
+            "help": "weight quantization of the served blocks: int8 (about 1 byte per "
+            "parameter), nf4/fp4/int4 (about 0.52), none (the checkpoint's floats; --train "
+            "needs none)",
+            "choices": QUANT_MODES,
+        },
     )
     num_blocks: int | None = field(
         default=None,
@@ -170,8 +176,8 @@ class PeerConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
         self.span()
-        if self.quant not in ("none", "int8"):
-            raise ValueError(f"--quant must be 'none' or 'int8', got {self.quant!r}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError("--num-blocks must be positive")
         for name in ("announce_period", "rebalance_period", "session_timeout", "request_timeout"):

@@ -21,6 +21,7 @@ from swarm import loops
 from swarm.link import Link
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
+from swarm.model.quantize import quantize_blocks_as
 from swarm.net import check_initial_peers, ensure_port_free
 from swarm.peer import balancer
 from swarm.peer.announcer import Announcer
@@ -33,13 +34,14 @@ from swarm.peer.memory import CacheBudget
 from swarm.peer.records import ModelEntry, SpanRecord
 from swarm.peer.throughput import BlockThroughput, get_block_throughput
 from swarm.peer.worker import ComputeWorker
+from swarm.quant import bytes_per_param
 
 logger = logging.getLogger(__name__)
 
 
 def memory_span_length(config, quant: str, dtype: torch.dtype, num_layers: int) -> int:
     """How many blocks half of the available memory holds (at least 1, at most the model)."""
-    per_block = config.num_params_per_block() * (1 if quant == "int8" else dtype.itemsize)
+    per_block = config.num_params_per_block() * bytes_per_param(quant, dtype.itemsize)
     available = 8 << 30
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -234,10 +236,7 @@ class Peer:
     def _measure(self) -> BlockThroughput:
         """One block's speed on this machine: cached, else timed on a random block of this shape."""
         span = BlockSpan(self.model_config, 0, 1).to(self.dtype)
-        if self.config.quant == "int8":
-            from swarm.model.int8 import quantize_blocks
-
-            quantize_blocks(span.blocks[0])
+        quantize_blocks_as(span.blocks[0], self.config.quant)
         return get_block_throughput(
             self.prefix, span, self.config.quant, self.dtype, self.config.throughput_cache
         )

@@ -32,7 +32,10 @@ class TrainingPeer(Peer):
 
     def __init__(self, config, on_maddrs=None, stage_config: StageTrainingConfig | None = None):
         if config.quant != "none":
-            raise ValueError("--train needs --quant none: training keeps fp32 master weights")
+            raise ValueError(
+                "--train needs --quant none: training keeps fp32 master weights "
+                f"(got --quant {config.quant}; int8 is the default for serving only)"
+            )
         check_run_id(config.run_id)
         super().__init__(config, on_maddrs)
         self.stage_config = stage_config or StageTrainingConfig(

@@ -56,6 +56,15 @@ def test_tiny_model_output_equals_in_process_generation(tiny):
     assert "tokens/s" in proc.stderr and "load" in proc.stderr
 
 
+def test_tiny_model_nf4_equals_in_process_nf4(tiny):
+    args = ["--local", "--model", str(tiny), "hello the tell", "--max-new-tokens", "4"]
+    proc = run_cli(*args, "--quant", "nf4")
+    assert proc.returncode == 0, proc.stderr
+    tok, model = load_tokenizer(str(tiny)), load_model(str(tiny), quant="nf4")
+    ids = generate_local(model, tok, tok.encode("hello the tell"), 4, SamplingConfig())
+    assert proc.stdout == tok.decode(ids) + "\n" and "quant nf4" in proc.stderr
+
+
 def test_tiny_model_int8_and_sampling_flags(tiny):
     args = ["--local", "--model", str(tiny), "hello", "--max-new-tokens", "4", "--quant", "int8"]
     args += ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]

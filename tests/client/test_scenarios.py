@@ -53,7 +53,8 @@ def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
 
     logs = tmp_path_factory.mktemp("client-scenarios")
     env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
-    base = ["join", "--model", str(tiny_model_dir), "--max-start-delay", "0"]
+    # fp32 peers: the scenarios compare their text with the local fp32 model's
+    base = ["join", "--model", str(tiny_model_dir), "--quant", "none", "--max-start-delay", "0"]
     peers: dict[str, PeerProcess] = {}
     dht = None
     try:

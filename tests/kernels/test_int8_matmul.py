@@ -92,3 +92,43 @@ def test_int8_mm_matches_integer_matmul():
     a = torch.randint(-127, 128, (5, 13), dtype=torch.int8)
     b = torch.randint(-127, 128, (7, 13), dtype=torch.int8)
     assert torch.equal(kernels.int8_mm(a, b), (a.int() @ b.int().t()).int())
+
+
+def test_paths_agree_with_the_dequantized_matmul():
+    torch.manual_seed(3)
+    w = torch.randn(64, 128) / 10
+    wq = kernels.quantize_weight(w)
+    for m in (1, 3, 9):
+        x = torch.randn(m, 128)
+        ref = x @ wq.dequantize().t()
+        wo = kernels.int8_linear(x, wq, path="weight-only")
+        i8 = kernels.int8_linear(x, wq, path="int8")
+        # weight-only: bf16 activations and output (~0.3%); int8: per-token codes (~1%)
+        assert _rel(wo, ref) < 0.005 and _rel(i8, ref) < 0.02
+        auto = kernels.int8_linear(x, wq)
+        expect = wo if kernels.choose_path(m, wq, x.device) == "weight-only" else i8
+        assert torch.equal(auto, expect)
+
+
+def test_choose_path_by_rows_and_shape():
+    wq = kernels.quantize_weight(torch.randn(32, 64))
+    cpu = torch.device("cpu")
+    limit = kernels.weight_only_max_tokens(cpu)
+    assert kernels.choose_path(1, wq, cpu) == "weight-only"
+    assert kernels.choose_path(limit, wq, cpu) == "weight-only"
+    assert kernels.choose_path(limit + 1, wq, cpu) == "int8"
+    odd = kernels.quantize_weight(torch.randn(32, 40))  # K % 16 != 0: the CPU kernel would crash
+    assert kernels.choose_path(1, odd, cpu) == "int8"
+    x = torch.randn(2, 40)
+    y = kernels.int8_linear(x, odd, path="weight-only")  # falls back, no crash
+    assert _rel(y, x @ odd.dequantize().t()) < 0.02
+
+
+def test_non_finite_activations_are_rejected():
+    wq = kernels.quantize_weight(torch.randn(8, 32))
+    x = torch.randn(20, 32)
+    x[3, 4] = float("nan")
+    with pytest.raises(kernels.QuantizationError):
+        kernels.int8_linear(x, wq, path="int8")
+    with pytest.raises(kernels.QuantizationError):
+        kernels.int8_linear(torch.randn(2, 32), wq, path="fastest")

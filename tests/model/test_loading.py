@@ -283,4 +283,4 @@ def test_bad_block_range(checkpoints, start, end):
 
 def test_bad_quant_mode(checkpoints):
     with pytest.raises(BadRequest, match="quantization"):
-        load_span(str(checkpoints["gguf"][0]), 0, 1, quant="int4")
+        load_span(str(checkpoints["gguf"][0]), 0, 1, quant="int3")

@@ -37,6 +37,8 @@ def swarm2(tiny_model_dir, tmp_path_factory, throughput_cache):
     common = [
         "--model",
         str(tiny_model_dir),
+        "--quant",
+        "none",  # fp32 peers: replies are compared with the local fp32 model
         "--announce-period",
         "2",
         "--cache-tokens",

@@ -52,6 +52,7 @@ def serving(peer) -> bool:
 def join_args(model: Path, run_id: str, stage: str, maddr: str | None, *extra: str) -> list[str]:
     """`swarm-peer join` arguments of a training peer."""
     args = ["join", "--stage", stage, "--model", str(model), "--train", "--run-id", run_id]
+    args += ["--quant", "none"]  # training keeps fp32 weights (peers default to int8)
     args += [*PEER_ARGS, *extra]
     return args + (["--initial-peers", maddr] if maddr else [])
 
