@@ -11,7 +11,8 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
@@ -20,8 +21,12 @@ from proto import peer_pb2
 from swarm.errors import BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.peer import wire
 from swarm.peer.handler import PeerHandler
+from swarm.peer.relay import circuit_maddr, is_circuit
 
 logger = logging.getLogger(__name__)
+
+DIAL_TIMEOUT = 5.0  # seconds to reach a relayed peer through its relays
+MAX_CIRCUITS = 4  # most circuit addrs tried per relayed peer
 
 
 def as_peer_id(peer_id: PeerID | str) -> PeerID:
@@ -60,6 +65,29 @@ class PeerClient:
     def __init__(self, p2p: P2P, compression: str = "none"):
         self.p2p = p2p
         self.compression = compression
+        self.circuits: dict[str, tuple[str, ...]] = {}  # relayed peer id -> its /p2p-circuit addrs
+
+    def learn_addrs(self, records: Iterable[Any]) -> None:
+        """Remember the circuit addrs of relayed peers (from their span records) to dial them."""
+        for r in records:
+            circuits = tuple(a for a in getattr(r, "addrs", ()) if is_circuit(a))
+            if getattr(r, "reachability", "direct") == "relayed" and circuits:
+                self.circuits[r.peer_id] = circuits[:MAX_CIRCUITS]
+
+    async def _dial(self, peer: PeerID) -> None:
+        """Connect to a relayed peer through its relays; p2pd finds no route to it by itself.
+
+        A no-op when already connected; failures are left to the call that follows.
+        """
+        circuits = self.circuits.get(peer.to_base58())
+        if not circuits:
+            return
+        try:
+            maddrs = [circuit_maddr(a) for a in circuits]
+            # hivemind's P2P has no public connect: its daemon client is the only way in.
+            await asyncio.wait_for(self.p2p._client.connect(peer, maddrs), DIAL_TIMEOUT)
+        except (ValueError, *TRANSPORT_ERRORS) as e:
+            logger.debug("dialling %s through its relays failed: %r", peer, e)
 
     def _stub(self, peer: PeerID):
         return PeerHandler.get_stub(self.p2p, peer)
@@ -67,6 +95,7 @@ class PeerClient:
     async def info(self, peer_id: PeerID | str, timeout: float = 10.0) -> peer_pb2.InfoResponse:
         """The peer's model, span, state, codecs and free cache."""
         peer = as_peer_id(peer_id)
+        await self._dial(peer)
         try:
             return await self._stub(peer).rpc_info(peer_pb2.InfoRequest(), timeout=timeout)
         except TRANSPORT_ERRORS as e:
@@ -166,6 +195,7 @@ class PeerClient:
 
     async def _call(self, peer_id, unary: str, stream: str, request, reply_type, timeout: float):
         peer = as_peer_id(peer_id)
+        await self._dial(peer)
         stub = self._stub(peer)
         try:
             if request.ByteSize() <= wire.UNARY_LIMIT_BYTES:
@@ -294,6 +324,7 @@ class InferenceStream:
         return reply
 
     async def _open(self, timeout: float) -> None:
+        await self.client._dial(self.peer)
         stub = self.client._stub(self.peer)
         try:
             self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)

@@ -28,7 +28,9 @@ from swarm.peer.config import PeerConfig
 from swarm.peer.dht_view import fetch_swarm_async
 from swarm.peer.handler import PeerHandler
 from swarm.peer.memory import CacheBudget
+from swarm.peer.reachability import DialBackHandler, check_reachability
 from swarm.peer.records import ModelEntry, SpanRecord
+from swarm.peer.relay import RelayedDaemon
 from swarm.peer.throughput import BlockThroughput, get_block_throughput
 from swarm.peer.worker import ComputeWorker
 
@@ -78,19 +80,41 @@ class Peer:
         host_maddrs = [f"/ip4/{config.host}/tcp/{config.port}"]
         if ":" in config.host:
             host_maddrs = [f"/ip6/{config.host}/tcp/{config.port}"]
-        self.dht = hivemind.DHT(
-            initial_peers=config.initial_peers or None,
-            host_maddrs=host_maddrs,
-            announce_maddrs=config.announce_maddrs or None,
-            identity_path=config.identity,
-            start=True,
-        )
+        self.reachability = self._check_reachability(host_maddrs)
+        self.relay: RelayedDaemon | None = None
+        if self.reachability == "relayed":
+            self.relay = RelayedDaemon(config.initial_peers, host_maddrs, config.identity).start()
+            try:
+                # The DHT only reads the daemon's control socket; client mode: nobody can dial
+                # our DHT node, so others must not put us in their routing tables.
+                self.dht = hivemind.DHT(
+                    initial_peers=config.initial_peers, p2p=self.relay, client_mode=True, start=True
+                )
+                self.maddrs = self.relay.wait_reserved(config.relay_timeout)
+            except BaseException:
+                self.relay.close()
+                raise
+            logger.info("serving through relays: %s", ", ".join(self.relay.reserved()))
+        else:
+            self.dht = hivemind.DHT(
+                initial_peers=config.initial_peers or None,
+                host_maddrs=host_maddrs,
+                announce_maddrs=config.announce_maddrs or None,
+                identity_path=config.identity,
+                # Others can dial us: relay for peers behind NAT (p2pd's relay service runs
+                # only when it believes it is public, and its AutoNAT needs many peers).
+                force_reachability="public",
+                start=True,
+            )
+            self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.peer_id = self.dht.peer_id.to_base58()
-        self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if on_maddrs is not None:
             on_maddrs(self.maddrs)
         entry = ModelEntry(self.prefix, self.num_layers, self.model_config.hidden_size)
         self.announcer = Announcer(self.dht, config, entry, self.peer_id, self.maddrs)
+        self.announcer.reachability = self.reachability
+        self.dial_back = DialBackHandler()
+        self.peer_client: PeerClient | None = None
         self.handler: PeerHandler | None = None
         self.worker: ComputeWorker | None = None
         self.budget = CacheBudget(config.cache_tokens)
@@ -101,12 +125,34 @@ class Peer:
         self.moves = 0
         self._cooldown_until = 0.0
 
+    def _check_reachability(self, host_maddrs: list[str]) -> str:
+        """'direct' or 'relayed': what --reachability says, else what peers dialling back found.
+
+        Runs in a short event loop of its own, before the DHT forks (no thread outlives it).
+        """
+        config = self.config
+        if config.reachability != "auto":
+            return config.reachability
+        if not config.initial_peers:
+            return "direct"  # a new swarm's first peer: whoever joins must dial it
+        reached = asyncio.run(
+            check_reachability(config.initial_peers, host_maddrs, config.announce_maddrs)
+        )
+        if reached is None:
+            logger.warning("no peer answered the reachability check; assuming others can dial us")
+            return "direct"
+        if not reached:
+            logger.info("peers of the swarm cannot dial us: serving through circuit relays")
+        return "direct" if reached else "relayed"
+
     # ---- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
         try:
             return asyncio.run(self._main())
         finally:
             self.dht.shutdown()
+            if self.relay is not None:
+                self.relay.close()
             logger.info("stopped (%s)", self.peer_id)
 
     def stop(self) -> None:
@@ -122,6 +168,7 @@ class Peer:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, self._on_signal, sig)
         p2p = await self.dht.replicate_p2p()
+        await self.dial_back.add_p2p_handlers(p2p)
         self.worker = ComputeWorker()
         tasks: list[asyncio.Task] = []
         try:
@@ -140,8 +187,9 @@ class Peer:
             await self.announcer.announce(self._record("online"))
             logger.info("serving blocks %d:%d of %s as %s", start, end, self.prefix, self.peer_id)
             tasks.append(asyncio.create_task(self.announcer.run(self._current_record)))
+            self.peer_client = PeerClient(p2p)
             tasks.append(
-                asyncio.create_task(self.announcer.ping_loop(PeerClient(p2p), self._fetch))
+                asyncio.create_task(self.announcer.ping_loop(self.peer_client, self._fetch))
             )
             if self.config.span() is None:
                 tasks.append(asyncio.create_task(self._rebalance_loop()))
@@ -157,6 +205,7 @@ class Peer:
                 with contextlib.suppress(Exception):
                     await self.handler.remove_p2p_handlers(p2p)
             self.worker.stop()
+            await self.dial_back.shutdown()
 
     def _on_signal(self, sig: int) -> None:
         logger.info(
@@ -243,15 +292,21 @@ class Peer:
         start = self.start if start is None else start
         end = self.end if end is None else end
         codecs = self.handler.codecs if self.handler else ()
+        if self.relay is not None:
+            # A relay that died drops out; an empty list keeps the last addrs (better than none).
+            self.announcer.addrs = tuple(self.relay.circuit_addrs()) or self.announcer.addrs
         return self.announcer.record(state, start, end, self.block_speed, self.budget.left, codecs)
 
     def _current_record(self) -> SpanRecord:
         return self._record(self.handler.state)
 
     async def _fetch(self) -> list[SpanRecord]:
-        return await fetch_swarm_async(
+        records = await fetch_swarm_async(
             self.dht, self.prefix, self.num_layers, timeout=self.config.dht_timeout
         )
+        if self.peer_client is not None:
+            self.peer_client.learn_addrs(records)  # to ping relayed peers after our span
+        return records
 
     # ---- rebalancing --------------------------------------------------------------------------
     async def _rebalance_loop(self) -> None:

@@ -1,0 +1,162 @@
+"""A peer behind NAT serves through circuit relays, in a small internet of network namespaces.
+
+Public hosts on 203.0.113.0/24; a serving peer behind NAT (198.51.100.0/24) and a client behind
+another (192.0.2.0/24). Needs root, `ip` and `nft`; every namespace and process is gone after.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from swarm.netlab import Netlab, leftover_namespaces, missing_tools
+from swarm.procs import alive
+from tests.conftest import REPO, PeerProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [5, 17, 42, 8, 60, 11, 99, 23]
+NEW = 12
+
+# Runs in the client's home: generate greedily through the swarm, print tokens and route as JSON.
+CLIENT = """
+import json, sys
+from petals_like.model import DistributedModelForCausalLM
+model_dir, prompt, new, *boot = sys.argv[1:]
+with DistributedModelForCausalLM.from_pretrained(model_dir, boot, compression="none") as model:
+    out = model.generate(json.loads(prompt), max_new_tokens=int(new), stop_on_eos=False)
+    route = [[h.peer_id, h.start, h.end] for h in model.last_stats.route]
+print(json.dumps({"tokens": out[0].tolist(), "route": route}))
+"""
+
+
+def _skip_reason() -> str | None:
+    missing = missing_tools()
+    if missing:
+        return f"needs {', '.join(missing)} (CI installs nftables; run as root)"
+    return None
+
+
+@pytest.fixture
+def lab(request):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    net = Netlab()
+    started: list[PeerProcess] = []
+
+    def teardown() -> None:
+        for p in started:
+            p.kill()
+        net.close()
+
+    request.addfinalizer(teardown)
+    net.build(public=("pub",), homes=("home1", "home2"))
+    net.started = started
+    return net
+
+
+def _run_in(lab: Netlab, host: str, args: list[str], timeout: float) -> str:
+    done = subprocess.run(
+        [*lab.exec(host), sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"{args[:3]} in {host} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _generate(lab: Netlab, model_dir, boot: list[str]) -> dict:
+    args = ["-c", CLIENT, str(model_dir), json.dumps(PROMPT), str(NEW), *boot]
+    return json.loads(_run_in(lab, "home2", args, 240).strip().splitlines()[-1])
+
+
+def _status(lab: Netlab, boot: list[str]) -> dict:
+    args = ["-m", "swarm.cli.peer", "status", "--initial-peers", *boot, "--json"]
+    return json.loads(_run_in(lab, "home2", args, 60))
+
+
+@pytest.mark.timeout(400)
+def test_nat_peer_serves_through_relays_and_survives_losing_one(
+    lab, tmp_path, tiny_model_dir, throughput_cache
+):
+    from swarm.generation import generate_local
+    from swarm.model.loading import load_model
+
+    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
+    base = ["join", "--model", str(tiny_model_dir), "--max-start-delay", "0"]
+    base += ["--announce-period", "3"]
+
+    def start(name: str, host: str, *args: str) -> PeerProcess:
+        proc = PeerProcess(
+            [*base, "--host", lab.address(host), *args],
+            env,
+            tmp_path / f"{name}.log",
+            lab.exec(host),
+        )
+        lab.started.append(proc)
+        return proc
+
+    boot_proc = start("boot", "pub", "--stage", "0:3")
+    boot = boot_proc.wait_maddrs(120)
+    relay2 = start("relay2", "pub", "--stage", "0:3", "--initial-peers", *boot)
+    relay2_addrs = relay2.wait_maddrs(120)
+    relay2.wait_log("serving blocks", 120)
+
+    t0 = time.monotonic()
+    nat = start("nat", "home1", "--stage", "3:6", "--initial-peers", *boot, *relay2_addrs)
+    nat_addrs = nat.wait_maddrs(90)
+    assert all("/p2p-circuit/" in a for a in nat_addrs), nat_addrs
+    nat_id = nat.peer_id
+
+    def nat_record() -> dict | None:
+        table = _status(lab, boot)
+        return next((p for p in table["peers"] if p["peer_id"] == nat_id), None)
+
+    record = wait_for(
+        lambda: (r := nat_record()) and r["state"] == "online" and r, 60, 1.0, "the NATed peer"
+    )
+    announced_s = time.monotonic() - t0
+    assert announced_s < 60, f"the NATed peer was announced after {announced_s:.0f} s"
+    assert record["reachability"] == "relayed"
+    table = _status(lab, boot)
+    assert {p["peer_id"]: p["reachability"] for p in table["peers"]} == {
+        boot_proc.peer_id: "direct",
+        relay2.peer_id: "direct",
+        nat_id: "relayed",
+    }
+
+    want = generate_local(
+        load_model(str(tiny_model_dir), progress=False), None, PROMPT, NEW, stop_on_eos=False
+    )
+    first = _generate(lab, tiny_model_dir, boot)
+    assert first["tokens"][len(PROMPT) :] == want
+    assert [h[0] for h in first["route"]][-1] == nat_id
+
+    # The relay behind one of its circuits dies: the NATed peer keeps the other one.
+    relay2.kill()
+    relay2_id = relay2_addrs[0].rsplit("/p2p/", 1)[1]
+    wait_for(
+        lambda: nat.log_path.read_text().count("serving blocks") and True, 5, 0.2, "nat serving"
+    )
+    second = _generate(lab, tiny_model_dir, boot)
+    assert second["tokens"][len(PROMPT) :] == want
+    assert relay2_id not in [h[0] for h in second["route"]]
+
+    peers = list(lab.started)
+    lab.started.clear()
+    for p in peers:
+        p.kill()
+    tag = lab.tag
+    lab.close()
+    assert leftover_namespaces(tag) == []
+    assert not [pid for p in peers for pid, st in p._family.items() if alive(pid, st)]
+    assert all(p.proc.poll() is not None for p in peers)
