@@ -69,6 +69,7 @@ def swarm_table(model: str, num_blocks: int, records: list) -> dict:
             "cache_tokens_left": r.cache_tokens_left,
             "run_id": r.run_id,
             "reachability": r.reachability,
+            "addrs": list(r.addrs),
         }
         for r in sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
     ]

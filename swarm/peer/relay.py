@@ -100,7 +100,6 @@ class RelayedDaemon:
     identity_path: str | None = None
     daemon_listen_maddr: Multiaddr = field(init=False)
     process: subprocess.Popen | None = field(init=False, default=None)
-    log_path: Path = field(init=False)
     peer_id: str = field(init=False, default="")
 
     def start(self) -> RelayedDaemon:
@@ -111,8 +110,10 @@ class RelayedDaemon:
             relay_parts(relay)
         token = secrets.token_urlsafe(8)
         self.daemon_listen_maddr = Multiaddr(f"/unix/tmp/hivemind-p2pd-{token}.sock")
+        # The log has no name on disk once p2pd has it open: nothing is left behind, however
+        # this process ends; we read it through our own descriptor.
         fd, name = tempfile.mkstemp(prefix="swarm-p2pd-", suffix=".log")
-        self.log_path = Path(name)
+        self._log = open(name, "rb")  # noqa: SIM115 - kept open for the daemon's lifetime
         args = [
             str(Path(hivemind_cli.__file__).parent / "p2pd"),
             f"-listen={self.daemon_listen_maddr}",
@@ -142,6 +143,7 @@ class RelayedDaemon:
         }
         with os.fdopen(fd, "wb") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        os.unlink(name)
         deadline = time.monotonic() + START_TIMEOUT
         while not self.peer_id:
             for line in self._lines():
@@ -155,10 +157,8 @@ class RelayedDaemon:
         return self
 
     def _lines(self) -> list[str]:
-        try:
-            return self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return []
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace").splitlines()
 
     def reserved(self) -> list[str]:
         """Relays (their multiaddrs) that hold a reservation for us now, from p2pd's log."""
@@ -204,6 +204,6 @@ class RelayedDaemon:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=5)
-        with_path = getattr(self, "log_path", None)
-        if with_path is not None:
-            with_path.unlink(missing_ok=True)
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
