@@ -21,12 +21,13 @@ from proto import peer_pb2
 from swarm.errors import BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.peer import wire
 from swarm.peer.handler import PeerHandler
-from swarm.peer.relay import circuit_maddr, is_circuit
+from swarm.peer.relay import dial_maddr
 
 logger = logging.getLogger(__name__)
 
-DIAL_TIMEOUT = 5.0  # seconds to reach a relayed peer through its relays
-MAX_CIRCUITS = 4  # most circuit addrs tried per relayed peer
+DIAL_TIMEOUT = 5.0  # seconds to reach a peer at its announced addrs (through relays if relayed)
+MAX_DIAL_ADDRS = 8  # most announced addrs tried per peer
+REDIAL_AFTER = 5.0  # seconds a successful dial is trusted before the next call dials again
 
 
 def as_peer_id(peer_id: PeerID | str) -> PeerID:
@@ -65,29 +66,37 @@ class PeerClient:
     def __init__(self, p2p: P2P, compression: str = "none"):
         self.p2p = p2p
         self.compression = compression
-        self.circuits: dict[str, tuple[str, ...]] = {}  # relayed peer id -> its /p2p-circuit addrs
+        self.addrs: dict[str, tuple[str, ...]] = {}  # peer id -> multiaddrs from its record
+        self._dialled: dict[str, float] = {}  # peer id -> when a dial last succeeded
 
     def learn_addrs(self, records: Iterable[Any]) -> None:
-        """Remember the circuit addrs of relayed peers (from their span records) to dial them."""
+        """Remember the multiaddrs peers announce (relayed peers: their /p2p-circuit ones).
+
+        p2pd finds a peer by itself only through its own DHT, which skips relayed peers and, in
+        the namespace test, addrs on documentation ranges: we dial what the record says.
+        """
         for r in records:
-            circuits = tuple(a for a in getattr(r, "addrs", ()) if is_circuit(a))
-            if getattr(r, "reachability", "direct") == "relayed" and circuits:
-                self.circuits[r.peer_id] = circuits[:MAX_CIRCUITS]
+            addrs = tuple(a for a in getattr(r, "addrs", ()) if isinstance(a, str))
+            if addrs:
+                self.addrs[r.peer_id] = addrs[:MAX_DIAL_ADDRS]
 
     async def _dial(self, peer: PeerID) -> None:
-        """Connect to a relayed peer through its relays; p2pd finds no route to it by itself.
+        """Connect to a peer at its announced addrs (a no-op for p2pd when connected).
 
-        A no-op when already connected; failures are left to the call that follows.
+        Done at most every REDIAL_AFTER s per peer; failures are left to the call that follows.
         """
-        circuits = self.circuits.get(peer.to_base58())
-        if not circuits:
+        key = peer.to_base58()
+        addrs = self.addrs.get(key)
+        if not addrs or time.monotonic() - self._dialled.get(key, -REDIAL_AFTER) < REDIAL_AFTER:
             return
         try:
-            maddrs = [circuit_maddr(a) for a in circuits]
+            maddrs = [dial_maddr(a) for a in addrs]
             # hivemind's P2P has no public connect: its daemon client is the only way in.
             await asyncio.wait_for(self.p2p._client.connect(peer, maddrs), DIAL_TIMEOUT)
+            self._dialled[key] = time.monotonic()
         except (ValueError, *TRANSPORT_ERRORS) as e:
-            logger.debug("dialling %s through its relays failed: %r", peer, e)
+            self._dialled.pop(key, None)
+            logger.debug("dialling %s at its announced addrs failed: %r", peer, e)
 
     def _stub(self, peer: PeerID):
         return PeerHandler.get_stub(self.p2p, peer)

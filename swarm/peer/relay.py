@@ -1,7 +1,7 @@
 """Serving from behind NAT: a p2pd holding circuit-relay reservations, and our /p2p-circuit addrs.
 
-Used by `swarm.peer.server.Peer` when the reachability check fails; `circuit_maddr` is also used
-by `swarm.peer.client.PeerClient` to dial relayed peers.
+Used by `swarm.peer.server.Peer` when the reachability check fails; `dial_maddr` is also used
+by `swarm.peer.client.PeerClient` to dial peers at the addrs they announce.
 
 Why we start p2pd ourselves: hivemind's `P2P.create` cannot pass `-relayDiscovery=0`, so with
 `use_auto_relay=True` p2pd only looks for relays through its DHT, and go-libp2p's autorelay then
@@ -85,6 +85,15 @@ def circuit_maddr(text: str) -> Multiaddr:
 
 def is_circuit(maddr: str) -> bool:
     return "/p2p-circuit" in maddr
+
+
+def dial_maddr(text: str) -> Multiaddr:
+    """An announced multiaddr as p2pd's connect takes it: circuits encoded right, others
+    without their trailing /p2p/ID (the peer id travels apart)."""
+    if is_circuit(text):
+        return circuit_maddr(text)
+    head, sep, _peer = text.rpartition("/p2p/")
+    return Multiaddr(head if sep else text)
 
 
 @dataclass

@@ -64,3 +64,11 @@ def test_no_reservation_is_a_clear_error():
         d.wait_reserved(0.3)
     with pytest.raises(Unreachable, match="--initial-peers"):
         RelayedDaemon([], ["/ip4/198.51.100.2/tcp/0"]).start()
+
+
+def test_dial_maddr_drops_the_target_and_keeps_circuits_decodable():
+    from swarm.peer.relay import dial_maddr
+
+    assert str(dial_maddr(RELAY)) == "/ip4/203.0.113.10/tcp/31337"
+    circuit = circuit_text(RELAY, PEER_ID)
+    assert dial_maddr(circuit).to_bytes() == circuit_maddr(circuit).to_bytes()
