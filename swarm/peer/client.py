@@ -21,7 +21,7 @@ from proto import peer_pb2
 from swarm.errors import BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.peer import wire
 from swarm.peer.handler import PeerHandler
-from swarm.peer.relay import dial_maddr
+from swarm.peer.relay import dial_maddr, is_circuit
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,16 @@ class PeerClient:
     async def _dial(self, peer: PeerID) -> None:
         """Connect to a peer at its announced addrs (a no-op for p2pd when connected).
 
-        Done at most every REDIAL_AFTER s per peer; failures are left to the call that follows.
+        Failures are left to the call that follows, which forgets the dial if it fails too.
         """
         key = peer.to_base58()
         addrs = self.addrs.get(key)
-        if not addrs or time.monotonic() - self._dialled.get(key, -REDIAL_AFTER) < REDIAL_AFTER:
+        if not addrs:
+            return
+        # A relayed peer's connection dies with its relay: always dial it (p2pd then picks a
+        # live circuit); a direct peer's is trusted for REDIAL_AFTER s.
+        relayed = any(is_circuit(a) for a in addrs)
+        if not relayed and time.monotonic() - self._dialled.get(key, -REDIAL_AFTER) < REDIAL_AFTER:
             return
         try:
             maddrs = [dial_maddr(a) for a in addrs]
@@ -108,6 +113,7 @@ class PeerClient:
         try:
             return await self._stub(peer).rpc_info(peer_pb2.InfoRequest(), timeout=timeout)
         except TRANSPORT_ERRORS as e:
+            self._dialled.pop(peer.to_base58(), None)
             raise _transport_error(e, peer, "info") from None
 
     async def ping(self, peer_id: PeerID | str, timeout: float = 2.0) -> float:
@@ -214,6 +220,7 @@ class PeerClient:
                     _stream_call(getattr(stub, stream), request, reply_type), timeout
                 )
         except TRANSPORT_ERRORS as e:
+            self._dialled.pop(peer.to_base58(), None)
             raise _transport_error(e, peer, unary.removeprefix("rpc_")) from None
         if reply.HasField("error"):
             raise wire.error_from_wire(reply.error, str(peer))

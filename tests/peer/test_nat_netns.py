@@ -14,23 +14,34 @@ import time
 import pytest
 
 from swarm.netlab import Netlab, leftover_namespaces, missing_tools
-from swarm.procs import alive
+from swarm.procs import alive, kill_tree
 from tests.conftest import REPO, PeerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
 PROMPT = [5, 17, 42, 8, 60, 11, 99, 23]
 NEW = 12
+PAUSE_AT = 4  # the relay dies after this many tokens of the second generation
 
-# Runs in the client's home: generate greedily through the swarm, print tokens and route as JSON.
+# Runs in the client's home: generate greedily through the swarm, a line per token, then tokens,
+# route and failovers as JSON. A line on stdin after token PAUSE_AT lets it go on.
 CLIENT = """
-import json, sys
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 from petals_like.model import DistributedModelForCausalLM
-model_dir, prompt, new, *boot = sys.argv[1:]
+model_dir, prompt, new, pause_at, *boot = sys.argv[1:]
+def on_token(token):
+    on_token.n = getattr(on_token, "n", 0) + 1
+    print("token", on_token.n, flush=True)
+    if on_token.n == int(pause_at):
+        sys.stdin.readline()
 with DistributedModelForCausalLM.from_pretrained(model_dir, boot, compression="none") as model:
-    out = model.generate(json.loads(prompt), max_new_tokens=int(new), stop_on_eos=False)
-    route = [[h.peer_id, h.start, h.end] for h in model.last_stats.route]
-print(json.dumps({"tokens": out[0].tolist(), "route": route}))
+    out = model.generate(
+        json.loads(prompt), max_new_tokens=int(new), stop_on_eos=False, on_token=on_token
+    )
+    stats = model.last_stats
+    route = [[h.peer_id, h.start, h.end] for h in stats.route]
+print(json.dumps({"tokens": out[0].tolist(), "route": route, "failovers": len(stats.failovers)}))
 """
 
 
@@ -74,9 +85,31 @@ def _run_in(lab: Netlab, host: str, args: list[str], timeout: float) -> str:
     return done.stdout
 
 
-def _generate(lab: Netlab, model_dir, boot: list[str]) -> dict:
-    args = ["-c", CLIENT, str(model_dir), json.dumps(PROMPT), str(NEW), *boot]
-    return json.loads(_run_in(lab, "home2", args, 240).strip().splitlines()[-1])
+def _generate(lab: Netlab, model_dir, boot: list[str], at_pause=None) -> dict:
+    """Generate in the client's home; `at_pause()` runs after token PAUSE_AT, mid-generation."""
+    args = ["-c", CLIENT, str(model_dir), json.dumps(PROMPT), str(NEW), str(PAUSE_AT), *boot]
+    proc = subprocess.Popen(
+        [*lab.exec("home2"), sys.executable, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if line.strip() == f"token {PAUSE_AT}":
+                if at_pause is not None:
+                    at_pause()
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            elif line.startswith("{"):
+                proc.wait(60)
+                return json.loads(line)
+        pytest.fail(f"the client printed no result:\n{proc.stderr.read()[-12000:]}")
+    finally:
+        kill_tree(proc)
 
 
 def _status(lab: Netlab, boot: list[str]) -> dict:
@@ -141,18 +174,25 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
     assert first["tokens"][len(PROMPT) :] == want
     assert [h[0] for h in first["route"]][-1] == nat_id
 
-    # The relay behind one of its circuits dies: the NATed peer keeps the other one.
-    relay2.kill()
+    # Mid-generation, one of the NATed peer's two relays dies (with the replica of 0:3 it
+    # serves): the client fails over where it must, the NATed peer keeps its other relay.
     relay2_id = relay2_addrs[0].rsplit("/p2p/", 1)[1]
+    second = _generate(lab, tiny_model_dir, boot, at_pause=relay2.kill)
+    assert second["tokens"][len(PROMPT) :] == want
+    assert relay2_id not in [h[0] for h in second["route"]]
+    assert second["route"][-1][0] == nat_id
     wait_for(
         lambda: (r := nat_record()) and r["addrs"] and relay2_id not in " ".join(r["addrs"]),
         30,
         1.0,
         "the NATed peer to announce only its live relay",
     )
-    second = _generate(lab, tiny_model_dir, boot)
-    assert second["tokens"][len(PROMPT) :] == want
-    assert relay2_id not in [h[0] for h in second["route"]]
+    third = _generate(lab, tiny_model_dir, boot)
+    assert third["tokens"][len(PROMPT) :] == want
+    print(
+        f"NATed peer announced online {announced_s:.1f} s after start; "
+        f"failovers when its relay died: {second['failovers']}"
+    )
 
     peers = list(lab.started)
     lab.started.clear()
