@@ -141,31 +141,34 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
     boot_proc = start("boot", "pub", "--stage", "0:3")
     boot = boot_proc.wait_maddrs(120)
     relay2 = start("relay2", "pub", "--stage", "0:3", "--initial-peers", *boot)
-    relay2_addrs = relay2.wait_maddrs(120)
-    relay2.wait_log("serving blocks", 120)
+    relay2_addrs = relay2.wait_maddrs(120)  # its dial-back answers from now on
 
     t0 = time.monotonic()
     nat = start("nat", "home1", "--stage", "3:6", "--initial-peers", *boot, *relay2_addrs)
     nat_addrs = nat.wait_maddrs(90)
     assert all("/p2p-circuit/" in a for a in nat_addrs), nat_addrs
     nat_id = nat.peer_id
-
-    def nat_record() -> dict | None:
-        table = _status(lab, boot)
-        return next((p for p in table["peers"] if p["peer_id"] == nat_id), None)
-
-    record = wait_for(
-        lambda: (r := nat_record()) and r["state"] == "online" and r, 60, 1.0, "the NATed peer"
-    )
+    nat.wait_log("serving blocks", 60)  # logged once its online record is stored
     announced_s = time.monotonic() - t0
     assert announced_s < 60, f"the NATed peer was announced after {announced_s:.0f} s"
-    assert record["reachability"] == "relayed"
-    table = _status(lab, boot)
-    assert {p["peer_id"]: p["reachability"] for p in table["peers"]} == {
+
+    def peers() -> dict[str, dict]:
+        return {p["peer_id"]: p for p in _status(lab, boot)["peers"]}
+
+    seen = wait_for(
+        lambda: (
+            (x := peers()) and all(p["state"] == "online" for p in x.values()) and len(x) == 3 and x
+        ),
+        60,
+        0.5,
+        "three peers online in status --json",
+    )
+    assert {k: p["reachability"] for k, p in seen.items()} == {
         boot_proc.peer_id: "direct",
         relay2.peer_id: "direct",
         nat_id: "relayed",
     }
+    assert sorted(seen[nat_id]["addrs"]) == sorted(nat_addrs)
 
     want = generate_local(
         load_model(str(tiny_model_dir), progress=False), None, PROMPT, NEW, stop_on_eos=False
@@ -182,24 +185,23 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
     assert relay2_id not in [h[0] for h in second["route"]]
     assert second["route"][-1][0] == nat_id
     wait_for(
-        lambda: (r := nat_record()) and r["addrs"] and relay2_id not in " ".join(r["addrs"]),
+        lambda: (r := peers().get(nat_id)) and r["addrs"] and relay2_id not in " ".join(r["addrs"]),
         30,
         1.0,
         "the NATed peer to announce only its live relay",
     )
-    third = _generate(lab, tiny_model_dir, boot)
-    assert third["tokens"][len(PROMPT) :] == want
     print(
         f"NATed peer announced online {announced_s:.1f} s after start; "
         f"failovers when its relay died: {second['failovers']}"
     )
 
-    peers = list(lab.started)
+    # Nothing outlives the test: namespaces (their veths and bridge with them) and processes.
+    procs = list(lab.started)
     lab.started.clear()
-    for p in peers:
+    for p in procs:
         p.kill()
     tag = lab.tag
     lab.close()
     assert leftover_namespaces(tag) == []
-    assert not [pid for p in peers for pid, st in p._family.items() if alive(pid, st)]
-    assert all(p.proc.poll() is not None for p in peers)
+    assert not [pid for p in procs for pid, st in p._family.items() if alive(pid, st)]
+    assert all(p.proc.poll() is not None for p in procs)
