@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/reachability.proto\x12\nswarm_mesh\" \n\x0f\x44ialBackRequest\x12\r\n\x05\x61\x64\x64rs\x18\x01 \x03(\t\"-\n\x10\x44ialBackResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/reachability.proto\x12\nswarm_mesh\" \n\x0f\x44ialBackRequest\x12\r\n\x05\x61\x64\x64rs\x18\x01 \x03(\t\"?\n\x10\x44ialBackResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x63lined\x18\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DIALBACKREQUEST']._serialized_start=40
   _globals['_DIALBACKREQUEST']._serialized_end=72
   _globals['_DIALBACKRESPONSE']._serialized_start=74
-  _globals['_DIALBACKRESPONSE']._serialized_end=119
+  _globals['_DIALBACKRESPONSE']._serialized_end=137
 # @@protoc_insertion_point(module_scope)

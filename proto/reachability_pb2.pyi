@@ -13,9 +13,11 @@ class DialBackRequest(_message.Message):
     def __init__(self, addrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DialBackResponse(_message.Message):
-    __slots__ = ("ok", "error")
+    __slots__ = ("ok", "error", "declined")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    declined: bool
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., declined: _Optional[bool] = ...) -> None: ...

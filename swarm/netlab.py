@@ -155,6 +155,13 @@ class Netlab:
         self.close()
 
 
+def leftover_links(tag: str) -> list[str]:
+    """Interfaces named `{tag}...` in the host's namespace (ours are born elsewhere: none)."""
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
+    return [n for n in names if n.startswith(tag)]
+
+
 def leftover_namespaces(tag: str) -> list[str]:
     """Namespaces of ours (named `{tag}-...`) that still exist."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -46,7 +46,10 @@ class PeerConfig:
     port: int = field(default=0, metadata={"help": "TCP port to listen on (0: any)"})
     announce_maddrs: list[str] = field(
         default_factory=list,
-        metadata={"help": "public multiaddrs to advertise instead of the listening ones"},
+        metadata={
+            "help": "public multiaddrs to advertise instead of the listening ones (a "
+            "port-forwarded peer behind NAT: the reachability check dials these)"
+        },
     )
     reachability: str = field(
         default="auto",

@@ -47,16 +47,16 @@ class DialBackHandler(ServicerBase):
     ) -> reachability_pb2.DialBackResponse:
         addrs = list(request.addrs)
         if not addrs or len(addrs) > MAX_ADDRS or any(len(a) > MAX_ADDR_CHARS for a in addrs):
-            return _no(f"need 1 to {MAX_ADDRS} addrs of at most {MAX_ADDR_CHARS} characters")
+            return _declined(f"need 1 to {MAX_ADDRS} addrs of at most {MAX_ADDR_CHARS} characters")
         direct = [a for a in addrs if "/p2p-circuit" not in a]
         if not direct:
-            return _no("only circuit addrs given")
+            return _declined("only circuit addrs given")
         try:
             maddrs = [Multiaddr(a.split("/p2p/")[0]) for a in direct]
         except Exception as e:  # any parse failure of untrusted text is the caller's
-            return _no(f"bad multiaddr: {e}")
+            return _declined(f"bad multiaddr: {e}")
         if self._lock.locked():
-            return _no("busy: another dial-back is running")
+            return _declined("busy: another dial-back is running")
         async with self._lock:
             wait = self._last + MIN_INTERVAL - time.monotonic()
             if wait > 0:
@@ -95,6 +95,10 @@ def _no(error: str) -> reachability_pb2.DialBackResponse:
     return reachability_pb2.DialBackResponse(ok=False, error=error)
 
 
+def _declined(error: str) -> reachability_pb2.DialBackResponse:
+    return reachability_pb2.DialBackResponse(ok=False, error=error, declined=True)
+
+
 async def check_reachability(
     initial_peers: Sequence[str],
     host_maddrs: Sequence[str],
@@ -131,7 +135,7 @@ async def check_reachability(
                 logger.debug("dial-back by %s failed: %r", peer, e)
                 return None
             logger.info("dial-back by ..%s: %s", peer[-8:], "ok" if reply.ok else reply.error)
-            return reply.ok
+            return None if reply.declined else reply.ok
 
         votes = [
             v for v in await asyncio.gather(*(ask(p) for p in peers[:ASK_PEERS])) if v is not None

@@ -135,6 +135,8 @@ class Peer:
             return config.reachability
         if not config.initial_peers:
             return "direct"  # a new swarm's first peer: whoever joins must dial it
+        if config.host.startswith("127.") or config.host in ("::1", "localhost"):
+            return "direct"  # a swarm on one machine: no NAT in between
         reached = asyncio.run(
             check_reachability(config.initial_peers, host_maddrs, config.announce_maddrs)
         )

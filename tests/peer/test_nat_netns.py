@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from swarm.netlab import Netlab, leftover_namespaces, missing_tools
+from swarm.netlab import Netlab, leftover_links, leftover_namespaces, missing_tools
 from swarm.procs import alive, kill_tree
 from tests.conftest import REPO, PeerProcess, wait_for
 
@@ -203,5 +203,6 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
     tag = lab.tag
     lab.close()
     assert leftover_namespaces(tag) == []
+    assert leftover_links(tag) == []
     assert not [pid for p in procs for pid, st in p._family.items() if alive(pid, st)]
     assert all(p.proc.poll() is not None for p in procs)

@@ -32,7 +32,7 @@ async def test_dial_back_reaches_a_listening_peer_and_refuses_bad_requests():
             reply = await handler.rpc_dial_back(
                 reachability_pb2.DialBackRequest(addrs=addrs), context=None
             )
-            assert not reply.ok and why in reply.error
+            assert not reply.ok and reply.declined and why in reply.error
     finally:
         await handler.shutdown()
         await server.shutdown()
