@@ -296,7 +296,10 @@ class Peer:
         codecs = self.handler.codecs if self.handler else ()
         if self.relay is not None:
             # A relay that died drops out; an empty list keeps the last addrs (better than none).
-            self.announcer.addrs = tuple(self.relay.circuit_addrs()) or self.announcer.addrs
+            addrs = tuple(self.relay.circuit_addrs()) or self.announcer.addrs
+            if addrs != self.announcer.addrs:
+                logger.info("relays changed; announcing %s", ", ".join(addrs))
+            self.announcer.addrs = addrs
         return self.announcer.record(state, start, end, self.block_speed, self.budget.left, codecs)
 
     def _current_record(self) -> SpanRecord:

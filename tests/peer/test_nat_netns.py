@@ -21,27 +21,31 @@ pytestmark = pytest.mark.slow
 
 PROMPT = [5, 17, 42, 8, 60, 11, 99, 23]
 NEW = 12
-PAUSE_AT = 4  # the relay dies after this many tokens of the second generation
+PAUSE_AT = 4  # a relay dies after this many tokens of the second generation
 
-# Runs in the client's home: generate greedily through the swarm, a line per token, then tokens,
-# route and failovers as JSON. A line on stdin after token PAUSE_AT lets it go on.
+# Runs in the client's home: generates greedily through the swarm twice, a line per token, and
+# after each generation its tokens, route and failovers as JSON. In the second, it waits after
+# token PAUSE_AT for a line on stdin (the test kills a relay meanwhile).
 CLIENT = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 from petals_like.model import DistributedModelForCausalLM
 model_dir, prompt, new, pause_at, *boot = sys.argv[1:]
 def on_token(token):
-    on_token.n = getattr(on_token, "n", 0) + 1
-    print("token", on_token.n, flush=True)
-    if on_token.n == int(pause_at):
+    on_token.n += 1
+    print("token", on_token.round, on_token.n, flush=True)
+    if (on_token.round, on_token.n) == (2, int(pause_at)):
         sys.stdin.readline()
 with DistributedModelForCausalLM.from_pretrained(model_dir, boot, compression="none") as model:
-    out = model.generate(
-        json.loads(prompt), max_new_tokens=int(new), stop_on_eos=False, on_token=on_token
-    )
-    stats = model.last_stats
-    route = [[h.peer_id, h.start, h.end] for h in stats.route]
-print(json.dumps({"tokens": out[0].tolist(), "route": route, "failovers": len(stats.failovers)}))
+    for on_token.round in (1, 2):
+        on_token.n = 0
+        out = model.generate(
+            json.loads(prompt), max_new_tokens=int(new), stop_on_eos=False, on_token=on_token
+        )
+        stats = model.last_stats
+        route = [[h.peer_id, h.start, h.end] for h in stats.route]
+        result = {"tokens": out[0].tolist(), "route": route, "failovers": len(stats.failovers)}
+        print(json.dumps(result), flush=True)
 """
 
 
@@ -85,8 +89,8 @@ def _run_in(lab: Netlab, host: str, args: list[str], timeout: float) -> str:
     return done.stdout
 
 
-def _generate(lab: Netlab, model_dir, boot: list[str], at_pause=None) -> dict:
-    """Generate in the client's home; `at_pause()` runs after token PAUSE_AT, mid-generation."""
+def _generate_twice(lab: Netlab, model_dir, boot: list[str], at_pause) -> list[dict]:
+    """Two generations in the client's home; `at_pause()` runs mid-way through the second."""
     args = ["-c", CLIENT, str(model_dir), json.dumps(PROMPT), str(NEW), str(PAUSE_AT), *boot]
     proc = subprocess.Popen(
         [*lab.exec("home2"), sys.executable, *args],
@@ -97,17 +101,18 @@ def _generate(lab: Netlab, model_dir, boot: list[str], at_pause=None) -> dict:
         cwd=REPO,
         start_new_session=True,
     )
+    results: list[dict] = []
     try:
         for line in proc.stdout:
-            if line.strip() == f"token {PAUSE_AT}":
-                if at_pause is not None:
-                    at_pause()
+            if line.strip() == f"token 2 {PAUSE_AT}":
+                at_pause()
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
             elif line.startswith("{"):
-                proc.wait(60)
-                return json.loads(line)
-        pytest.fail(f"the client printed no result:\n{proc.stderr.read()[-12000:]}")
+                results.append(json.loads(line))
+                if len(results) == 2:
+                    return results
+        pytest.fail(f"the client printed {len(results)} results:\n{proc.stderr.read()[-12000:]}")
     finally:
         kill_tree(proc)
 
@@ -138,10 +143,13 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
         lab.started.append(proc)
         return proc
 
+    marks = {"start": time.monotonic()}  # phase ends, printed at the end (the suite's time)
     boot_proc = start("boot", "pub", "--stage", "0:3")
     boot = boot_proc.wait_maddrs(120)
+    marks["boot"] = time.monotonic()
     relay2 = start("relay2", "pub", "--stage", "0:3", "--initial-peers", *boot)
     relay2_addrs = relay2.wait_maddrs(120)  # its dial-back answers from now on
+    marks["relay2"] = time.monotonic()
 
     t0 = time.monotonic()
     nat = start("nat", "home1", "--stage", "3:6", "--initial-peers", *boot, *relay2_addrs)
@@ -150,7 +158,10 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
     nat_id = nat.peer_id
     nat.wait_log("serving blocks", 60)  # logged once its online record is stored
     announced_s = time.monotonic() - t0
+    marks["nat online"] = time.monotonic()
     assert announced_s < 60, f"the NATed peer was announced after {announced_s:.0f} s"
+
+    relay2.wait_log("serving blocks", 60)  # all three online: one status call sees them
 
     def peers() -> dict[str, dict]:
         return {p["peer_id"]: p for p in _status(lab, boot)["peers"]}
@@ -169,30 +180,31 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
         nat_id: "relayed",
     }
     assert sorted(seen[nat_id]["addrs"]) == sorted(nat_addrs)
+    marks["status"] = time.monotonic()
 
+    # The first generation goes through the NATed peer; in the second, one of its two relays
+    # dies mid-way (with the replica of 0:3 it serves): the client fails over where it must,
+    # the NATed peer keeps its other relay, and the text stays local greedy's.
     want = generate_local(
         load_model(str(tiny_model_dir), progress=False), None, PROMPT, NEW, stop_on_eos=False
     )
-    first = _generate(lab, tiny_model_dir, boot)
-    assert first["tokens"][len(PROMPT) :] == want
-    assert [h[0] for h in first["route"]][-1] == nat_id
-
-    # Mid-generation, one of the NATed peer's two relays dies (with the replica of 0:3 it
-    # serves): the client fails over where it must, the NATed peer keeps its other relay.
     relay2_id = relay2_addrs[0].rsplit("/p2p/", 1)[1]
-    second = _generate(lab, tiny_model_dir, boot, at_pause=relay2.kill)
+    first, second = _generate_twice(lab, tiny_model_dir, boot, at_pause=relay2.kill)
+    marks["generations"] = time.monotonic()
+    assert first["tokens"][len(PROMPT) :] == want
+    assert first["route"][-1][0] == nat_id
     assert second["tokens"][len(PROMPT) :] == want
     assert relay2_id not in [h[0] for h in second["route"]]
     assert second["route"][-1][0] == nat_id
-    wait_for(
-        lambda: (r := peers().get(nat_id)) and r["addrs"] and relay2_id not in " ".join(r["addrs"]),
-        30,
-        1.0,
-        "the NATed peer to announce only its live relay",
-    )
+    nat.wait_log("relays changed", 30)
+    record = peers()[nat_id]
+    assert record["addrs"] and relay2_id not in " ".join(record["addrs"]), record["addrs"]
+    marks["relay dropped"] = time.monotonic()
+    phases = list(marks.items())
+    took = ", ".join(f"{b[0]} {b[1] - a[1]:.1f}" for a, b in zip(phases, phases[1:], strict=False))
     print(
         f"NATed peer announced online {announced_s:.1f} s after start; "
-        f"failovers when its relay died: {second['failovers']}"
+        f"failovers when its relay died: {second['failovers']}; phases (s): {took}"
     )
 
     # Nothing outlives the test: namespaces (their veths and bridge with them) and processes.
