@@ -17,6 +17,7 @@ import hivemind
 import torch
 
 from kernels import DTYPES
+from swarm.errors import Unreachable
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
 from swarm.net import check_initial_peers, ensure_port_free
@@ -80,7 +81,7 @@ class Peer:
         host_maddrs = [f"/ip4/{config.host}/tcp/{config.port}"]
         if ":" in config.host:
             host_maddrs = [f"/ip6/{config.host}/tcp/{config.port}"]
-        self.reachability = self._check_reachability(host_maddrs)
+        self.reachability = self._decide_reachability(host_maddrs)
         self.relay: RelayedDaemon | None = None
         if self.reachability == "relayed":
             self.relay = RelayedDaemon(config.initial_peers, host_maddrs, config.identity).start()
@@ -146,6 +147,17 @@ class Peer:
         if not reached:
             logger.info("peers of the swarm cannot dial us: serving through circuit relays")
         return "direct" if reached else "relayed"
+
+    def _decide_reachability(self, host_maddrs: list[str]) -> str:
+        reachability = self._check_reachability(host_maddrs)
+        if reachability == "relayed" and self.config.train:
+            # Replicas average with hivemind's averager, which dials peers by id alone.
+            raise Unreachable(
+                "peers of the swarm cannot dial this machine, and training peers must be "
+                "reachable (stage replicas average directly): forward a TCP port and pass "
+                "--port PORT --announce-maddrs /ip4/PUBLIC_IP/tcp/PORT"
+            )
+        return reachability
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
