@@ -24,8 +24,9 @@ NEW = 12
 PAUSE_AT = 4  # a relay dies after this many tokens of the second generation
 
 # Runs in the client's home: generates greedily through the swarm twice, a line per token, and
-# after each generation its tokens, route and failovers as JSON. In the second, it waits after
-# token PAUSE_AT for a line on stdin (the test kills a relay meanwhile).
+# after each generation its tokens, route and failovers as JSON. In the second, after token
+# PAUSE_AT, it prints the relays it goes through and waits for a line on stdin (the test kills
+# the relay meanwhile).
 CLIENT = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -35,6 +36,11 @@ def on_token(token):
     on_token.n += 1
     print("token", on_token.round, on_token.n, flush=True)
     if (on_token.round, on_token.n) == (2, int(pause_at)):
+        # The relays our connections go through (to the NATed peer): the test kills one.
+        infos = model.loop.run(model.router.client.p2p.list_peers(), 10)
+        circuits = [str(a) for i in infos for a in i.addrs if "p2p-circuit" in str(a)]
+        relays = [c.split("/p2p-circuit")[0].rsplit("/p2p/", 1)[1] for c in circuits]
+        print("relays", json.dumps(relays), flush=True)
         sys.stdin.readline()
 with DistributedModelForCausalLM.from_pretrained(model_dir, boot, compression="none") as model:
     for on_token.round in (1, 2):
@@ -90,7 +96,8 @@ def _run_in(lab: Netlab, host: str, args: list[str], timeout: float) -> str:
 
 
 def _generate_twice(lab: Netlab, model_dir, boot: list[str], at_pause) -> list[dict]:
-    """Two generations in the client's home; `at_pause()` runs mid-way through the second."""
+    """Two generations in the client's home; `at_pause(relay_ids)` runs mid-way through the
+    second, with the peer ids of the relays the client's connections go through."""
     args = ["-c", CLIENT, str(model_dir), json.dumps(PROMPT), str(NEW), str(PAUSE_AT), *boot]
     proc = subprocess.Popen(
         [*lab.exec("home2"), sys.executable, *args],
@@ -104,8 +111,8 @@ def _generate_twice(lab: Netlab, model_dir, boot: list[str], at_pause) -> list[d
     results: list[dict] = []
     try:
         for line in proc.stdout:
-            if line.strip() == f"token 2 {PAUSE_AT}":
-                at_pause()
+            if line.startswith("relays "):
+                at_pause(json.loads(line.split(" ", 1)[1]))
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
             elif line.startswith("{"):
@@ -182,29 +189,42 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
     assert sorted(seen[nat_id]["addrs"]) == sorted(nat_addrs)
     marks["status"] = time.monotonic()
 
-    # The first generation goes through the NATed peer; in the second, one of its two relays
-    # dies mid-way (with the replica of 0:3 it serves): the client fails over where it must,
-    # the NATed peer keeps its other relay, and the text stays local greedy's.
+    # The first generation goes through the NATed peer; in the second, the relay that carries
+    # the client's connection to it dies mid-way (with the replica of 0:3 it serves): the client
+    # fails over, the NATed peer keeps its other relay, and the text stays local greedy's.
     want = generate_local(
         load_model(str(tiny_model_dir), progress=False), None, PROMPT, NEW, stop_on_eos=False
     )
-    relay2_id = relay2_addrs[0].rsplit("/p2p/", 1)[1]
-    first, second = _generate_twice(lab, tiny_model_dir, boot, at_pause=relay2.kill)
+    publics = {boot_proc.peer_id: boot_proc, relay2.peer_id: relay2}
+    victims: list[PeerProcess] = []
+
+    def kill_relay(relay_ids: list[str]) -> None:
+        used = [publics[r] for r in relay_ids if r in publics]
+        assert used, f"the client reaches the NATed peer through no relay of ours: {relay_ids}"
+        victims.append(used[0])
+        used[0].kill()
+
+    both = [*boot, *relay2_addrs]  # the client survives either one's death
+    first, second = _generate_twice(lab, tiny_model_dir, both, at_pause=kill_relay)
     marks["generations"] = time.monotonic()
+    dead = victims[0].peer_id
+    survivor = next(p for p in publics.values() if p is not victims[0])
     assert first["tokens"][len(PROMPT) :] == want
     assert first["route"][-1][0] == nat_id
     assert second["tokens"][len(PROMPT) :] == want
-    assert relay2_id not in [h[0] for h in second["route"]]
+    assert second["failovers"] >= 1
+    assert dead not in [h[0] for h in second["route"]]
     assert second["route"][-1][0] == nat_id
     nat.wait_log("relays changed", 30)
-    record = peers()[nat_id]
-    assert record["addrs"] and relay2_id not in " ".join(record["addrs"]), record["addrs"]
+    record = {p["peer_id"]: p for p in _status(lab, survivor.maddrs)["peers"]}[nat_id]
+    assert record["addrs"] and dead not in " ".join(record["addrs"]), record["addrs"]
     marks["relay dropped"] = time.monotonic()
     phases = list(marks.items())
     took = ", ".join(f"{b[0]} {b[1] - a[1]:.1f}" for a, b in zip(phases, phases[1:], strict=False))
     print(
         f"NATed peer announced online {announced_s:.1f} s after start; "
-        f"failovers when its relay died: {second['failovers']}; phases (s): {took}"
+        f"killed its relay {'boot' if victims[0] is boot_proc else 'relay2'}, failovers: "
+        f"{second['failovers']}; phases (s): {took}"
     )
 
     # Nothing outlives the test: namespaces (their veths and bridge with them) and processes.
