@@ -112,9 +112,13 @@ class RelayedDaemon:
     peer_id: str = field(init=False, default="")
 
     def start(self) -> RelayedDaemon:
+        # A peer we reach only through a relay cannot relay for us.
+        self.relays = [r for r in dict.fromkeys(self.relays) if not is_circuit(r)][:MAX_RELAYS]
         if not self.relays:
-            raise Unreachable("no reachable peer to reserve a relay on: pass --initial-peers")
-        self.relays = list(dict.fromkeys(self.relays))[:MAX_RELAYS]
+            raise Unreachable(
+                "this peer cannot be dialled from outside and no initial peer is one others can "
+                "dial (to relay for it): pass --initial-peers of a public peer"
+            )
         for relay in self.relays:
             relay_parts(relay)
         token = secrets.token_urlsafe(8)

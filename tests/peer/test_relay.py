@@ -64,6 +64,8 @@ def test_no_reservation_is_a_clear_error():
         d.wait_reserved(0.3)
     with pytest.raises(Unreachable, match="--initial-peers"):
         RelayedDaemon([], ["/ip4/198.51.100.2/tcp/0"]).start()
+    with pytest.raises(Unreachable, match="--initial-peers"):
+        RelayedDaemon([circuit_text(RELAY, PEER_ID)], ["/ip4/198.51.100.2/tcp/0"]).start()
 
 
 def test_dial_maddr_drops_the_target_and_keeps_circuits_decodable():
