@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -62,23 +63,27 @@ def _skip_reason() -> str | None:
     return None
 
 
+@dataclass
+class Lab(Netlab):
+    """The namespaces and the peers started in them (killed before the namespaces go)."""
+
+    started: list[PeerProcess] = field(default_factory=list)
+
+
 @pytest.fixture
-def lab(request):
+def lab(request) -> Lab:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    net = Netlab()
-    started: list[PeerProcess] = []
+    net = Lab()
 
     def teardown() -> None:
-        for p in started:
+        for p in net.started:
             p.kill()
         net.close()
 
-    request.addfinalizer(teardown)
-    net.build(public=("pub",), homes=("home1", "home2"))
-    net.started = started
-    return net
+    request.addfinalizer(teardown)  # runs when the test fails too
+    return net.build(public=("pub",), homes=("home1", "home2"))
 
 
 def _run_in(lab: Netlab, host: str, args: list[str], timeout: float) -> str:
