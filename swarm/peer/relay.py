@@ -163,9 +163,14 @@ class RelayedDaemon:
                 if line.startswith("Peer ID:"):
                     self.peer_id = line.split(":", 1)[1].strip()
             if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(self._lines()[-5:])
+                said = [line for line in self._lines() if not line.startswith("{")]
                 self.close()
-                raise Unreachable(f"p2pd for relayed serving did not start: {tail}")
+                if any("failed to connect to bootstrap peers" in line for line in said):
+                    raise Unreachable(
+                        f"could not connect to any initial peer ({', '.join(self.relays)}), "
+                        f"so no relay can serve this peer: check --initial-peers"
+                    )
+                raise Unreachable(f"p2pd for relayed serving did not start: {' '.join(said[-3:])}")
             time.sleep(0.05)
         return self
 
