@@ -85,16 +85,20 @@ class Peer:
         self.relay: RelayedDaemon | None = None
         if self.reachability == "relayed":
             self.relay = RelayedDaemon(config.initial_peers, host_maddrs, config.identity).start()
+            dht = None
             try:
                 # The DHT only reads the daemon's control socket; client mode: nobody can dial
                 # our DHT node, so others must not put us in their routing tables.
-                self.dht = hivemind.DHT(
+                dht = hivemind.DHT(
                     initial_peers=config.initial_peers, p2p=self.relay, client_mode=True, start=True
                 )
                 self.maddrs = self.relay.wait_reserved(config.relay_timeout)
             except BaseException:
+                if dht is not None:
+                    dht.shutdown()
                 self.relay.close()
                 raise
+            self.dht = dht
             logger.info("serving through relays: %s", ", ".join(self.relay.reserved()))
         else:
             self.dht = hivemind.DHT(
