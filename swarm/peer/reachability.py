@@ -1,7 +1,7 @@
 """Can others dial us? Peers dial a joining peer back on a fresh connection, as Petals' check does.
 
-`DialBackHandler` runs on every peer (registered by `swarm.peer.server.Peer`); `check_reachability`
-runs in a joining peer before its DHT starts, and decides whether it serves direct or relayed.
+`DialBackHandler` runs on every peer (registered by `swarm.peer.server.Peer`); `decide_reachability`
+runs in a joining peer before its DHT starts: it serves direct or relayed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.utils.multiaddr import Multiaddr
 
 from proto import reachability_pb2
+from swarm.errors import Unreachable
+from swarm.peer.config import PeerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +147,38 @@ async def check_reachability(
     if not votes:
         return None
     return sum(votes) / len(votes) >= QUORUM
+
+
+def decide_reachability(config: PeerConfig, host_maddrs: Sequence[str]) -> str:
+    """'direct' or 'relayed': what --reachability says, else what peers dialling back found.
+
+    Runs `check_reachability` in a short event loop of its own: call it before the DHT forks
+    (no thread outlives it). Raises Unreachable for a training peer nobody can dial.
+    """
+    reachability = config.reachability
+    if reachability == "auto":
+        reachability = _ask(config, host_maddrs)
+    if reachability == "relayed" and config.train:
+        # Replicas average with hivemind's averager, which dials peers by id alone.
+        raise Unreachable(
+            "peers of the swarm cannot dial this machine, and training peers must be reachable "
+            "(stage replicas average directly): forward a TCP port and pass "
+            "--port PORT --announce-maddrs /ip4/PUBLIC_IP/tcp/PORT"
+        )
+    return reachability
+
+
+def _ask(config: PeerConfig, host_maddrs: Sequence[str]) -> str:
+    if not config.initial_peers:
+        return "direct"  # a new swarm's first peer: whoever joins must dial it
+    if config.host.startswith("127.") or config.host in ("::1", "localhost"):
+        return "direct"  # a swarm on one machine: no NAT in between
+    reached = asyncio.run(
+        check_reachability(config.initial_peers, host_maddrs, config.announce_maddrs)
+    )
+    if reached is None:
+        logger.warning("no peer answered the reachability check; assuming others can dial us")
+        return "direct"
+    if not reached:
+        logger.info("peers of the swarm cannot dial us: serving through circuit relays")
+    return "direct" if reached else "relayed"

@@ -1,19 +1,6 @@
 """Serving from behind NAT: a p2pd holding circuit-relay reservations, and our /p2p-circuit addrs.
 
-Used by `swarm.peer.server.Peer` when the reachability check fails; `dial_maddr` is also used
-by `swarm.peer.client.PeerClient` to dial peers at the addrs they announce.
-
-Why we start p2pd ourselves: hivemind's `P2P.create` cannot pass `-relayDiscovery=0`, so with
-`use_auto_relay=True` p2pd only looks for relays through its DHT, and go-libp2p's autorelay then
-waits its boot delay (3 min) for 4 candidates before it reserves anything. With static relays
-(`-trustedRelays`, `-relayDiscovery=0`) it reserves at once, on every relay given. The DHT then
-runs on this daemon (`hivemind.DHT(p2p=...)` only reads `daemon_listen_maddr`).
-
-Why we build the circuit addrs ourselves: go-libp2p advertises a relay's circuit addrs only for
-its public addrs (manet.IsPublicAddr), so a relay on a documentation or benchmarking range (as in
-the namespace test) is never announced though the reservation works; and hivemind's Python
-multiaddr encodes `/p2p/ID` as a CIDv1, which p2pd cannot decode ("length greater than
-remaining number of bytes"), so `circuit_maddr` writes the bytes as go-multiaddr reads them.
+Used by `swarm.peer.server.Peer` when nobody can dial it; `swarm.peer.client` uses `dial_maddr`.
 """
 
 from __future__ import annotations
@@ -36,6 +23,18 @@ from hivemind.utils.multiaddr import Multiaddr
 from swarm.errors import Unreachable
 
 logger = logging.getLogger(__name__)
+
+# Why we start p2pd ourselves: hivemind's `P2P.create` cannot pass `-relayDiscovery=0`, so with
+# `use_auto_relay=True` p2pd only looks for relays through its DHT, and go-libp2p's autorelay then
+# waits its boot delay (3 min) for 4 candidates before it reserves anything. With static relays
+# (`-trustedRelays`, `-relayDiscovery=0`) it reserves at once, on every relay given. The DHT then
+# runs on this daemon (`hivemind.DHT(p2p=...)` only reads `daemon_listen_maddr`).
+#
+# Why we build the circuit addrs ourselves: go-libp2p advertises a relay's circuit addrs only for
+# its public addrs (manet.IsPublicAddr), so a relay on a documentation or benchmarking range (as
+# in the namespace test) is never announced though the reservation works; and hivemind's Python
+# multiaddr encodes `/p2p/ID` as a CIDv1, which p2pd cannot decode ("length greater than
+# remaining number of bytes"), so `circuit_maddr` writes the bytes as go-multiaddr reads them.
 
 P2P_CODE = b"\xa5\x03"  # varint of the multiaddr protocol code 421 (p2p)
 CIRCUIT_CODE = b"\xa2\x02"  # varint of 290 (p2p-circuit)

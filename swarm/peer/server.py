@@ -17,7 +17,6 @@ import hivemind
 import torch
 
 from kernels import DTYPES
-from swarm.errors import Unreachable
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
 from swarm.net import check_initial_peers, ensure_port_free
@@ -29,7 +28,7 @@ from swarm.peer.config import PeerConfig
 from swarm.peer.dht_view import fetch_swarm_async
 from swarm.peer.handler import PeerHandler
 from swarm.peer.memory import CacheBudget
-from swarm.peer.reachability import DialBackHandler, check_reachability
+from swarm.peer.reachability import DialBackHandler, decide_reachability
 from swarm.peer.records import ModelEntry, SpanRecord
 from swarm.peer.relay import RelayedDaemon
 from swarm.peer.throughput import BlockThroughput, get_block_throughput
@@ -81,7 +80,7 @@ class Peer:
         host_maddrs = [f"/ip4/{config.host}/tcp/{config.port}"]
         if ":" in config.host:
             host_maddrs = [f"/ip6/{config.host}/tcp/{config.port}"]
-        self.reachability = self._decide_reachability(host_maddrs)
+        self.reachability = decide_reachability(config, host_maddrs)
         self.relay: RelayedDaemon | None = None
         if self.reachability == "relayed":
             self.relay = RelayedDaemon(config.initial_peers, host_maddrs, config.identity).start()
@@ -106,8 +105,8 @@ class Peer:
                 host_maddrs=host_maddrs,
                 announce_maddrs=config.announce_maddrs or None,
                 identity_path=config.identity,
-                # Others can dial us: relay for peers behind NAT (p2pd's relay service runs
-                # only when it believes it is public, and its AutoNAT needs many peers).
+                # Others can dial us: relay for peers behind NAT, without waiting for AutoNAT's
+                # verdict (it needs several peers to dial us before it says "public").
                 force_reachability="public",
                 start=True,
             )
@@ -129,39 +128,6 @@ class Peer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.moves = 0
         self._cooldown_until = 0.0
-
-    def _check_reachability(self, host_maddrs: list[str]) -> str:
-        """'direct' or 'relayed': what --reachability says, else what peers dialling back found.
-
-        Runs in a short event loop of its own, before the DHT forks (no thread outlives it).
-        """
-        config = self.config
-        if config.reachability != "auto":
-            return config.reachability
-        if not config.initial_peers:
-            return "direct"  # a new swarm's first peer: whoever joins must dial it
-        if config.host.startswith("127.") or config.host in ("::1", "localhost"):
-            return "direct"  # a swarm on one machine: no NAT in between
-        reached = asyncio.run(
-            check_reachability(config.initial_peers, host_maddrs, config.announce_maddrs)
-        )
-        if reached is None:
-            logger.warning("no peer answered the reachability check; assuming others can dial us")
-            return "direct"
-        if not reached:
-            logger.info("peers of the swarm cannot dial us: serving through circuit relays")
-        return "direct" if reached else "relayed"
-
-    def _decide_reachability(self, host_maddrs: list[str]) -> str:
-        reachability = self._check_reachability(host_maddrs)
-        if reachability == "relayed" and self.config.train:
-            # Replicas average with hivemind's averager, which dials peers by id alone.
-            raise Unreachable(
-                "peers of the swarm cannot dial this machine, and training peers must be "
-                "reachable (stage replicas average directly): forward a TCP port and pass "
-                "--port PORT --announce-maddrs /ip4/PUBLIC_IP/tcp/PORT"
-            )
-        return reachability
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:

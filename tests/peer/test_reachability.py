@@ -42,3 +42,19 @@ async def test_dial_back_reaches_a_listening_peer_and_refuses_bad_requests():
 @pytest.mark.timeout(30)
 async def test_no_initial_peers_means_no_answer():
     assert await check_reachability([], ["/ip4/127.0.0.1/tcp/0"]) is None
+
+
+def test_first_loopback_forced_and_training_peers_skip_or_refuse():
+    from swarm.errors import Unreachable
+    from swarm.peer.config import PeerConfig
+    from swarm.peer.reachability import decide_reachability
+
+    boot = ["/ip4/203.0.113.10/tcp/1/p2p/12D3KooWGTuMTU8LUDuXKGiJ5fFYWriYWn51E4mGyJhhztE961UB"]
+    here = ["/ip4/127.0.0.1/tcp/0"]
+    assert decide_reachability(PeerConfig(), here) == "direct"  # a new swarm's first peer
+    assert decide_reachability(PeerConfig(initial_peers=boot), here) == "direct"  # loopback
+    forced = PeerConfig(initial_peers=boot, host="198.51.100.2", reachability="relayed")
+    assert decide_reachability(forced, here) == "relayed"
+    forced.train = True
+    with pytest.raises(Unreachable, match="--announce-maddrs"):
+        decide_reachability(forced, here)
