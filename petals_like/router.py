@@ -136,6 +136,9 @@ class SwarmRouter:
                 logger.warning("could not refresh the swarm's records: %s", e)
                 return
             self.records = list(records)
+            learn = getattr(self.client, "learn_addrs", None)  # test doubles may not dial
+            if learn is not None:
+                learn(self.records)  # relayed peers are dialled through their circuit addrs
 
     async def ping(self, peer_id: str) -> float | None:
         """Measure one round trip to `peer_id` (None if it did not answer in time)."""

@@ -33,6 +33,8 @@ class RouteCosts:
     """The cost model, in seconds per decoding step.
 
     default_rtt: round trip assumed for a peer nobody has measured yet.
+    relayed_rtt: the same for a peer behind NAT served through a circuit relay (two legs);
+        once measured, a relayed hop costs its measured round trip like any other.
     hop_overhead: serialization and scheduling per hop, paid on top of the round trip.
     default_block_time: compute time of one block for one step when a peer advertises none.
     cache_penalty: added to a hop whose peer lacks the cache this session needs, so that it is
@@ -41,6 +43,7 @@ class RouteCosts:
     """
 
     default_rtt: float = 0.05
+    relayed_rtt: float = 0.1
     hop_overhead: float = 0.002
     default_block_time: float = 0.005
     cache_penalty: float = 10.0
@@ -183,7 +186,10 @@ def find_route(
         if rtt is None and prev is not None:
             pings = _next_pings(cands[prev])
             rtt = pings.get(_peer_key(r.peer_id))
-        cost = (costs.default_rtt if rtt is None else rtt) + costs.hop_overhead
+        if rtt is None:
+            relayed = getattr(r, "reachability", "direct") == "relayed"
+            rtt = costs.relayed_rtt if relayed else costs.default_rtt
+        cost = rtt + costs.hop_overhead
         if not has_cache_for(r, cache_tokens_needed):
             cost += costs.cache_penalty
         return cost

@@ -42,3 +42,7 @@ class NoRoute(SwarmError):
 
 class AddressInUse(SwarmError):
     """The TCP port a peer was told to listen on is taken (often by another peer)."""
+
+
+class Unreachable(SwarmError):
+    """Nobody can dial this peer, and no relay took a reservation for it."""

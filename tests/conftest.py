@@ -50,15 +50,24 @@ def wait_for(
 
 
 class PeerProcess:
-    """A `swarm-peer` subprocess in its own session; its multiaddrs are read from stdout."""
+    """A `swarm-peer` subprocess in its own session; its multiaddrs are read from stdout.
 
-    def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None):
+    `prefix` runs it through another command, e.g. `ip netns exec NS` (which execs in place).
+    """
+
+    def __init__(
+        self,
+        args: list[str],
+        env: dict | None = None,
+        log_path: Path | None = None,
+        prefix: list[str] | None = None,
+    ):
         self.args = args
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarm.cli.peer", *args],
+            [*(prefix or []), sys.executable, "-m", "swarm.cli.peer", *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=full_env,

@@ -68,14 +68,15 @@ def _print_table(table: dict) -> None:
     peers = table["peers"]
     n = len({p["peer_id"] for p in peers})
     print(f"model {table['model']}: {table['num_blocks']} blocks, {n} peer{'s' * (n != 1)}")
-    print(f"{'peer':<12} {'span':>7}  {'state':<8} {'tok/s':>8} {'cache left':>10}  role")
+    head = f"{'peer':<12} {'span':>7}  {'state':<8} {'reach':<7} {'tok/s':>8} {'cache left':>10}"
+    print(f"{head}  role")
     for p in peers:
         # Training peers serve a stage of a run; their cache and tok/s mean nothing to clients.
         role = f"training run {p['run_id']}" if p["run_id"] else "inference"
         cache = "-" if p["run_id"] else str(p["cache_tokens_left"])
         print(
             f"..{p['peer_id'][-10:]:<10} {p['start']:>3}:{p['end']:<3}  {p['state']:<8} "
-            f"{p['throughput']:>8.1f} {cache:>10}  {role}"
+            f"{p['reachability']:<7} {p['throughput']:>8.1f} {cache:>10}  {role}"
         )
     live = [[p for p in b["peers"] if p["state"] != "offline"] for b in table["blocks"]]
     if table["uncovered"]:

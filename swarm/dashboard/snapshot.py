@@ -48,6 +48,7 @@ def swarm_table(
                 "version": r.version,
                 "run_id": r.run_id,
                 "reachability": reachability(r),
+                "addrs": list(r.addrs),
                 "rtt_ms": None if rtt is None else round(rtt * 1000, 2),
                 # Round trips (ms) the peer measured to peers serving its next block.
                 "next_pings_ms": {k: round(v * 1000, 2) for k, v in r.next_pings.items()},

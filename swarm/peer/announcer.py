@@ -42,6 +42,7 @@ class Announcer:
         self.entry = entry  # the model, as `swarm-peer status` lists it
         self.peer_id = peer_id
         self.addrs = tuple(addrs)
+        self.reachability = "direct"  # the server sets "relayed" (and keeps addrs current)
         self.next_pings: dict[str, float] = {}  # round trips to the peers serving block pings_end
         self.pings_end: int | None = None
         self._online_end: int | None = None  # end of the span last announced online
@@ -70,6 +71,7 @@ class Announcer:
             inference_rps=speed.inference_rps / n,
             forward_tps=speed.forward_tps / n,
             addrs=self.addrs,
+            reachability=self.reachability,
             run_id=self.config.run_id if self.config.train else "",
             # Pings are to the peers after `pings_end`: a record of another span has none yet.
             next_pings=dict(self.next_pings) if end == self.pings_end else {},

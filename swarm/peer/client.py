@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -24,11 +24,15 @@ from swarm.link import NO_LINK, Link
 from swarm.model.lora import AdapterPayload, BlockTensors
 from swarm.peer import wire
 from swarm.peer.handler import PeerHandler
+from swarm.peer.relay import dial_maddr, is_circuit
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SENT_MEMORY = 4096  # (peer, adapter hash) pairs we remember having sent
+DIAL_TIMEOUT = 5.0  # seconds to reach a peer at its announced addrs (through relays if relayed)
+MAX_DIAL_ADDRS = 8  # most announced addrs tried per peer
+REDIAL_AFTER = 5.0  # seconds a successful dial is trusted before the next call dials again
 
 
 def as_peer_id(peer_id: PeerID | str) -> PeerID:
@@ -94,6 +98,42 @@ class PeerClient:
         while len(self._sent) > SENT_MEMORY:
             self._sent.popitem(last=False)
         return result
+        self.addrs: dict[str, tuple[str, ...]] = {}  # peer id -> multiaddrs from its record
+        self._dialled: dict[str, float] = {}  # peer id -> when a dial last succeeded
+
+    def learn_addrs(self, records: Iterable[Any]) -> None:
+        """Remember the multiaddrs peers announce (relayed peers: their /p2p-circuit ones).
+
+        p2pd finds a peer by itself only through its own DHT, which skips relayed peers and, in
+        the namespace test, addrs on documentation ranges: we dial what the record says.
+        """
+        for r in records:
+            addrs = tuple(a for a in getattr(r, "addrs", ()) if isinstance(a, str))
+            if addrs:
+                self.addrs[r.peer_id] = addrs[:MAX_DIAL_ADDRS]
+
+    async def _dial(self, peer: PeerID) -> None:
+        """Connect to a peer at its announced addrs (a no-op for p2pd when connected).
+
+        Failures are left to the call that follows, which forgets the dial if it fails too.
+        """
+        key = peer.to_base58()
+        addrs = self.addrs.get(key)
+        if not addrs:
+            return
+        # A relayed peer's connection dies with its relay: always dial it (p2pd then picks a
+        # live circuit); a direct peer's is trusted for REDIAL_AFTER s.
+        relayed = any(is_circuit(a) for a in addrs)
+        if not relayed and time.monotonic() - self._dialled.get(key, -REDIAL_AFTER) < REDIAL_AFTER:
+            return
+        try:
+            maddrs = [dial_maddr(a) for a in addrs]
+            # hivemind's P2P has no public connect: its daemon client is the only way in.
+            await asyncio.wait_for(self.p2p._client.connect(peer, maddrs), DIAL_TIMEOUT)
+            self._dialled[key] = time.monotonic()
+        except (ValueError, *TRANSPORT_ERRORS) as e:
+            self._dialled.pop(key, None)
+            logger.debug("dialling %s at its announced addrs failed: %r", peer, e)
 
     def _stub(self, peer: PeerID):
         return PeerHandler.get_stub(self.p2p, peer)
@@ -101,10 +141,12 @@ class PeerClient:
     async def info(self, peer_id: PeerID | str, timeout: float = 10.0) -> peer_pb2.InfoResponse:
         """The peer's model, span, state, codecs and free cache."""
         peer = as_peer_id(peer_id)
+        await self._dial(peer)
         try:
             await self.link.send(0)
             return await self._stub(peer).rpc_info(peer_pb2.InfoRequest(), timeout=timeout)
         except TRANSPORT_ERRORS as e:
+            self._dialled.pop(peer.to_base58(), None)
             raise _transport_error(e, peer, "info") from None
 
     async def ping(self, peer_id: PeerID | str, timeout: float = 2.0) -> float:
@@ -276,6 +318,7 @@ class PeerClient:
         """reply_bytes: what the reply may hold beyond the request's size (adapter gradients):
         a reply over hivemind's unary cap would hang the call, so such calls stream."""
         peer = as_peer_id(peer_id)
+        await self._dial(peer)
         stub = self._stub(peer)
         try:
             await self.link.send(request.ByteSize())
@@ -286,6 +329,7 @@ class PeerClient:
                     _stream_call(getattr(stub, stream), request, reply_type), timeout
                 )
         except TRANSPORT_ERRORS as e:
+            self._dialled.pop(peer.to_base58(), None)
             raise _transport_error(e, peer, unary.removeprefix("rpc_")) from None
         if reply.HasField("error"):
             raise wire.error_from_wire(reply.error, str(peer))
@@ -419,6 +463,7 @@ class InferenceStream:
         return reply
 
     async def _open(self, timeout: float, adapter: peer_pb2.Adapter | None = None) -> None:
+        await self.client._dial(self.peer)
         stub = self.client._stub(self.peer)
         try:
             self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)

@@ -52,7 +52,22 @@ class PeerConfig:
     port: int = field(default=0, metadata={"help": "TCP port to listen on (0: any)"})
     announce_maddrs: list[str] = field(
         default_factory=list,
-        metadata={"help": "public multiaddrs to advertise instead of the listening ones"},
+        metadata={
+            "help": "public multiaddrs to advertise instead of the listening ones (a "
+            "port-forwarded peer behind NAT: the reachability check dials these)"
+        },
+    )
+    reachability: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': ask peers of the swarm to dial us back and serve through circuit "
+            "relays if they cannot; 'direct': skip the check; 'relayed': always use relays",
+            "choices": ("auto", "direct", "relayed"),
+        },
+    )
+    relay_timeout: float = field(
+        default=30.0,
+        metadata={"help": "seconds a peer behind NAT waits for a relay to take its reservation"},
     )
     identity: str | None = field(
         default=None,
@@ -180,7 +195,12 @@ class PeerConfig:
             raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError("--num-blocks must be positive")
-        for name in ("announce_period", "rebalance_period", "session_timeout", "request_timeout"):
+        if self.reachability not in ("auto", "direct", "relayed"):
+            raise ValueError(
+                f"--reachability must be auto, direct or relayed, got {self.reachability!r}"
+            )
+        names = ("announce_period", "rebalance_period", "session_timeout", "request_timeout")
+        for name in (*names, "relay_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.cache_tokens < 0 or self.max_request_tokens <= 0:

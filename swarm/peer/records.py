@@ -15,6 +15,8 @@ WIRE_VERSION = 1
 STATES = ("joining", "online", "offline")
 # States whose blocks count as served: a joining peer is already committed to its blocks.
 SERVING_STATES = frozenset({"joining", "online"})
+# How clients reach a peer: dialled at its own addrs, or through circuit relays (behind NAT).
+REACHABILITY = ("direct", "relayed")
 # Where peers list the models they serve: key MODELS_KEY, subkey = model prefix.
 MODELS_KEY = "swarm_mesh.models"
 MAX_NEXT_PINGS = 32  # most next-hop round trips kept from one record (advisory, for routing)
@@ -74,6 +76,7 @@ class SpanRecord:
     forward_tps: float = 0.0  # tokens/s of large forward batches through the whole span
     addrs: tuple[str, ...] = ()  # multiaddrs to dial, when announced
     run_id: str = ""  # training peers: the run whose stage this is ("" when serving inference)
+    reachability: str = "direct"  # "relayed": addrs are /p2p-circuit ones (absent in old records)
     # Round trips (s) to peers serving block `end`: the router's server->server edges.
     next_pings: dict[str, float] = field(default_factory=dict, hash=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown fields, kept
@@ -91,6 +94,7 @@ class SpanRecord:
         _need(all(isinstance(a, str) for a in self.addrs), "addrs must be strings")
         _need(isinstance(self.quant, str) and isinstance(self.version, str), "bad quant/version")
         _need(isinstance(self.run_id, str) and len(self.run_id) <= 64, "bad run_id")
+        _need(self.reachability in REACHABILITY, f"reachability must be one of {REACHABILITY}")
         _need(isinstance(self.next_pings, dict), "next_pings must be a dict")
         for peer, rtt in self.next_pings.items():
             _need(isinstance(peer, str) and _num(rtt) and rtt >= 0, f"bad next_pings[{peer!r}]")
@@ -112,6 +116,8 @@ class SpanRecord:
         }
         if self.run_id:
             info["run_id"] = self.run_id
+        if self.reachability != "direct":
+            info["reachability"] = self.reachability
         return (WIRE_VERSION, self.state, float(self.throughput), info)
 
     @classmethod
@@ -133,6 +139,7 @@ class SpanRecord:
             "addrs",
             "next_pings",
             "run_id",
+            "reachability",
         }
         codecs, addrs = info.get("codecs", []), info.get("addrs", [])
         _need(isinstance(codecs, (list, tuple)) and isinstance(addrs, (list, tuple)), "bad lists")
@@ -150,6 +157,7 @@ class SpanRecord:
             forward_tps=info.get("forward_tps", 0.0),
             addrs=tuple(addrs),
             run_id=info.get("run_id", ""),
+            reachability=info.get("reachability", "direct"),
             next_pings=_pings(info.get("next_pings")),
             extra={k: v for k, v in info.items() if k not in known},
         )

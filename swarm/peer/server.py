@@ -31,7 +31,9 @@ from swarm.peer.config import PeerConfig
 from swarm.peer.dht_view import fetch_swarm_async
 from swarm.peer.handler import PeerHandler
 from swarm.peer.memory import CacheBudget
+from swarm.peer.reachability import DialBackHandler, decide_reachability
 from swarm.peer.records import ModelEntry, SpanRecord
+from swarm.peer.relay import RelayedDaemon
 from swarm.peer.throughput import BlockThroughput, get_block_throughput
 from swarm.peer.worker import ComputeWorker
 from swarm.quant import bytes_per_param
@@ -83,19 +85,45 @@ class Peer:
         host_maddrs = [f"/ip4/{config.host}/tcp/{config.port}"]
         if ":" in config.host:
             host_maddrs = [f"/ip6/{config.host}/tcp/{config.port}"]
-        self.dht = hivemind.DHT(
-            initial_peers=config.initial_peers or None,
-            host_maddrs=host_maddrs,
-            announce_maddrs=config.announce_maddrs or None,
-            identity_path=config.identity,
-            start=True,
-        )
+        self.reachability = decide_reachability(config, host_maddrs)
+        self.relay: RelayedDaemon | None = None
+        if self.reachability == "relayed":
+            self.relay = RelayedDaemon(config.initial_peers, host_maddrs, config.identity).start()
+            dht = None
+            try:
+                # The DHT only reads the daemon's control socket; client mode: nobody can dial
+                # our DHT node, so others must not put us in their routing tables.
+                dht = hivemind.DHT(
+                    initial_peers=config.initial_peers, p2p=self.relay, client_mode=True, start=True
+                )
+                self.maddrs = self.relay.wait_reserved(config.relay_timeout)
+            except BaseException:
+                if dht is not None:
+                    dht.shutdown()
+                self.relay.close()
+                raise
+            self.dht = dht
+            logger.info("serving through relays: %s", ", ".join(self.relay.reserved()))
+        else:
+            self.dht = hivemind.DHT(
+                initial_peers=config.initial_peers or None,
+                host_maddrs=host_maddrs,
+                announce_maddrs=config.announce_maddrs or None,
+                identity_path=config.identity,
+                # Others can dial us: relay for peers behind NAT, without waiting for AutoNAT's
+                # verdict (it needs several peers to dial us before it says "public").
+                force_reachability="public",
+                start=True,
+            )
+            self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self.peer_id = self.dht.peer_id.to_base58()
-        self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if on_maddrs is not None:
             on_maddrs(self.maddrs)
         entry = ModelEntry(self.prefix, self.num_layers, self.model_config.hidden_size)
         self.announcer = Announcer(self.dht, config, entry, self.peer_id, self.maddrs)
+        self.announcer.reachability = self.reachability
+        self.dial_back = DialBackHandler()
+        self.peer_client: PeerClient | None = None
         self.handler: PeerHandler | None = None
         self.worker: ComputeWorker | None = None
         self.budget = CacheBudget(config.cache_tokens)
@@ -114,6 +142,8 @@ class Peer:
             return loops.run(self._main(), self.EVENT_LOOP)
         finally:
             self.dht.shutdown()
+            if self.relay is not None:
+                self.relay.close()
             logger.info("stopped (%s)", self.peer_id)
 
     def stop(self) -> None:
@@ -129,6 +159,7 @@ class Peer:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, self._on_signal, sig)
         p2p = await self.dht.replicate_p2p()
+        await self.dial_back.add_p2p_handlers(p2p)
         self.worker = ComputeWorker()
         tasks: list[asyncio.Task] = []
         try:
@@ -149,10 +180,9 @@ class Peer:
             await self.announcer.announce(self._record("online"))
             logger.info("serving blocks %d:%d of %s as %s", start, end, self.prefix, self.peer_id)
             tasks.append(asyncio.create_task(self.announcer.run(self._current_record)))
+            self.peer_client = PeerClient(p2p, link=self.link)
             tasks.append(
-                asyncio.create_task(
-                    self.announcer.ping_loop(PeerClient(p2p, link=self.link), self._fetch)
-                )
+                asyncio.create_task(self.announcer.ping_loop(self.peer_client, self._fetch))
             )
             if self.config.span() is None:
                 tasks.append(asyncio.create_task(self._rebalance_loop()))
@@ -168,6 +198,7 @@ class Peer:
                 with contextlib.suppress(Exception):
                     await self.handler.remove_p2p_handlers(p2p)
             self.worker.stop()
+            await self.dial_back.shutdown()
 
     def _on_signal(self, sig: int) -> None:
         logger.info(
@@ -251,15 +282,24 @@ class Peer:
         start = self.start if start is None else start
         end = self.end if end is None else end
         codecs = self.handler.codecs if self.handler else ()
+        if self.relay is not None:
+            # A relay that died drops out; an empty list keeps the last addrs (better than none).
+            addrs = tuple(self.relay.circuit_addrs()) or self.announcer.addrs
+            if addrs != self.announcer.addrs:
+                logger.info("relays changed; announcing %s", ", ".join(addrs))
+            self.announcer.addrs = addrs
         return self.announcer.record(state, start, end, self.block_speed, self.budget.left, codecs)
 
     def _current_record(self) -> SpanRecord:
         return self._record(self.handler.state)
 
     async def _fetch(self) -> list[SpanRecord]:
-        return await fetch_swarm_async(
+        records = await fetch_swarm_async(
             self.dht, self.prefix, self.num_layers, timeout=self.config.dht_timeout
         )
+        if self.peer_client is not None:
+            self.peer_client.learn_addrs(records)  # to ping relayed peers after our span
+        return records
 
     # ---- rebalancing --------------------------------------------------------------------------
     async def _rebalance_loop(self) -> None:

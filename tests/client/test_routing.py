@@ -118,3 +118,19 @@ def test_many_peers_route_is_contiguous():
 def test_format_blocks():
     assert format_blocks([3, 4, 5, 9]) == "3:6, 9:10"
     assert format_blocks([]) == ""
+
+
+@dataclass
+class RelayedRec(Rec):
+    reachability: str = "relayed"
+
+
+@pytest.mark.timeout(10)
+def test_unmeasured_relayed_hops_cost_more_and_measured_ones_their_round_trip():
+    costs = RouteCosts(
+        default_rtt=0.01, relayed_rtt=0.1, hop_overhead=0.0, default_block_time=0.001
+    )
+    recs = [RelayedRec("nat", 0, 6), Rec("a", 0, 3), Rec("b", 3, 6)]
+    assert find_route(recs, 0, 6, costs=costs) == [Hop("a", 0, 3), Hop("b", 3, 6)]
+    hops = find_route(recs, 0, 6, rtts={"nat": 0.002}, costs=costs)
+    assert hops == [Hop("nat", 0, 6)]

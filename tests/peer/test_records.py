@@ -93,3 +93,18 @@ def test_model_entry_round_trip():
     assert ModelEntry.from_wire("tiny", e.to_wire()) == e
     with pytest.raises(ValueError):
         ModelEntry.from_wire("tiny", (1, 0, 64))
+
+
+def test_reachability_round_trips_and_old_records_are_direct():
+    relayed = _record(reachability="relayed", addrs=("/ip4/203.0.113.10/tcp/1/p2p/R/p2p-circuit",))
+    assert SpanRecord.from_wire("Qm1", relayed.to_wire()) == relayed
+    version, state, tp, info = _record().to_wire()
+    assert "reachability" not in info  # direct peers' records read as before
+    old = {k: v for k, v in info.items() if k != "reachability"}
+    assert SpanRecord.from_wire("Qm1", (version, state, tp, old)).reachability == "direct"
+
+
+def test_unknown_reachability_is_rejected():
+    version, state, tp, info = _record().to_wire()
+    with pytest.raises(ValueError, match="reachability"):
+        SpanRecord.from_wire("Qm1", (version, state, tp, {**info, "reachability": "teleported"}))
