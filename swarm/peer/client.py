@@ -75,6 +75,8 @@ class PeerClient:
         self.link = link or NO_LINK
         self._sent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.adapter_bytes_sent = 0  # adapter tensors sent, in bytes (benchmarks)
+        self.addrs: dict[str, tuple[str, ...]] = {}  # peer id -> multiaddrs from its record
+        self._dialled: dict[str, float] = {}  # peer id -> when a dial last succeeded
 
     async def _with_adapter(
         self, peer: PeerID, adapter: AdapterPayload | None, call: Callable[[Any], Awaitable[T]]
@@ -98,8 +100,6 @@ class PeerClient:
         while len(self._sent) > SENT_MEMORY:
             self._sent.popitem(last=False)
         return result
-        self.addrs: dict[str, tuple[str, ...]] = {}  # peer id -> multiaddrs from its record
-        self._dialled: dict[str, float] = {}  # peer id -> when a dial last succeeded
 
     def learn_addrs(self, records: Iterable[Any]) -> None:
         """Remember the multiaddrs peers announce (relayed peers: their /p2p-circuit ones).
