@@ -3,7 +3,8 @@
 Tests swarm_table and the table printer of swarm/cli/peer.py on records (no swarm needed).
 """
 
-from swarm.cli.peer import _print_table, swarm_table
+from swarm.cli.peer import _print_table
+from swarm.dashboard.snapshot import swarm_table
 from swarm.peer.records import SpanRecord
 
 CIRCUIT = "/ip4/203.0.113.10/tcp/1/p2p/R/p2p-circuit/p2p/nat-peer-id"

@@ -5,6 +5,8 @@ Tests swarm/dashboard/snapshot.py (the page itself is tested in tests/api/test_s
 
 from __future__ import annotations
 
+import pytest
+
 from swarm.dashboard.snapshot import reachability, swarm_table
 from swarm.peer.records import SpanRecord
 
@@ -34,5 +36,5 @@ def test_reachability_comes_from_the_record_and_defaults_to_direct():
         "a", (1, "online", 1.0, {"start": 0, "end": 1, "reachability": "relayed"})
     )
     assert reachability(relayed) == "relayed"
-    odd = SpanRecord.from_wire("a", (1, "online", 1.0, {"start": 0, "end": 1, "reachability": 7}))
-    assert reachability(odd) == "direct"
+    with pytest.raises(ValueError, match="reachability"):
+        SpanRecord.from_wire("a", (1, "online", 1.0, {"start": 0, "end": 1, "reachability": 7}))
