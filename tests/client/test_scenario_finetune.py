@@ -51,7 +51,16 @@ def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
 
     logs = tmp_path_factory.mktemp("finetune-scenarios")
     env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
-    base = ["join", "--model", str(tiny_model_dir), "--max-start-delay", "0", *CAPS]
+    base = [
+        "join",
+        "--model",
+        str(tiny_model_dir),
+        "--max-start-delay",
+        "0",
+        "--quant",
+        "none",
+        *CAPS,
+    ]
     peers: dict[str, PeerProcess] = {}
     dht = None
     try:
