@@ -142,7 +142,7 @@ def test_nat_peer_serves_through_relays_and_survives_losing_one(
     from swarm.model.loading import load_model
 
     env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
-    base = ["join", "--model", str(tiny_model_dir), "--max-start-delay", "0"]
+    base = ["join", "--model", str(tiny_model_dir), "--max-start-delay", "0", "--quant", "none"]
     base += ["--announce-period", "3"]
 
     def start(name: str, host: str, *args: str) -> PeerProcess:
