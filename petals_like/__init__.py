@@ -3,6 +3,8 @@
 Imports `swarm`; `swarm` never imports it.
 """
 
+from swarm.lazy import lazy_exports
+
 __all__ = [
     "DistributedModelForCausalLM",
     "InferenceSession",
@@ -17,11 +19,5 @@ _EXPORTS = {
     "RouterConfig": "petals_like.router",
 }
 
-
-def __getattr__(name: str):
-    # Lazy, so `swarm-generate --local` does not pay for importing hivemind.
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'petals_like' has no attribute {name!r}")
+# Lazy, so `swarm-generate --local` does not pay for importing hivemind.
+__getattr__ = lazy_exports(__name__, _EXPORTS)

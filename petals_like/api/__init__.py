@@ -3,6 +3,8 @@
 Used by the `swarm-api` command (petals_like.api.cli); `create_app` builds the FastAPI app.
 """
 
+from swarm.lazy import lazy_exports
+
 __all__ = ["ApiConfig", "Engine", "create_app"]
 
 _EXPORTS = {
@@ -11,10 +13,4 @@ _EXPORTS = {
     "create_app": "petals_like.api.app",
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'petals_like.api' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

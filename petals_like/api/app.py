@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -151,22 +152,8 @@ def create_app(
             }
 
         if req.stream:
-
-            async def events() -> AsyncIterator[dict]:
-                outcomes: dict[int, Outcome] = {}
-                for i, text in enumerate(prefix):
-                    if text:
-                        yield chunk(i, text, None)
-                async for i, item in engine.stream(jobs):
-                    if isinstance(item, str):
-                        yield chunk(i, item, None)
-                    else:
-                        outcomes[i] = item
-                        yield chunk(i, "", item.finish_reason)
-                if req.stream_options and req.stream_options.include_usage:
-                    yield {**chunk(0, "", None), "choices": [], "usage": _usage(outcomes, req.n)}
-
-            return _sse(events())
+            opening = [(i, text) for i, text in enumerate(prefix) if text]
+            return _sse(_events(engine, jobs, req, chunk, opening, lambda text: text, ""))
         outcomes = await _collect(engine, jobs, request)
         choices = [
             {
@@ -214,21 +201,8 @@ def create_app(
             }
 
         if req.stream:
-
-            async def events() -> AsyncIterator[dict]:
-                outcomes: dict[int, Outcome] = {}
-                for i in range(len(jobs)):
-                    yield chunk(i, {"role": "assistant", "content": ""}, None)
-                async for i, item in engine.stream(jobs):
-                    if isinstance(item, str):
-                        yield chunk(i, {"content": item}, None)
-                    else:
-                        outcomes[i] = item
-                        yield chunk(i, {}, item.finish_reason)
-                if req.stream_options and req.stream_options.include_usage:
-                    yield {**chunk(0, {}, None), "choices": [], "usage": _usage(outcomes, req.n)}
-
-            return _sse(events())
+            opening = [(i, {"role": "assistant", "content": ""}) for i in range(len(jobs))]
+            return _sse(_events(engine, jobs, req, chunk, opening, lambda t: {"content": t}, {}))
         outcomes = await _collect(engine, jobs, request)
         choices = [
             {
@@ -326,6 +300,30 @@ async def _collect(engine: Engine, jobs: list[Job], request: Request) -> dict[in
         if not task.done():
             task.cancel()
     return outcomes
+
+
+async def _events(
+    engine: Engine,
+    jobs: list[Job],
+    req,
+    chunk: Callable[[int, Any, str | None], dict],
+    opening: list[tuple[int, Any]],
+    content: Callable[[str], Any],
+    empty: Any,
+) -> AsyncIterator[dict]:
+    """A streamed response's chunks: `opening`, then each choice's text as it comes and its
+    finish reason, then (with stream_options.include_usage) a chunk with the usage only."""
+    outcomes: dict[int, Outcome] = {}
+    for i, payload in opening:
+        yield chunk(i, payload, None)
+    async for i, item in engine.stream(jobs):
+        if isinstance(item, str):
+            yield chunk(i, content(item), None)
+        else:
+            outcomes[i] = item
+            yield chunk(i, empty, item.finish_reason)
+    if req.stream_options and req.stream_options.include_usage:
+        yield {**chunk(0, empty, None), "choices": [], "usage": _usage(outcomes, req.n)}
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:

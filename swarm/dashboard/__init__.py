@@ -3,6 +3,8 @@
 Used by `swarm-peer status` (table, `--json`, `--web`) and by `swarm-api` (the page at `/`).
 """
 
+from swarm.lazy import lazy_exports
+
 __all__ = ["fetch_tables", "swarm_table", "dashboard_router", "serve_dashboard"]
 
 _EXPORTS = {
@@ -12,11 +14,5 @@ _EXPORTS = {
     "serve_dashboard": "swarm.dashboard.web",
 }
 
-
-def __getattr__(name: str):
-    # Lazy: the table needs no web framework, and the web part no DHT.
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'swarm.dashboard' has no attribute {name!r}")
+# Lazy: the table needs no web framework, and the web part no DHT.
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,6 +5,8 @@ RPC client, the records and their DHT reader, the peer's config (imported lazily
 heavy).
 """
 
+from swarm.lazy import lazy_exports
+
 __all__ = [
     "PeerClient",
     "PeerConfig",
@@ -23,10 +25,4 @@ _EXPORTS = {
     "format_blocks": "swarm.peer.records",
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'swarm.peer' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

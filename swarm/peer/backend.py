@@ -57,6 +57,8 @@ class SpanBackend:
     Every method runs on the compute worker's thread, never on the event loop.
     """
 
+    serves_adapters = True  # fine-tuning clients' adapters run on these (frozen) weights
+
     def __init__(self, span: BlockSpan, dtype: torch.dtype = torch.float32):
         self.span = span.eval()
         self.dtype = dtype

@@ -217,6 +217,8 @@ class PeerHandler(ServicerBase):
         """The request's adapter from the cache, or checked and cached from its tensors."""
         if not request.HasField("adapter"):
             return None, 0
+        if not self.backend.serves_adapters:
+            raise BadRequest("this peer trains its blocks and serves no adapters")
         cache = self.adapters
         spec, tensors, key, seed = wire.adapter_from_wire(
             request.adapter, cache.max_elements(), max_total=cache.max_bytes // 4

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.partition import AllreduceException
 
 from swarm.errors import PeerUnavailable
 
@@ -54,6 +55,19 @@ class StageAverager(DecentralizedAverager):
             declare_state_period=10.0,
             allow_state_sharing=False,
         )
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """hivemind's round, failed when a part came back missing.
+
+        hivemind keeps our own values for the parts a groupmate did not return ("received 92.6%
+        results") and calls the round a success; replicas then hold different weights for good.
+        Failing the round instead sends this replica down the path of one that missed it.
+        """
+        await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        runner = self._running_groups[group_info.group_id if group_id is None else group_id]
+        failed = runner.result().tensor_part_container.failed_size
+        if failed:
+            raise AllreduceException(f"{failed} averaged values did not come back from the group")
 
     def set_state_getter(self, getter: StateGetter) -> None:
         self._state_getter = getter

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hivemind import DHT
@@ -91,6 +92,8 @@ class TrainableStage(SpanBackend):
     --optim-8bit), averaging buffers 8 B (gradients and weights), during a step 4 B more (the
     gradients being stepped on while new ones accumulate); DiLoCo adds 8 B (anchor, momentum).
     """
+
+    serves_adapters = False  # its weights move every step: nothing to fine-tune against
 
     def __init__(
         self,
@@ -243,8 +246,15 @@ class TrainableStage(SpanBackend):
     # Compute (called by the peer's compute worker)
 
     def forward(
-        self, hidden: torch.Tensor, first: int | None = None, last: int | None = None
+        self,
+        hidden: torch.Tensor,
+        first: int | None = None,
+        last: int | None = None,
+        adapter: Any = None,
+        seed: int = 0,
     ) -> torch.Tensor:
+        if adapter is not None:
+            raise BadRequest("a training peer serves no adapters: its weights change every step")
         with self._lock, torch.no_grad():
             return self.span(hidden.float(), 0, None, first, last).to(hidden.dtype)
 

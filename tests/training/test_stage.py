@@ -138,3 +138,21 @@ def test_diloco_local_steps_then_an_outer_step_brings_replicas_together(dhts):
     finally:
         a.shutdown()
         b.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_stage_answers_forward_as_the_peer_handler_calls_it(dhts):
+    """The handler calls every backend with (hidden, first, last, adapter, seed)."""
+    torch.manual_seed(0)
+    span = BlockSpan(CFG, 0, 2)
+    a = make_stage(dhts[0], span, run_id="t3")
+    try:
+        x = torch.randn(2, 5, 32)
+        with torch.no_grad():
+            expected = span(x, 0, None)
+        torch.testing.assert_close(a.forward(x, 0, 2, None, 0), expected)
+        assert a.serves_adapters is False
+        with pytest.raises(BadRequest, match="no adapters"):
+            a.forward(x, 0, 2, object(), 0)
+    finally:
+        a.shutdown()
