@@ -353,11 +353,31 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
             f"{f['median_step_ms']:.0f} ms), same tokens: {f['same_tokens']}"
         )
     if args.json:
-        print(
-            json.dumps(
-                {"rows": [asdict(r) for r in rows], "failovers": failovers, "cpus": os.cpu_count()}
-            )
-        )
+        out = {**summary(rows, failovers), "rows": [asdict(r) for r in rows]}
+        print(json.dumps({**out, "failovers": failovers, "cpus": os.cpu_count()}))
+
+
+def summary(rows: list[Row], failovers: list[dict]) -> dict:
+    """The headline figures under names that say what they are (fp32 weights, no codec)."""
+    out: dict = {}
+    for r in rows:
+        if r.weights != "none" or r.codec not in ("none", "-"):
+            continue
+        if r.name == "local":
+            out["local_tokens_per_s"] = r.tokens_per_s
+        elif r.name == "swarm":
+            out["swarm_tokens_per_s"], out["swarm_vs_local"] = r.tokens_per_s, r.vs_local
+        elif r.name in ("wan", "wan+ngram"):
+            key = "wan_plain" if r.name == "wan" else "wan_speculative"
+            out[f"{key}_tokens_per_s"] = r.tokens_per_s
+            out["wan_link_delay_ms"] = r.link_delay_ms
+            if "tokens_per_round_trip" in r.extra:
+                out["wan_speculative_tokens_per_round_trip"] = r.extra["tokens_per_round_trip"]
+                out["wan_speculative_same_text"] = r.extra["same_text_as_plain"]
+    if failovers:
+        out["failover_next_token_ms_max"] = max(f["gap_ms"] for f in failovers)
+        out["failover_same_text"] = all(f["same_tokens"] for f in failovers)
+    return out
 
 
 if __name__ == "__main__":
