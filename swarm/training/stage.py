@@ -601,6 +601,7 @@ class TrainableStage(SpanBackend):
         if not all(bool(torch.isfinite(b).all()) for b in [*grads, *params]):
             why = "holds NaN or infinite values"
         else:
+            # Honest averages are convex mixes of accepted gradients: never above their norms.
             problem = self.guard.problem(gradient_norm(grads))
             if problem is not None:
                 why = f"has a per-sample gradient norm that {problem}"
