@@ -171,6 +171,10 @@ class PeerConfig:
         default=1.0,
         metadata={"help": "with --train: seconds an averaging round waits for the other replicas"},
     )
+    max_lr: float = field(
+        default=1.0,
+        metadata={"help": "with --train: cap on the learning rate a trainer's record may set"},
+    )
 
     @property
     def version(self) -> str:
@@ -193,6 +197,8 @@ class PeerConfig:
         self.span()
         if self.quant not in QUANT_MODES:
             raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
+        if not 0 < self.max_lr <= 1:  # NaN fails too
+            raise ValueError(f"--max-lr must be in (0, 1], got {self.max_lr}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError("--num-blocks must be positive")
         if self.reachability not in ("auto", "direct", "relayed"):

@@ -49,8 +49,12 @@ class AdamConfig:
         warmup = value[5] if len(value) > 5 else 0  # absent in version-1 records
         if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup < 1 << 30:
             raise BadRequest(f"bad warm-up in optimizer config record: {value!r}")
-        if not (lr >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1 and eps > 0 and wd >= 0):
-            raise BadRequest(f"optimizer config out of range: {value!r}")
+        # NaN fails every comparison below, inf fails the upper bounds.
+        if not (0 < lr <= 1 and 0 <= b1 < 1 and 0 <= b2 < 1 and 0 < eps <= 1 and 0 <= wd <= 1):
+            raise BadRequest(
+                "optimizer config out of range (need 0 < lr <= 1, betas in [0, 1), "
+                f"0 < eps <= 1, weight decay in [0, 1]): {value!r}"
+            )
         return cls(lr, b1, b2, eps, wd, warmup)
 
 

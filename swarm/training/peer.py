@@ -43,6 +43,7 @@ class TrainingPeer(Peer):
             optim_8bit=config.optim_8bit,
             matchmaking_time=config.matchmaking_time,
             dht_timeout=config.dht_timeout,
+            max_lr=config.max_lr,
         )
 
     async def _load(self, start: int, end: int) -> SpanBackend:

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 WIRE_VERSION = 1
 # Averager prefixes end up inside dotted DHT keys, so a run id must not contain dots.
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Bounds on what an unauthenticated trainer record may ask of the stages' optimizers.
+MAX_BATCH = 1 << 20  # samples per step: more than any run of ours asks for
+MAX_OUTER_LR = 2.0  # DiLoCo's outer Nesterov lr is 0.7; above 2 the outer step overshoots
 
 
 def check_run_id(run_id: str) -> str:
@@ -130,24 +133,31 @@ class TrainerRecord:
         if not isinstance(value, (list, tuple)) or len(value) < 3:
             raise BadRequest(f"bad trainer record from {trainer_id}: {value!r}")
         batch = value[1]
-        if not _is_int(batch) or batch <= 0:
-            raise BadRequest(f"bad batch size in trainer record from {trainer_id}: {batch!r}")
+        if not _is_int(batch) or not 0 < batch <= MAX_BATCH:
+            raise BadRequest(
+                f"bad batch size in trainer record from {trainer_id} (need 1..{MAX_BATCH}): "
+                f"{batch!r}"
+            )
         # Records of version 1 end after the optimizer: lock-step, every-step averaging.
         target, sync, every, outer_lr, outer_mom = (
             list(value[3:8]) + [0, True, 1, 0.7, 0.9][len(value[3:8]) :]
         )
         ok = (
             _is_int(target)
-            and 0 <= target < 1 << 30
+            and 0 <= target <= MAX_BATCH
             and isinstance(sync, bool)
             and _is_int(every)
             and 1 <= every <= 1 << 20
             and all(isinstance(x, (int, float)) and math.isfinite(x) for x in (outer_lr, outer_mom))
-            and outer_lr > 0
+            and 0 < outer_lr <= MAX_OUTER_LR
             and 0 <= outer_mom < 1
         )
         if not ok:
-            raise BadRequest(f"bad run settings in trainer record from {trainer_id}: {value!r}")
+            raise BadRequest(
+                f"bad run settings in trainer record from {trainer_id} (need target batch "
+                f"0..{MAX_BATCH}, average-every 1..{1 << 20}, 0 < outer lr <= {MAX_OUTER_LR}, "
+                f"outer momentum in [0, 1)): {value!r}"
+            )
         return cls(
             trainer_id,
             batch,

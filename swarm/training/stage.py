@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from swarm.errors import BadRequest, PeerUnavailable
 from swarm.model import BlockSpan
 from swarm.peer.backend import SpanBackend
 from swarm.training.averaging import StageAverager
+from swarm.training.guard import GradientGuard, GradientGuardConfig, gradient_norm
 from swarm.training.optim8bit import AdamConfig, AdamW
 from swarm.training.progress import (
     ReplicaProgress,
@@ -50,6 +51,8 @@ class StageTrainingConfig:
     load_state_timeout: float = 30.0
     load_state_attempts: int = 3
     dht_timeout: float = 5.0
+    max_lr: float = 1.0  # a trainer record asking for more is stepped at this learning rate
+    guard: GradientGuardConfig = field(default_factory=GradientGuardConfig)
 
 
 def stage_averager(
@@ -113,11 +116,13 @@ class TrainableStage(SpanBackend):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = AdamW(self.params, AdamConfig(), eight_bit=config.optim_8bit)
+        self.guard = GradientGuard(config.guard)
         self.epoch = 0
         self.samples = 0  # samples accumulated in p.grad for the current epoch
         self.target_batch = config.default_batch
         self.steps_averaged = 0
         self.steps_local = 0
+        self.rounds_discarded = 0  # averaged rounds refused as non-finite or out of bounds
         self._failed_rounds = 0
         self._published_samples = 0
         self._busy_s = 0.0  # seconds of backward compute, for the throughput estimate
@@ -286,6 +291,8 @@ class TrainableStage(SpanBackend):
         """
         if hidden.shape != grad_out.shape:
             raise BadRequest(f"grad_out {tuple(grad_out.shape)} != inputs {tuple(hidden.shape)}")
+        if not bool(torch.isfinite(grad_out).all()):
+            self.guard.check("grad_out", [grad_out], 1)  # raises: it names the problem
         t0 = time.perf_counter()  # compute only: waiting for the lock is not capacity
         with self._lock:
             # Under the lock: an optimizer step must not change weights mid-recompute.
@@ -296,6 +303,9 @@ class TrainableStage(SpanBackend):
             if deadline is not None and time.monotonic() > deadline:
                 raise BadRequest("backward finished after the caller's deadline: not counted")
             n = x.shape[0]
+            # Before anything is accumulated: a refused gradient leaves no trace but the log.
+            self.guard.check("the input gradient", grads[:1], n)
+            self.guard.accept(self.guard.check("the parameter gradients", grads[1:], n))
             current = self.epoch + (2 if self._averaging >= 0 else 1)
             rules = self.plan or self._last_plan
             if rules is not None and not rules.sync and step > current:
@@ -371,7 +381,17 @@ class TrainableStage(SpanBackend):
             self._last_plan = plan
         if plan is not None:
             self.target_batch = plan.target_batch
-            self.optimizer.config = plan.adam
+            adam = plan.adam
+            if adam.lr > self.train_config.max_lr:
+                if self.optimizer.config.lr != self.train_config.max_lr:
+                    logger.warning(
+                        "stage %s:%s: the run asks for lr %g, above this peer's --max-lr %g",
+                        *self.key,
+                        adam.lr,
+                        self.train_config.max_lr,
+                    )
+                adam = replace(adam, lr=self.train_config.max_lr)
+            self.optimizer.config = adam
 
     def _run(self) -> None:
         last_run = 0.0
@@ -550,8 +570,9 @@ class TrainableStage(SpanBackend):
                 return
         with self._lock, torch.no_grad(), self.averager.get_tensors() as bufs:
             k = len(self.params)
-            finite = all(torch.isfinite(b).all() for b in bufs)
-            if averaged and finite:
+            if averaged:
+                averaged = self._round_ok(bufs[:k], bufs[k:])
+            if averaged:
                 for p, buf in zip(self.params, bufs[k:], strict=True):
                     p.copy_(buf)
                 grads = [b.clone() for b in bufs[:k]]
@@ -569,6 +590,27 @@ class TrainableStage(SpanBackend):
             self._failed_rounds = 0
         self.averager.state_sharing_priority = float(self.epoch)
         self._publish()
+
+    def _round_ok(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> bool:
+        """Whether a round's averaged gradients and parameters may be used (else: step alone).
+
+        One replica's NaN or huge contribution poisons the average for all: every honest
+        replica then discards the round rather than step on it.
+        """
+        why = None
+        if not all(bool(torch.isfinite(b).all()) for b in [*grads, *params]):
+            why = "holds NaN or infinite values"
+        else:
+            # Honest averages are convex mixes of accepted gradients: never above their norms.
+            problem = self.guard.problem(gradient_norm(grads))
+            if problem is not None:
+                why = f"has a per-sample gradient norm that {problem}"
+        if why is not None:
+            self.rounds_discarded += 1
+            logger.warning(
+                "stage %s:%s epoch %d: the averaged round %s; discarded", *self.key, self.epoch, why
+            )
+        return why is None
 
     def _average(self, n: int, own: list[torch.Tensor], retry_failed: bool) -> bool | None:
         """One round over the buffers; False if it failed (None: lock-step retries later)."""

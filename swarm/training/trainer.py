@@ -173,6 +173,21 @@ class TrainerConfig:
                 "(swarm-peer join --train --run-id ...)"
             )
         check_initial_peers(self.initial_peers)
+        # Stages ignore a record out of their bounds: refuse it here rather than be ignored there.
+        adam = AdamConfig(
+            lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps
+        )
+        wire = TrainerRecord(
+            "this",
+            self.batch_size,
+            adam,
+            self.target_batch,
+            self.sync,
+            self.average_every,
+            self.outer_lr,
+            self.outer_momentum,
+        ).to_wire()
+        TrainerRecord.from_wire("this trainer (--lr, --batch-size, --outer-lr ...)", wire)
 
 
 @dataclass

@@ -79,6 +79,22 @@ class TrainerProcess:
         self._log.close()
 
 
+@pytest.fixture
+def dhts():
+    """Four real hivemind DHTs in this process, joined through the first."""
+    from hivemind import DHT
+
+    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    maddrs = [str(a) for a in first.get_visible_maddrs()]
+    others = [
+        DHT(start=True, initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        for _ in range(3)
+    ]
+    yield [first, *others]
+    for d in [first, *others]:
+        d.shutdown()
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     """A few kB of repetitive English: a tiny byte-level model learns it within steps."""

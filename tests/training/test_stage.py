@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from hivemind import DHT
 
 from swarm.errors import BadRequest
 from swarm.model import BlockSpan, ModelConfig
@@ -28,19 +27,6 @@ def wait_for(cond, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def dhts():
-    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    maddrs = [str(a) for a in first.get_visible_maddrs()]
-    others = [
-        DHT(start=True, initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        for _ in range(3)
-    ]
-    yield [first, *others]
-    for d in [first, *others]:
-        d.shutdown()
 
 
 def make_stage(dht, span, run_id="t1"):
