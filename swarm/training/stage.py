@@ -33,6 +33,10 @@ from swarm.training.progress import (
 
 logger = logging.getLogger(__name__)
 
+# A replica behind us is waited for this long per epoch before we step alone: a record read
+# lags a publish by a poll or two (0.25 s each), and a state download takes about a second.
+LAG_GRACE_S = 3.0
+
 
 @dataclass
 class StageTrainingConfig:
@@ -124,6 +128,7 @@ class TrainableStage(SpanBackend):
         self.steps_local = 0
         self.rounds_discarded = 0  # averaged rounds refused as non-finite or out of bounds
         self._failed_rounds = 0
+        self._lag_seen: tuple[int, float] | None = None  # (epoch, when) a replica behind was seen
         self._published_samples = 0
         self._busy_s = 0.0  # seconds of backward compute, for the throughput estimate
         self._done = 0
@@ -468,6 +473,8 @@ class TrainableStage(SpanBackend):
                 self._step(average=False, retry_failed=False)  # no donor answered: go on alone
             return
         same = [r for r in others.values() if r.epoch == self.epoch]
+        if not same and self._waiting_for_laggard(others):
+            return
         started = any(r.averaging == self.epoch for r in same)
         total = mine + sum(r.samples for r in same if r.averaging != self.epoch)
         if not started and not (self.target_batch > 0 and total >= self.target_batch):
@@ -481,6 +488,21 @@ class TrainableStage(SpanBackend):
             self._local_step(plan, rounds_with=bool(others))
         else:
             self._step(average=bool(same), retry_failed=False)
+
+    def _waiting_for_laggard(self, others: dict) -> bool:
+        """Whether to hold our step for a replica behind us, for at most LAG_GRACE_S per epoch.
+
+        Such a replica is most often our partner of the last round seen through a stale record,
+        or one downloading our state. Stepping alone at once, on the later buckets the trainers
+        already sent, ran one stage several epochs ahead of the others in a burst (0.5 s), and
+        the trainers' staleness bound then stalled every step of the run.
+        """
+        if not any(r.epoch < self.epoch for r in others.values()):
+            return False
+        now = time.monotonic()
+        if self._lag_seen is None or self._lag_seen[0] != self.epoch:
+            self._lag_seen = (self.epoch, now)
+        return now - self._lag_seen[1] < LAG_GRACE_S
 
     def _take_next_bucket(self) -> None:
         """Under the lock, once the current gradients are taken: the next step's bucket is now
