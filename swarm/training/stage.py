@@ -445,8 +445,14 @@ class TrainableStage(SpanBackend):
             # take the stage's state as it is now rather than step on nothing.
             self._catch_up()
         elif ahead:
-            # A replica has already stepped this epoch: follow it now, on our own gradients.
-            self._step(average=False, retry_failed=True)
+            # A replica stepped this epoch and we did not: most often our round failed on our
+            # side only (a groupmate's part did not come back) while theirs, with our gradients
+            # in it, succeeded. Take its weights and moments: stepping alone on ours parted the
+            # replicas (and the loss curve from single-process training).
+            if self._catch_up():
+                self._drop_gradients()
+            else:
+                self._step(average=False, retry_failed=True)
         elif self.target_batch > 0 and total >= self.target_batch:
             self._step(average=bool(same), retry_failed=True)
 
@@ -488,6 +494,13 @@ class TrainableStage(SpanBackend):
             self._local_step(plan, rounds_with=bool(others))
         else:
             self._step(average=bool(same), retry_failed=False)
+
+    def _drop_gradients(self) -> None:
+        """Forget this epoch's gradients (they went into a round another replica stepped on)."""
+        with self._lock:
+            for p in self.params:
+                p.grad = None
+            self.samples = 0
 
     def _waiting_for_laggard(self, others: dict) -> bool:
         """Whether to hold our step for a replica behind us, for at most LAG_GRACE_S per epoch.
