@@ -5,6 +5,7 @@ Every process runs in its own session and is killed by process group and pid at 
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
@@ -16,9 +17,23 @@ from pathlib import Path
 
 import pytest
 
+from swarm.model import ModelConfig
 from swarm.procs import kill_tree
 from swarm.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
+from swarm.training.stage import StageTrainingConfig, TrainableStage
 from tests.conftest import REPO, PeerProcess
+
+# A two-block span small enough for in-process replicas on real DHTs (test_stage, test_poisoning).
+STAGE_MODEL = ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2
+)
+
+
+def make_stage(dht, span, run_id: str = "t1", **kw) -> TrainableStage:
+    """A replica of `span` (copied) in run `run_id`, with quick matchmaking and polling."""
+    cfg = StageTrainingConfig(run_id=run_id, matchmaking_time=1.0, poll_period=0.1, **kw)
+    return TrainableStage(copy.deepcopy(span), dht, cfg)
+
 
 STEP_RE = re.compile(r"^step (\d+) loss ([0-9.naninf]+) samples/s ([0-9.]+) retries (\d+)$")
 SUMMARY_RE = re.compile(r"\blost=(\d+)")

@@ -3,7 +3,6 @@
 Huge or NaN gradients, a poisoned averaging round, forged trainer records; honest runs learn.
 """
 
-import copy
 import math
 import time
 
@@ -12,28 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from swarm.errors import BadRequest
-from swarm.model import BlockSpan, ModelConfig
+from swarm.model import BlockSpan
 from swarm.training.optim8bit import AdamConfig
 from swarm.training.progress import TrainerRecord, fetch_trainers, store_trainer
-from swarm.training.stage import StageTrainingConfig, TrainableStage
-
-CFG = ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2
-)
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def make_stage(dht, span, run_id: str, **kw) -> TrainableStage:
-    cfg = StageTrainingConfig(run_id=run_id, matchmaking_time=1.0, poll_period=0.1, **kw)
-    return TrainableStage(copy.deepcopy(span), dht, cfg)
+from swarm.training.stage import TrainableStage
+from tests.conftest import wait_for
+from tests.training.conftest import STAGE_MODEL, make_stage
 
 
 def finite(stage: TrainableStage) -> bool:
@@ -44,7 +27,7 @@ def finite(stage: TrainableStage) -> bool:
 def test_huge_or_nan_gradients_are_refused_and_leave_the_stage_as_it_was(dhts):
     torch.manual_seed(0)
     store_trainer(dhts[3], "p1", TrainerRecord("tr", 2, AdamConfig(lr=1e-2)), ttl=60, timeout=5)
-    a = make_stage(dhts[0], BlockSpan(CFG, 0, 2), "p1")
+    a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), "p1")
     try:
         a.join()
         x = torch.randn(2, 5, 32)
@@ -58,7 +41,7 @@ def test_huge_or_nan_gradients_are_refused_and_leave_the_stage_as_it_was(dhts):
         torch.testing.assert_close(a.forward(x), before, rtol=0, atol=0)
         # The peer keeps serving: an honest gradient is taken and stepped on.
         a.backward(x, torch.randn(2, 5, 32))
-        wait_for(lambda: a.epoch == 1, 20, "an honest step")
+        wait_for(lambda: a.epoch == 1, 20, what="an honest step")
         after = a.forward(x)
         assert torch.isfinite(after).all() and (after - before).abs().max() < 1.0
     finally:
@@ -69,7 +52,7 @@ def test_huge_or_nan_gradients_are_refused_and_leave_the_stage_as_it_was(dhts):
 @pytest.mark.parametrize("poison", [math.nan, 1e20], ids=["nan", "huge"])
 def test_a_poisoned_averaging_contribution_leaves_honest_replicas_finite(dhts, poison):
     torch.manual_seed(0)
-    span = BlockSpan(CFG, 0, 2)
+    span = BlockSpan(STAGE_MODEL, 0, 2)
     record = TrainerRecord("tr", 6, AdamConfig(lr=1e-2), sync=True)
     store_trainer(dhts[3], "p2", record, ttl=60, timeout=5)
     stages = [make_stage(d, span, "p2") for d in dhts[:3]]
@@ -84,7 +67,7 @@ def test_a_poisoned_averaging_contribution_leaves_honest_replicas_finite(dhts, p
             evil.samples = 2
         a.backward(torch.randn(2, 5, 32), torch.randn(2, 5, 32))
         b.backward(torch.randn(2, 5, 32), torch.randn(2, 5, 32))
-        wait_for(lambda: a.epoch >= 1 and b.epoch >= 1, 45, "the honest replicas' step")
+        wait_for(lambda: a.epoch >= 1 and b.epoch >= 1, 45, what="the honest replicas' step")
         assert finite(a) and finite(b)
         # hivemind averaged the poison into the round; each honest replica discarded it.
         assert a.rounds_discarded >= 1 and b.rounds_discarded >= 1
@@ -104,7 +87,7 @@ def test_forged_trainer_records_are_ignored_and_training_goes_on(dhts):
         store_trainer(dhts[2], "p3", TrainerRecord(name, 2, AdamConfig(lr=lr)), 60, 5)
     store_trainer(dhts[2], "p3", TrainerRecord("a-huge-batch", 1 << 30, AdamConfig()), 60, 5)
     assert [t.trainer_id for t in fetch_trainers(dhts[0], "p3", 5)] == ["tr"]
-    a = make_stage(dhts[0], BlockSpan(CFG, 0, 2), "p3")
+    a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), "p3")
     try:
         a.join()
         x = torch.randn(2, 5, 32)
@@ -112,7 +95,7 @@ def test_forged_trainer_records_are_ignored_and_training_goes_on(dhts):
         level = a.forward(x).abs().mean()
         for step in range(3):
             a.backward(x, torch.randn(2, 5, 32))
-            wait_for(lambda s=step: a.epoch > s, 20, f"step {step + 1}")
+            wait_for(lambda s=step: a.epoch > s, 20, what=f"step {step + 1}")
         assert a.optimizer.config.lr == 1e-2 and a.target_batch == 2
         moved = (a.parameters_vector() - start).abs().max()
         assert 1e-4 < moved < 0.1  # three AdamW steps of lr 1e-2, not of 1e6
@@ -124,10 +107,10 @@ def test_forged_trainer_records_are_ignored_and_training_goes_on(dhts):
 @pytest.mark.timeout(60)
 def test_a_stage_caps_the_learning_rate_at_its_max_lr(dhts):
     store_trainer(dhts[3], "p4", TrainerRecord("tr", 2, AdamConfig(lr=0.5)), ttl=60, timeout=5)
-    a = make_stage(dhts[0], BlockSpan(CFG, 0, 2), "p4", max_lr=1e-3)
+    a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), "p4", max_lr=1e-3)
     try:
         a.join()
-        wait_for(lambda: a.plan is not None, 10, "the run's plan")
+        wait_for(lambda: a.plan is not None, 10, what="the run's plan")
         assert a.optimizer.config.lr == 1e-3
     finally:
         a.shutdown()
@@ -137,7 +120,7 @@ def test_a_stage_caps_the_learning_rate_at_its_max_lr(dhts):
 def test_the_loss_falls_in_a_short_honest_run_with_the_checks_on(dhts):
     torch.manual_seed(0)
     store_trainer(dhts[3], "p5", TrainerRecord("tr", 4, AdamConfig(lr=1e-2)), ttl=60, timeout=5)
-    a = make_stage(dhts[0], BlockSpan(CFG, 0, 2), "p5")
+    a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), "p5")
     try:
         a.join()
         x, y = torch.randn(4, 5, 32), torch.randn(4, 5, 32)
@@ -150,7 +133,7 @@ def test_the_loss_falls_in_a_short_honest_run_with_the_checks_on(dhts):
             # Two microbatches of different sizes, as a trainer's split sends them.
             a.backward(x[:1], grad_out[:1])
             a.backward(x[1:], grad_out[1:])
-            wait_for(lambda s=step: a.epoch > s, 20, f"step {step + 1}")
+            wait_for(lambda s=step: a.epoch > s, 20, what=f"step {step + 1}")
         assert a.guard.rejected == 0
         assert losses[-1] < 0.8 * losses[0], losses
     finally:

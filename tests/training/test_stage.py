@@ -10,35 +10,18 @@ import pytest
 import torch
 
 from swarm.errors import BadRequest
-from swarm.model import BlockSpan, ModelConfig
+from swarm.model import BlockSpan
 from swarm.training.optim8bit import AdamConfig, AdamW
 from swarm.training.progress import TrainerRecord, store_trainer
-from swarm.training.stage import StageTrainingConfig, TrainableStage
-
-CFG = ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2
-)
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def make_stage(dht, span, run_id="t1"):
-    cfg = StageTrainingConfig(run_id=run_id, matchmaking_time=1.0, poll_period=0.1)
-    return TrainableStage(copy.deepcopy(span), dht, cfg)
+from tests.conftest import wait_for
+from tests.training.conftest import STAGE_MODEL, make_stage
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sync", [True, False], ids=["lock-step", "asynchronous"])
 def test_two_replicas_average_and_match_single_process(dhts, sync):
     torch.manual_seed(0)
-    span = BlockSpan(CFG, 0, 2)
+    span = BlockSpan(STAGE_MODEL, 0, 2)
     adam = AdamConfig(lr=1e-2)
     store_trainer(dhts[3], "t1", TrainerRecord("tr", 6, adam, sync=sync), ttl=60, timeout=5)
     a, b = make_stage(dhts[0], span), make_stage(dhts[1], span)
@@ -60,7 +43,7 @@ def test_two_replicas_average_and_match_single_process(dhts, sync):
             for p in ref.parameters():
                 p.grad /= 6
             ref_opt.step()
-            wait_for(lambda s=step: a.epoch > s and b.epoch > s, 30, f"epoch {step + 1}")
+            wait_for(lambda s=step: a.epoch > s and b.epoch > s, 30, what=f"epoch {step + 1}")
         va, vb = a.parameters_vector(), b.parameters_vector()
         vr = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
         assert (va - vb).abs().max() < 1e-6
@@ -84,7 +67,7 @@ def test_two_replicas_average_and_match_single_process(dhts, sync):
 @pytest.mark.timeout(60)
 def test_a_backward_past_its_deadline_is_not_counted(dhts):
     torch.manual_seed(0)
-    a = make_stage(dhts[0], BlockSpan(CFG, 0, 2), run_id="t2")
+    a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), run_id="t2")
     try:
         a.join()
         x, g = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
@@ -100,7 +83,7 @@ def test_a_backward_past_its_deadline_is_not_counted(dhts):
 @pytest.mark.timeout(120)
 def test_diloco_local_steps_then_an_outer_step_brings_replicas_together(dhts):
     torch.manual_seed(0)
-    span = BlockSpan(CFG, 0, 2)
+    span = BlockSpan(STAGE_MODEL, 0, 2)
     record = TrainerRecord(
         "tr", 4, AdamConfig(lr=1e-2), average_every=2, outer_lr=1.0, outer_momentum=0.0
     )
@@ -114,9 +97,9 @@ def test_diloco_local_steps_then_an_outer_step_brings_replicas_together(dhts):
             # Different data on each replica: local steps make them drift apart...
             a.backward(torch.randn(2, 5, 32), torch.randn(2, 5, 32))
             b.backward(torch.randn(2, 5, 32), torch.randn(2, 5, 32))
-            wait_for(lambda s=step: a.epoch > s and b.epoch > s, 30, f"epoch {step + 1}")
+            wait_for(lambda s=step: a.epoch > s and b.epoch > s, 30, what=f"epoch {step + 1}")
         # ...until the outer step at epoch 2 averages their deltas (outer lr 1: the mean).
-        wait_for(lambda: a.steps_averaged == 1 and b.steps_averaged == 1, 30, "an outer step")
+        wait_for(lambda: a.steps_averaged == 1 and b.steps_averaged == 1, 30, what="an outer step")
         va, vb = a.parameters_vector(), b.parameters_vector()
         assert (va - vb).abs().max() < 1e-5
         assert (va - before).abs().max() > 1e-3
@@ -130,7 +113,7 @@ def test_diloco_local_steps_then_an_outer_step_brings_replicas_together(dhts):
 def test_a_stage_answers_forward_as_the_peer_handler_calls_it(dhts):
     """The handler calls every backend with (hidden, first, last, adapter, seed)."""
     torch.manual_seed(0)
-    span = BlockSpan(CFG, 0, 2)
+    span = BlockSpan(STAGE_MODEL, 0, 2)
     a = make_stage(dhts[0], span, run_id="t3")
     try:
         x = torch.randn(2, 5, 32)
