@@ -20,6 +20,7 @@ from petals_like.router import RouterConfig, SwarmRouter
 from petals_like.routing import Hop, RouteCosts
 from petals_like.session import Failover, RemoteInferenceSession
 from petals_like.tuning import RemoteTuning, TuningConfig
+from swarm.dht import make_dht
 from swarm.errors import BadRequest, CheckpointError, PeerUnavailable
 from swarm.generation import SamplingConfig, eos_ids, generation_loop, new_token_budget
 from swarm.link import Link
@@ -178,7 +179,6 @@ class DistributedModelForCausalLM(FineTuningMixin):
         adapter: a folder saved by `save_adapter` (a PEFT LoRA folder, or soft prompts) to
             generate with; the peers get it once per session, and other clients do not see it.
         """
-        import hivemind
         from hivemind.p2p import P2PDaemonError
 
         from swarm.model import loading
@@ -206,7 +206,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
             # The DHT forks its own process: start it before our loop thread exists.
             check_initial_peers(initial_peers)
             try:
-                dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+                dht = make_dht(initial_peers=list(initial_peers), client_mode=True, start=True)
             except P2PDaemonError as e:
                 raise PeerUnavailable(daemon_error_message(e)) from e
         loop = BackgroundLoop()

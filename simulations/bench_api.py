@@ -18,6 +18,7 @@ from pathlib import Path
 from simulations.cli_help import DefaultsHelpFormatter
 from simulations.demo_swarm import LocalSwarm, Proc
 from simulations.progress import Progress
+from swarm.dht import make_dht
 
 PROMPT = "The quick brown fox"
 
@@ -123,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         half = n // 2
         for span in (f"0:{half}", f"{half}:{n}"):
             swarm.start_peer("--stage", span, "--quant", "none").maddrs(120)
-        import hivemind
 
-        dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+        dht = make_dht(initial_peers=boot, client_mode=True, start=True)
         swarm.wait_online(dht, source.name, n, 2, 300)
         dht.shutdown()
         api = Proc(

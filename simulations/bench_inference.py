@@ -19,6 +19,7 @@ import torch
 from simulations.cli_help import DefaultsHelpFormatter
 from simulations.demo_swarm import LocalSwarm
 from simulations.progress import Progress
+from swarm.dht import make_dht
 
 # Why the fp32 swarm has more peers than spans (said on stderr and in --help).
 PEERS_WHY = (
@@ -182,11 +183,10 @@ def source_blocks(source) -> int:
 def start_swarm(
     model: str, quant: str, spans: list[str], num_blocks: int, prefix: str, link_delay: float = 0.0
 ):
-    import hivemind
 
     swarm = LocalSwarm(model)
     boot = swarm.start_bootstrap()
-    dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+    dht = make_dht(initial_peers=boot, client_mode=True, start=True)
     for s in spans:
         swarm.start_peer(
             "--stage",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from simulations.cli_help import DefaultsHelpFormatter
 from simulations.scratch import scratch_dir
+from swarm.dht import make_dht
 from swarm.netlab import Netlab, leftover_namespaces, missing_tools
 from swarm.procs import family, kill_tree
 
@@ -51,7 +52,6 @@ def _maddrs(proc: subprocess.Popen, timeout: float = 120.0) -> list[str]:
 
 async def _measure(boot: list[str], model: str, peers: dict, steps: int, pings: int) -> dict:
     """Client side (runs in the client's home): ping and decode through each peer."""
-    import hivemind
     import torch
 
     from swarm.model.loading import load_config, resolve_model
@@ -60,7 +60,7 @@ async def _measure(boot: list[str], model: str, peers: dict, steps: int, pings: 
 
     source = resolve_model(model)
     config = load_config(source)
-    dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+    dht = make_dht(initial_peers=boot, client_mode=True, start=True)
     try:
         client = PeerClient(await dht.replicate_p2p())
         client.learn_addrs(await fetch_swarm_async(dht, source.name, config.num_layers))

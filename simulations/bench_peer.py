@@ -19,6 +19,7 @@ from pathlib import Path
 from simulations.cli_help import DefaultsHelpFormatter
 from simulations.progress import Progress
 from simulations.scratch import scratch_dir
+from swarm.dht import make_dht
 from swarm.procs import family, kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +163,6 @@ def main() -> None:
 
 def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
     """Start the peers, measure, stop them (by process group and pid); the figures."""
-    import hivemind
 
     from swarm.model.loading import load_config, load_model
 
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
             ids[span] = _maddr(proc).rsplit("/p2p/", 1)[1]
         for proc in procs:
             seen.update(family(proc.pid))
-        dht = hivemind.DHT(initial_peers=[boot], client_mode=True, start=True)
+        dht = make_dht(initial_peers=[boot], client_mode=True, start=True)
         model = load_model(args.model, progress=False)
         time.sleep(2)
         progress.update("waiting for every peer to serve, then measuring")

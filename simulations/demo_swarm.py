@@ -18,6 +18,7 @@ from pathlib import Path
 
 from simulations.progress import Progress
 from simulations.scratch import raise_interrupt, scratch_dir
+from swarm.dht import make_dht
 from swarm.procs import family, stop_tree
 from swarm.quant import DEFAULT_PEER_QUANT, QUANT_MODES
 
@@ -158,9 +159,8 @@ class LocalSwarm:
 
 def run_bootstrap() -> None:
     """A DHT node that only helps others meet: prints its multiaddrs, runs until SIGTERM."""
-    import hivemind
 
-    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = make_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     for m in dht.get_visible_maddrs():
         print(m, flush=True)
     stop = []
@@ -172,7 +172,6 @@ def run_bootstrap() -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import hivemind
 
     from swarm.model.loading import load_config, resolve_model
 
@@ -187,7 +186,7 @@ def run_demo(args: argparse.Namespace) -> int:
         boot = swarm.start_bootstrap()
         print(f"demo: bootstrap at {boot[0]}", file=sys.stderr)
         # Our DHT client process is forked now, before anything starts threads.
-        dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+        dht = make_dht(initial_peers=boot, client_mode=True, start=True)
         progress.start()
         # Spans of ceil(N / peers) blocks: the balancer places each flush with the gap it fills,
         # so the peers tile the model.

@@ -11,6 +11,7 @@ import sys
 
 from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
+from swarm.dht import make_dht
 from swarm.peer.config import PeerConfig
 from swarm.peer.records import format_blocks
 from swarm.procs import reap_children_on_exit
@@ -87,8 +88,6 @@ def _print_table(table: dict) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    import hivemind
-
     from swarm.dashboard.snapshot import fetch_tables
     from swarm.net import check_initial_peers
 
@@ -103,7 +102,7 @@ def status(args: argparse.Namespace) -> int:
         return serve_dashboard(
             args.initial_peers, args.model, args.host, args.port, args.timeout, listening
         )
-    dht = hivemind.DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+    dht = make_dht(initial_peers=args.initial_peers, client_mode=True, start=True)
     try:
         tables = fetch_tables(dht, args.model, args.timeout)
     finally:

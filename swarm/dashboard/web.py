@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from swarm.dashboard.snapshot import fetch_tables, snapshot
+from swarm.dht import make_dht
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +168,8 @@ def serve_dashboard(
     on_listening: Callable[[str], None],
 ) -> int:
     """`swarm-peer status --web`: the page alone, reading the swarm through a client DHT."""
-    import hivemind
 
-    dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+    dht = make_dht(initial_peers=list(initial_peers), client_mode=True, start=True)
     trips = RoundTrips(dht)
 
     def read() -> list[dict]:

@@ -13,11 +13,11 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import hivemind
 import torch
 
 from kernels import DTYPES
 from swarm import loops
+from swarm.dht import make_dht
 from swarm.link import Link
 from swarm.model.llama import BlockSpan
 from swarm.model.loading import load_config, load_span, resolve_model
@@ -93,7 +93,7 @@ class Peer:
             try:
                 # The DHT only reads the daemon's control socket; client mode: nobody can dial
                 # our DHT node, so others must not put us in their routing tables.
-                dht = hivemind.DHT(
+                dht = make_dht(
                     initial_peers=config.initial_peers, p2p=self.relay, client_mode=True, start=True
                 )
                 self.maddrs = self.relay.wait_reserved(config.relay_timeout)
@@ -105,7 +105,7 @@ class Peer:
             self.dht = dht
             logger.info("serving through relays: %s", ", ".join(self.relay.reserved()))
         else:
-            self.dht = hivemind.DHT(
+            self.dht = make_dht(
                 initial_peers=config.initial_peers or None,
                 host_maddrs=host_maddrs,
                 announce_maddrs=config.announce_maddrs or None,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from hivemind import DHT
 
+from swarm.dht import make_dht
 from swarm.errors import BadRequest, NoRoute, SwarmError
 from swarm.model.loading import load_client_parts, load_config, load_tokenizer, resolve_model
 from swarm.model.tokenizer import Tokenizer
@@ -258,7 +259,7 @@ class Trainer:
             config.seq_len,
             self.model_config.vocab_size,
         )
-        self.dht = DHT(
+        self.dht = make_dht(
             initial_peers=config.initial_peers,
             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
             start=True,

@@ -11,6 +11,7 @@ from functools import partial
 import hivemind
 import pytest
 
+from swarm.dht import make_dht
 from swarm.model.loading import load_span
 from swarm.peer.announcer import Announcer
 from swarm.peer.backend import SpanBackend
@@ -33,9 +34,9 @@ CONFIG = PeerConfig(announce_period=PERIOD, dht_timeout=5.0, quant="int8")
 
 @pytest.fixture(scope="module")
 def dhts():
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    first = make_dht(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     boot = [str(m) for m in first.get_visible_maddrs()]
-    second = hivemind.DHT(start=True, initial_peers=boot, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = make_dht(start=True, initial_peers=boot, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     yield first, second
     second.shutdown()
     first.shutdown()

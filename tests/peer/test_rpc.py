@@ -14,6 +14,7 @@ import pytest_asyncio
 import torch
 
 from proto import peer_pb2
+from swarm.dht import make_dht
 from swarm.errors import BadRequest, CacheFull, SessionExpired
 from swarm.link import Link
 from swarm.model.loading import load_model
@@ -61,7 +62,7 @@ def swarm2(tiny_model_dir, tmp_path_factory, throughput_cache):
             )
         )
         peers[1].wait_maddrs(90)
-        dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+        dht = make_dht(initial_peers=boot, client_mode=True, start=True)
 
         def online():
             records = fetch_swarm(dht, tiny_model_dir.name, 6)

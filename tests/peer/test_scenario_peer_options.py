@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import hivemind
 import pytest
 import torch
 
+from swarm.dht import make_dht
 from swarm.errors import SessionExpired
 from swarm.model.loading import load_span
 from swarm.peer.client import PeerClient
@@ -54,7 +54,7 @@ def int8_peer(tiny_model_dir, tmp_path_factory, throughput_cache):
 
 def _with_client(maddrs: list[str], fn: Callable[[PeerClient], Awaitable]):
     """Run `fn(client)` in a fresh event loop with a client-mode DHT joined through `maddrs`."""
-    dht = hivemind.DHT(initial_peers=maddrs, client_mode=True, start=True)
+    dht = make_dht(initial_peers=maddrs, client_mode=True, start=True)
 
     async def main():
         return await fn(PeerClient(await dht.replicate_p2p()))

@@ -10,10 +10,10 @@ import subprocess
 import sys
 import time
 
-import hivemind
 import pytest
 import torch
 
+from swarm.dht import make_dht
 from swarm.errors import PeerUnavailable
 from swarm.peer.client import PeerClient
 from swarm.peer.dht_view import fetch_swarm
@@ -71,7 +71,7 @@ def test_scenario_auto_cover_kill_and_drain(tiny_model_dir, peer_factory):
     ]
     for p in others:
         p.wait_maddrs(90)
-    dht = hivemind.DHT(initial_peers=maddrs, client_mode=True, start=True)
+    dht = make_dht(initial_peers=maddrs, client_mode=True, start=True)
     try:
         name = tiny_model_dir.name
 

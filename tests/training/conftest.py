@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from swarm.dht import make_dht
 from swarm.model import ModelConfig
 from swarm.procs import kill_tree
 from swarm.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
@@ -97,12 +98,10 @@ class TrainerProcess:
 @pytest.fixture
 def dhts():
     """Four real hivemind DHTs in this process, joined through the first."""
-    from hivemind import DHT
-
-    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    first = make_dht(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     maddrs = [str(a) for a in first.get_visible_maddrs()]
     others = [
-        DHT(start=True, initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        make_dht(start=True, initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         for _ in range(3)
     ]
     yield [first, *others]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hivemind import DHT
 
+from swarm.dht import make_dht
 from swarm.model.loading import load_span
 from swarm.peer.client import PeerClient
 from swarm.training.reference import max_abs_gap, train_local
@@ -74,7 +74,7 @@ def start_swarm(training_peers, model: Path, run_id: str, spans: list[str], extr
 
 def forward_outputs(maddr: str, peer_ids: list[str], span: tuple[int, int], x: torch.Tensor):
     """Outputs of blocks `span` on `x` at each peer, through the real RPC."""
-    dht = DHT(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = make_dht(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
 
         async def run():
