@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 
@@ -16,6 +17,7 @@ from hivemind.utils import get_dht_time
 
 from swarm.errors import PeerUnavailable
 from swarm.peer.records import MODELS_KEY, ModelEntry, SpanRecord, block_key
+from swarm.signing import is_peer_id, owner_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,13 @@ def _merge(found: dict, prefix: str, num_blocks: int) -> list[SpanRecord]:
     """One record per peer: its freshest serving record, else its freshest tombstone.
 
     A peer that moved leaves offline tombstones on its old blocks; its live span must win.
+    Only records under a peer id count: the DHT checked that peer signed them (swarm.signing).
     """
     best: dict[str, tuple[tuple[bool, float], SpanRecord]] = {}
     for block in range(num_blocks):
         for subkey, (value, expiration) in found.get(block_key(prefix, block), {}).items():
-            if not isinstance(subkey, str):
+            if not is_peer_id(subkey):
+                logger.debug("ignoring a record at block %d under %r: not a peer id", block, subkey)
                 continue
             try:
                 record = SpanRecord.from_wire(subkey, value)
@@ -151,23 +155,27 @@ async def store_model_entry_async(
 
 
 def fetch_models(dht: DHT, timeout: float = DEFAULT_TIMEOUT) -> list[ModelEntry]:
-    """The models peers currently announce, one entry per prefix (blocking)."""
+    """The models peers currently announce, one entry per prefix (blocking).
+
+    Each peer signs its own entry (subkey "{prefix}|{peer id}"); where peers disagree on a
+    model's sizes, the entry most of them announce wins.
+    """
     future = dht.run_coroutine(partial(_get_blocks, keys=[MODELS_KEY]), return_future=True)
     try:
         found = future.result(timeout)
     except TimeoutError:
         future.cancel()
         raise PeerUnavailable(f"the DHT did not answer within {timeout:.0f} s") from None
-    models: dict[str, ModelEntry] = {}
+    votes: dict[str, Counter[ModelEntry]] = {}
     for subkey, (value, _exp) in found.get(MODELS_KEY, {}).items():
-        if not isinstance(subkey, str):
+        if owner_of(subkey) is None or "|" not in subkey:  # unsigned: anyone could write it
             continue
         prefix = subkey.rsplit("|", 1)[0]
         try:
-            models[prefix] = ModelEntry.from_wire(prefix, value)
+            votes.setdefault(prefix, Counter())[ModelEntry.from_wire(prefix, value)] += 1
         except (ValueError, TypeError) as e:
             logger.debug("ignoring bad model entry %s: %s", subkey, e)
-    return sorted(models.values(), key=lambda m: m.prefix)
+    return [votes[p].most_common(1)[0][0] for p in sorted(votes)]
 
 
 def dht_time() -> float:

@@ -17,7 +17,7 @@ STATES = ("joining", "online", "offline")
 SERVING_STATES = frozenset({"joining", "online"})
 # How clients reach a peer: dialled at its own addrs, or through circuit relays (behind NAT).
 REACHABILITY = ("direct", "relayed")
-# Where peers list the models they serve: key MODELS_KEY, subkey = model prefix.
+# Where peers list the models they serve: key MODELS_KEY, subkey "{prefix}|{peer id}" (signed).
 MODELS_KEY = "swarm_mesh.models"
 MAX_NEXT_PINGS = 32  # most next-hop round trips kept from one record (advisory, for routing)
 

@@ -21,6 +21,7 @@ from hivemind import hivemind_cli
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.errors import Unreachable
+from swarm.signing import fresh_identity
 
 logger = logging.getLogger(__name__)
 
@@ -142,12 +143,14 @@ class RelayedDaemon:
             "-connManager=1",
             "-idleTimeout=30s",  # p2pd ends itself if its clients vanish (hivemind's default)
         ]
-        if self.identity_path is not None:
-            if not os.path.isfile(self.identity_path):
-                from hivemind.p2p import P2P
+        # Always a key file: the DHT on this daemon signs our records with it (swarm.signing).
+        if self.identity_path is None:
+            self.identity_path = fresh_identity()
+        elif not os.path.isfile(self.identity_path):
+            from hivemind.p2p import P2P
 
-                P2P.generate_identity(self.identity_path)
-            args.append(f"-id={self.identity_path}")
+            P2P.generate_identity(self.identity_path)
+        args.append(f"-id={self.identity_path}")
         env = {
             **os.environ,
             "GOLOG_LOG_FMT": "json",

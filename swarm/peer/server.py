@@ -94,7 +94,11 @@ class Peer:
                 # The DHT only reads the daemon's control socket; client mode: nobody can dial
                 # our DHT node, so others must not put us in their routing tables.
                 dht = make_dht(
-                    initial_peers=config.initial_peers, p2p=self.relay, client_mode=True, start=True
+                    initial_peers=config.initial_peers,
+                    p2p=self.relay,
+                    identity_path=self.relay.identity_path,  # our key signs our records
+                    client_mode=True,
+                    start=True,
                 )
                 self.maddrs = self.relay.wait_reserved(config.relay_timeout)
             except BaseException:

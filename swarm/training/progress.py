@@ -15,6 +15,7 @@ from hivemind import DHT
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.errors import BadRequest
+from swarm.signing import is_peer_id
 from swarm.training.optim8bit import AdamConfig
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,10 @@ def run_plan(trainers: list[TrainerRecord]) -> RunPlan | None:
 
 
 def _get_dict(dht: DHT, key: str, timeout: float) -> dict[str, Any] | None:
-    """subkey -> value of a dictionary key; {} when absent, None when the DHT did not answer."""
+    """peer id -> value of a dictionary key; {} when absent, None when the DHT did not answer.
+
+    Only subkeys that are peer ids count: anyone may write under others, unsigned.
+    """
     try:
         found = dht.get(key, latest=True, return_future=True).result(timeout=timeout)
     except Exception as e:  # a slow DHT must not stop training: callers poll again
@@ -209,8 +213,10 @@ def _get_dict(dht: DHT, key: str, timeout: float) -> dict[str, Any] | None:
         return {}
     out = {}
     for subkey, item in found.value.items():
-        name = subkey.decode(errors="replace") if isinstance(subkey, bytes) else str(subkey)
-        out[name] = getattr(item, "value", None)
+        if is_peer_id(subkey):  # the DHT checked that this peer signed it (swarm.signing)
+            out[subkey] = getattr(item, "value", None)
+        else:
+            logger.debug("ignoring a record of %s under %r: not a peer id", key, subkey)
     return out
 
 

@@ -9,7 +9,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,7 +263,7 @@ class Trainer:
             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
             start=True,
         )
-        self.trainer_id = f"trainer-{uuid.uuid4().hex[:12]}"
+        self.trainer_id = self.dht.peer_id.to_base58()  # its records are signed by this key
         # Fixed pipelines learn their count from the swarm on the first look (refresh_stages).
         self.wiring: Any = StochasticWiring(random.Random(config.seed))
         self.stages: list[tuple[int, int]] = []

@@ -44,8 +44,7 @@ class Swarm:
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
-    import hivemind
-
+    from swarm.dht import make_dht  # readers check signatures (and strip them)
     from swarm.model.loading import resolve_model
     from swarm.peer.dht_view import fetch_swarm
 
@@ -71,7 +70,7 @@ def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
             peers[name] = PeerProcess(args, env, logs / f"{name}.log")
         for p in peers.values():
             p.wait_maddrs(180)
-        dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+        dht = make_dht(initial_peers=boot, client_mode=True)
         prefix = resolve_model(str(tiny_model_dir)).name
 
         def online() -> int:

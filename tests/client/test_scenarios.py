@@ -47,8 +47,7 @@ class Swarm:
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
-    import hivemind
-
+    from swarm.dht import make_dht  # readers check signatures (and strip them)
     from swarm.model.loading import resolve_model
 
     logs = tmp_path_factory.mktemp("client-scenarios")
@@ -65,7 +64,7 @@ def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
             peers[name] = PeerProcess(args, env, logs / f"{name}.log")
         for p in peers.values():
             p.wait_maddrs(180)
-        dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+        dht = make_dht(initial_peers=boot, client_mode=True)
         s = Swarm(boot, peers, dht, resolve_model(str(tiny_model_dir)).name)
         wait_for(lambda: len(s.online()) == 3, 240, 0.5, "three peers online")
         yield s

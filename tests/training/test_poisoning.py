@@ -26,7 +26,13 @@ def finite(stage: TrainableStage) -> bool:
 @pytest.mark.timeout(60)
 def test_huge_or_nan_gradients_are_refused_and_leave_the_stage_as_it_was(dhts):
     torch.manual_seed(0)
-    store_trainer(dhts[3], "p1", TrainerRecord("tr", 2, AdamConfig(lr=1e-2)), ttl=60, timeout=5)
+    store_trainer(
+        dhts[3],
+        "p1",
+        TrainerRecord(dhts[3].peer_id.to_base58(), 2, AdamConfig(lr=1e-2)),
+        ttl=60,
+        timeout=5,
+    )
     a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), "p1")
     try:
         a.join()
@@ -53,7 +59,7 @@ def test_huge_or_nan_gradients_are_refused_and_leave_the_stage_as_it_was(dhts):
 def test_a_poisoned_averaging_contribution_leaves_honest_replicas_finite(dhts, poison):
     torch.manual_seed(0)
     span = BlockSpan(STAGE_MODEL, 0, 2)
-    record = TrainerRecord("tr", 6, AdamConfig(lr=1e-2), sync=True)
+    record = TrainerRecord(dhts[3].peer_id.to_base58(), 6, AdamConfig(lr=1e-2), sync=True)
     store_trainer(dhts[3], "p2", record, ttl=60, timeout=5)
     stages = [make_stage(d, span, "p2") for d in dhts[:3]]
     a, b, evil = stages
@@ -80,13 +86,18 @@ def test_a_poisoned_averaging_contribution_leaves_honest_replicas_finite(dhts, p
 @pytest.mark.timeout(60)
 def test_forged_trainer_records_are_ignored_and_training_goes_on(dhts):
     torch.manual_seed(0)
-    honest = TrainerRecord("tr", 2, AdamConfig(lr=1e-2))
+    honest = TrainerRecord(dhts[3].peer_id.to_base58(), 2, AdamConfig(lr=1e-2))
     store_trainer(dhts[3], "p3", honest, ttl=60, timeout=5)
-    # Ids sorted before the honest one: a record that passed would lead the run's plan.
-    for name, lr in (("a-huge-lr", 1e6), ("a-inf-lr", math.inf)):
-        store_trainer(dhts[2], "p3", TrainerRecord(name, 2, AdamConfig(lr=lr)), 60, 5)
-    store_trainer(dhts[2], "p3", TrainerRecord("a-huge-batch", 1 << 30, AdamConfig()), 60, 5)
-    assert [t.trainer_id for t in fetch_trainers(dhts[0], "p3", 5)] == ["tr"]
+    # Signed by their writer (dhts[2]) but out of bounds: refused for what they ask.
+    forger = dhts[2].peer_id.to_base58()
+    bad = [AdamConfig(lr=1e6), AdamConfig(lr=math.inf)]
+    records = [TrainerRecord(forger, 2, adam) for adam in bad]
+    for record in [*records, TrainerRecord(forger, 1 << 30, AdamConfig())]:
+        store_trainer(dhts[2], "p3", record, 60, 5)
+        assert [t.trainer_id for t in fetch_trainers(dhts[0], "p3", 5)] == [honest.trainer_id]
+    # Under ids that sort first (a passing one would lead the plan), unsigned: not peer ids.
+    store_trainer(dhts[2], "p3", TrainerRecord("a-fake", 2, AdamConfig(lr=0.5)), 60, 5)
+    assert [t.trainer_id for t in fetch_trainers(dhts[0], "p3", 5)] == [honest.trainer_id]
     a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), "p3")
     try:
         a.join()
@@ -106,7 +117,13 @@ def test_forged_trainer_records_are_ignored_and_training_goes_on(dhts):
 
 @pytest.mark.timeout(60)
 def test_a_stage_caps_the_learning_rate_at_its_max_lr(dhts):
-    store_trainer(dhts[3], "p4", TrainerRecord("tr", 2, AdamConfig(lr=0.5)), ttl=60, timeout=5)
+    store_trainer(
+        dhts[3],
+        "p4",
+        TrainerRecord(dhts[3].peer_id.to_base58(), 2, AdamConfig(lr=0.5)),
+        ttl=60,
+        timeout=5,
+    )
     a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), "p4", max_lr=1e-3)
     try:
         a.join()
@@ -119,7 +136,13 @@ def test_a_stage_caps_the_learning_rate_at_its_max_lr(dhts):
 @pytest.mark.timeout(90)
 def test_the_loss_falls_in_a_short_honest_run_with_the_checks_on(dhts):
     torch.manual_seed(0)
-    store_trainer(dhts[3], "p5", TrainerRecord("tr", 4, AdamConfig(lr=1e-2)), ttl=60, timeout=5)
+    store_trainer(
+        dhts[3],
+        "p5",
+        TrainerRecord(dhts[3].peer_id.to_base58(), 4, AdamConfig(lr=1e-2)),
+        ttl=60,
+        timeout=5,
+    )
     a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), "p5")
     try:
         a.join()

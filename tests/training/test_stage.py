@@ -23,7 +23,13 @@ def test_two_replicas_average_and_match_single_process(dhts, sync):
     torch.manual_seed(0)
     span = BlockSpan(STAGE_MODEL, 0, 2)
     adam = AdamConfig(lr=1e-2)
-    store_trainer(dhts[3], "t1", TrainerRecord("tr", 6, adam, sync=sync), ttl=60, timeout=5)
+    store_trainer(
+        dhts[3],
+        "t1",
+        TrainerRecord(dhts[3].peer_id.to_base58(), 6, adam, sync=sync),
+        ttl=60,
+        timeout=5,
+    )
     a, b = make_stage(dhts[0], span), make_stage(dhts[1], span)
     try:
         assert a.join() is False
@@ -85,7 +91,12 @@ def test_diloco_local_steps_then_an_outer_step_brings_replicas_together(dhts):
     torch.manual_seed(0)
     span = BlockSpan(STAGE_MODEL, 0, 2)
     record = TrainerRecord(
-        "tr", 4, AdamConfig(lr=1e-2), average_every=2, outer_lr=1.0, outer_momentum=0.0
+        dhts[3].peer_id.to_base58(),
+        4,
+        AdamConfig(lr=1e-2),
+        average_every=2,
+        outer_lr=1.0,
+        outer_momentum=0.0,
     )
     store_trainer(dhts[3], "t3", record, ttl=60, timeout=5)
     a, b = make_stage(dhts[0], span, "t3"), make_stage(dhts[1], span, "t3")
