@@ -5,12 +5,16 @@ peer that forged records neither hide nor outbid. Tests swarm/signing.py and swa
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+import time
 from functools import partial
 
 import hivemind
 import pytest
 from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import DHTRecord
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
@@ -18,6 +22,7 @@ from swarm.dht import make_dht
 from swarm.peer.dht_view import fetch_models, fetch_swarm
 from swarm.peer.records import MODELS_KEY, ModelEntry, SpanRecord, block_key
 from swarm.signing import PeerSignatureValidator, is_peer_id, load_identity, owner_of, seal
+from tests.conftest import REPO, wait_for
 
 
 def identity(tmp_path, name: str) -> tuple[bytes, str]:
@@ -113,4 +118,100 @@ def test_dht_nodes_refuse_forged_records_and_keep_the_owners(tmp_path):
         assert fetch_models(reader, 10) == [entry]
     finally:
         for d in (reader, hostile, honest):
+            d.shutdown()
+
+
+class Forger(RecordValidatorBase):
+    """An attacker's node: signs every record it stores with its own key, accepts anything."""
+
+    def __init__(self, private_der: bytes):
+        self.private_der = private_der
+
+    def validate(self, record: DHTRecord) -> bool:
+        return True
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        return seal(self.private_der, record)
+
+
+async def _held(_dht, node, key: str) -> dict:
+    """subkey -> (value bytes, expiration) of what this node itself stores under `key`."""
+    found = node.protocol.storage.get(DHTID.generate(key))
+    if found is None:
+        return {}
+    return {sub: (bytes(v), float(exp)) for sub, (v, exp) in found.value.items()}
+
+
+def _status(boot: list[str], model: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "swarm.cli.peer", "status", "--initial-peers", *boot]
+        + ["--model", model, "--json"],
+        capture_output=True,
+        timeout=120,
+        cwd=REPO,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_scenario_forged_records_neither_hide_a_peer_nor_win_routing(
+    tiny_model_dir, peer_factory, tmp_path
+):
+    from petals_like.model import DistributedModelForCausalLM
+
+    args = ["join", "--model", str(tiny_model_dir), "--stage", "0:6", "--max-start-delay", "0"]
+    peer = peer_factory(*args, "--announce-period", "2")
+    boot = peer.wait_maddrs(120)
+    real, name = peer.peer_id, tiny_model_dir.name
+    thief, _ = identity(tmp_path, "thief")
+    _, fake_id = identity(tmp_path, "fake")
+    local = ["/ip4/127.0.0.1/tcp/0"]
+    liar = hivemind.DHT(initial_peers=boot, host_maddrs=local, start=True)  # sends anything
+    forger = hivemind.DHT(
+        initial_peers=boot, host_maddrs=local, record_validators=[Forger(thief)], start=True
+    )
+    reader = make_dht(initial_peers=boot, client_mode=True)
+    try:
+        wait_for(
+            lambda: [r.state for r in fetch_swarm(reader, name, 6)] == ["online"],
+            120,
+            0.5,
+            "online",
+        )
+        prompt = [5, 17, 42, 8]
+        with DistributedModelForCausalLM.from_pretrained(str(tiny_model_dir), boot) as model:
+            before = model.generate(prompt, max_new_tokens=8, stop_on_eos=False).tolist()
+
+        later = get_dht_time() + 3600  # outlives every record the real peer will write
+        offline = SpanRecord(real, 0, 6, state="offline").to_wire()
+        addrs = tuple(str(m) for m in liar.get_visible_maddrs())
+
+        def huge(pid: str) -> tuple:
+            return SpanRecord(pid, 0, 6, throughput=1e9, forward_tps=1e9, addrs=addrs).to_wire()
+
+        for b in range(6):
+            key = block_key(name, b)
+            liar.store(key, offline, later, subkey=real)  # unsigned, under the real peer
+            liar.store(key, huge(fake_id), later, subkey=fake_id)  # unsigned fake peer
+            liar.store(key, huge("fake-peer"), later, subkey="fake-peer")  # not even a peer id
+            forger.store(key, offline, later, subkey=real)  # signed, by another peer's key
+        # The forgeries are out there: the attackers' own nodes hold them, past the real ones.
+        held = liar.run_coroutine(partial(_held, key=block_key(name, 0)))
+        assert {real, fake_id, "fake-peer"} <= set(held) and held[real][1] == later, held
+        assert forger.run_coroutine(partial(_held, key=block_key(name, 0)))[real][1] == later
+
+        time.sleep(4)  # two announce periods: the real peer re-announced over them
+        table = _status(boot, name)
+        assert [(p["peer_id"], p["state"]) for p in table["peers"]] == [(real, "online")], table
+        assert table["uncovered"] == []
+        with DistributedModelForCausalLM.from_pretrained(str(tiny_model_dir), boot) as model:
+            after = model.generate(prompt, max_new_tokens=8, stop_on_eos=False).tolist()
+            route = model.last_stats.route
+        assert after == before
+        assert [(str(h.peer_id), h.start, h.end) for h in route] == [(real, 0, 6)]
+    finally:
+        for d in (reader, forger, liar):
             d.shutdown()
