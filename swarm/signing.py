@@ -13,6 +13,7 @@ Other subkeys (hivemind's own are bytes) pass unchecked, so readers must not tru
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import os
 import shutil
@@ -40,6 +41,11 @@ def is_peer_id(text: object) -> bool:
     """True if `text` is a base58 libp2p peer id of an RSA key (sha2-256 multihash, 'Qm...')."""
     if not isinstance(text, str) or len(text) != 46 or not text.startswith("Qm"):
         return False
+    return _decodes_as_peer_id(text)
+
+
+@functools.lru_cache(maxsize=4096)  # base58 is pure Python; a swarm has few peer ids
+def _decodes_as_peer_id(text: str) -> bool:
     try:
         raw = base58.b58decode(text)
     except ValueError:
@@ -197,7 +203,7 @@ class PeerSignatureValidator(RecordValidatorBase):
             return True
         try:
             public_der, signature, inner = open_envelope(record.value)
-            if peer_id_of(public_der) != base58.b58decode(owner):
+            if base58.b58encode(peer_id_of(public_der)).decode() != owner:
                 return False  # signed, but by somebody else's key
             public = serialization.load_der_public_key(public_der)
             if not isinstance(public, rsa.RSAPublicKey):
