@@ -77,12 +77,19 @@ def test_bad_fields_are_rejected(mutate):
         SpanRecord.from_wire("Qm1", mutate(_record().to_wire()))
 
 
+A, B = (
+    "QmWnNqtPrcQTVVCoXc1MdKvABPqyreCXVEyMPYEUeLUqZr",
+    "QmScKK8SDffW2W6vp54URGb2s5zfZ3PdnBTHx2GifFhL9g",
+)
+
+
 def test_merge_prefers_the_live_span_over_tombstones():
-    live = _record(start=3, end=5)
-    tomb = _record(start=0, end=3, state="offline")
+    live = _record(peer_id=A, start=3, end=5)
+    tomb = _record(peer_id=A, start=0, end=3, state="offline")
+    fake = _record(peer_id="Qm1", throughput=1e9)  # not a peer id: nobody signed it
     found = {
-        block_key("m", 0): {"Qm1": (tomb.to_wire(), 200.0), "Qm2": ("garbage", 100.0)},
-        block_key("m", 3): {"Qm1": (live.to_wire(), 150.0)},
+        block_key("m", 0): {A: (tomb.to_wire(), 200.0), B: ("garbage", 100.0)},
+        block_key("m", 3): {A: (live.to_wire(), 150.0), "Qm1": (fake.to_wire(), 300.0)},
     }
     records = _merge(found, "m", 6)
     assert records == [live]
