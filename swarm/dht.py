@@ -18,13 +18,18 @@ def make_dht(**kwargs: Any) -> hivemind.DHT:
 
     `start` defaults to True (every caller wants a running node). Every node signs the records it
     stores under its own peer id and refuses unsigned or forged ones (`swarm.signing`), so it
-    always has an identity: `identity_path`, else a fresh one removed at exit. With `p2p` given,
-    `identity_path` is that daemon's key file (without it the node cannot sign).
+    always has an identity: `identity_path`, else a fresh one, deleted once p2pd has read it.
+    With `p2p` given, `identity_path` is that daemon's key file (without, the node cannot sign).
     """
     import hivemind  # here, not at import: CLIs answer --help without loading hivemind
     from hivemind.p2p import P2P
 
-    from swarm.signing import PeerSignatureValidator, fresh_identity, load_identity
+    from swarm.signing import (
+        PeerSignatureValidator,
+        discard_identity,
+        fresh_identity,
+        load_identity,
+    )
 
     kwargs.setdefault("start", True)
     if kwargs.get("p2p") is not None:
@@ -41,7 +46,9 @@ def make_dht(**kwargs: Any) -> hivemind.DHT:
     signer = PeerSignatureValidator(load_identity(identity) if identity is not None else None)
     kwargs["record_validators"] = [signer, *kwargs.get("record_validators", ())]
     dht = hivemind.DHT(**kwargs)
-    if kwargs["start"] and signer.peer_id and dht.peer_id.to_base58() != signer.peer_id:
-        dht.shutdown()
-        raise ValueError(f"{identity} is not the key of this DHT node's peer id")
+    if kwargs["start"]:
+        discard_identity(identity)  # a fresh one: p2pd has read it and the signer holds it
+        if signer.peer_id and dht.peer_id.to_base58() != signer.peer_id:
+            dht.shutdown()
+            raise ValueError(f"{identity} is not the key of this DHT node's peer id")
     return dht

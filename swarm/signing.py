@@ -76,15 +76,29 @@ def load_identity(path: str) -> bytes:
     return proto.data
 
 
+_FRESH: set[str] = set()  # identity files fresh_identity made and nobody discarded yet
+
+
 def fresh_identity() -> str:
-    """A new identity file in a private temporary folder, removed when this process exits."""
+    """A new identity file in a private temporary folder, removed when this process exits.
+
+    Callers `discard_identity` it once p2pd has read it (a killed process leaves no key behind).
+    """
     from hivemind.p2p import P2P
 
     folder = tempfile.mkdtemp(prefix="swarm-identity-")  # mode 0700
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = os.path.join(folder, "identity.key")
     P2P.generate_identity(path)
+    _FRESH.add(path)
     return path
+
+
+def discard_identity(path: str | None) -> None:
+    """Remove an identity file `fresh_identity` made (others, the user's, are kept)."""
+    if path in _FRESH:
+        _FRESH.discard(path)
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def _parse_str(data: bytes) -> str | None:
