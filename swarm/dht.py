@@ -19,5 +19,9 @@ def make_dht(**kwargs: Any) -> hivemind.DHT:
     """
     import hivemind  # here, not at import: CLIs answer --help without loading hivemind
 
+    from swarm.dht_guard import DHTValueGuard, install_guard
+
     kwargs.setdefault("start", True)
+    install_guard()  # before the DHT forks its node's process, which inherits it
+    kwargs["record_validators"] = [*kwargs.get("record_validators", ()), DHTValueGuard()]
     return hivemind.DHT(**kwargs)
