@@ -16,14 +16,15 @@ if TYPE_CHECKING:
 def make_dht(**kwargs: Any) -> hivemind.DHT:
     """Start a hivemind DHT node with the mesh's rules; `kwargs` are `hivemind.DHT`'s.
 
-    `start` defaults to True (every caller wants a running node). Every node signs the records it
-    stores under its own peer id and refuses unsigned or forged ones (`swarm.signing`), so it
-    always has an identity: `identity_path`, else a fresh one, deleted once p2pd has read it.
+    `start` defaults to True (every caller wants a running node). Raw values are scanned before
+    hivemind decodes them (`swarm.dht_guard`). Every node signs the records it stores under its
+    own peer id and refuses unsigned or forged ones (`swarm.signing`), so it always has an identity: `identity_path`, else a fresh one, deleted once p2pd has read it.
     With `p2p` given, `identity_path` is that daemon's key file (without, the node cannot sign).
     """
     import hivemind  # here, not at import: CLIs answer --help without loading hivemind
     from hivemind.p2p import P2P
 
+    from swarm.dht_guard import DHTValueGuard, install_guard
     from swarm.signing import (
         PeerSignatureValidator,
         discard_identity,
@@ -44,7 +45,9 @@ def make_dht(**kwargs: Any) -> hivemind.DHT:
             kwargs.setdefault("check_if_identity_free", False)
         kwargs["identity_path"] = identity
     signer = PeerSignatureValidator(load_identity(identity) if identity is not None else None)
-    kwargs["record_validators"] = [signer, *kwargs.get("record_validators", ())]
+    install_guard()  # before the DHT forks its node's process, which inherits it
+    # The signer checks first and strips its envelope; the guard sees the inner value last.
+    kwargs["record_validators"] = [signer, *kwargs.get("record_validators", ()), DHTValueGuard()]
     dht = hivemind.DHT(**kwargs)
     if kwargs["start"]:
         discard_identity(identity)  # a fresh one: p2pd has read it and the signer holds it
