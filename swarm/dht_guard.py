@@ -39,8 +39,8 @@ class Limits:
     max_objects: int
 
 
-# One record. Our largest, a span record with 32 next_pings and 8 addrs, is about 2.9 KB
-# (tests/test_dht_guard.py measures it): 64 KiB leaves a 22x margin; its depth is 4 (of 16).
+# One record. Our largest, a span record with 32 next_pings and 8 addrs, is about 3.1 KB
+# (tests/test_dht_guard.py measures it): 64 KiB leaves a 21x margin; its depth is 4 (of 16).
 VALUE_LIMITS = Limits(max_bytes=64 * 1024, max_depth=16, max_len=4096, max_objects=16384)
 # A whole key (every subkey's record as opaque bytes), as find replies carry it: the unary cap.
 DICTIONARY_LIMITS = Limits(
@@ -259,7 +259,7 @@ def install_guard() -> None:
     it). Relies on hivemind 1.1.12 decoding only through `DHTProtocol.serializer`: protocol.py
     rpc_store (l.246 whole dictionaries, l.267 subkeys) and call_find (l.319); node.py
     _SearchState.finish_search (l.864, l.874, the serializer passed from the protocol at l.603);
-    schema.py SchemaValidator (l.119). storage.py DictionaryDHTValue.unpackb (l.27) calls
+    schema.py SchemaValidator (l.119, l.121). storage.py DictionaryDHTValue.unpackb (l.27) calls
     MSGPackSerializer.loads itself, on a payload the outer scan has covered.
     tests/test_dht_guard.py fails if hivemind's sources stop matching this list.
     """

@@ -20,6 +20,8 @@ REACHABILITY = ("direct", "relayed")
 # Where peers list the models they serve: key MODELS_KEY, subkey "{prefix}|{peer id}" (signed).
 MODELS_KEY = "swarm_mesh.models"
 MAX_NEXT_PINGS = 32  # most next-hop round trips kept from one record (advisory, for routing)
+# Readers loop over a model's blocks: a record may not claim more (Llama-3.1-405B has 126).
+MAX_BLOCKS = 1024
 
 
 def block_key(prefix: str, block: int) -> str:
@@ -85,6 +87,7 @@ class SpanRecord:
         _need(isinstance(self.peer_id, str) and self.peer_id != "", "peer_id must be a string")
         _need(_int(self.start) and _int(self.end), "start and end must be integers")
         _need(0 <= self.start < self.end, f"span {self.start}:{self.end} is empty or negative")
+        _need(self.end <= MAX_BLOCKS, f"span {self.start}:{self.end} ends past block {MAX_BLOCKS}")
         _need(self.state in STATES, f"state {self.state!r} is not one of {STATES}")
         for name in ("throughput", "inference_rps", "forward_tps"):
             value = getattr(self, name)
@@ -193,5 +196,6 @@ class ModelEntry:
     @classmethod
     def from_wire(cls, prefix: str, value: Any) -> ModelEntry:
         _need(isinstance(value, (tuple, list)) and len(value) >= 3, "bad model entry")
-        _need(_int(value[1]) and value[1] > 0 and _int(value[2]), "bad model entry sizes")
+        _need(_int(value[1]) and 0 < value[1] <= MAX_BLOCKS, f"bad model entry blocks {value[1]!r}")
+        _need(_int(value[2]) and value[2] >= 0, f"bad model entry hidden size {value[2]!r}")
         return cls(prefix, value[1], value[2])
