@@ -14,6 +14,7 @@ from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException
 
+from swarm.dht_guard import GuardedMSGPackSerializer
 from swarm.errors import PeerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,11 @@ class StageAverager(DecentralizedAverager):
     The downloadable state comes from `set_state_getter`'s callable, called in this process when
     a joining replica downloads it: (small msgpack-able metadata, tensors).
     """
+
+    # Groupmates' gathered data and downloaded state metadata are msgpack from strangers: the
+    # same scan as DHT values, so a nested bomb cannot crash the averager (hivemind's lines
+    # averager.py 517-518 and 714 decode them with this serializer).
+    serializer = GuardedMSGPackSerializer
 
     def __init__(
         self,
