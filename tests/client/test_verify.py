@@ -131,3 +131,24 @@ def test_a_liars_ban_is_long_and_not_shortened():
     now[0] = 1000.0
     assert "x" in bans
     assert bans.ban("x", period=10.0) == pytest.approx(2600.0)  # a shorter ban keeps the long one
+
+
+def test_verify_flag_and_defaults_agree():
+    import inspect
+
+    from petals_like.api.cli import ApiConfig
+    from petals_like.cli import parse_args
+    from petals_like.model import DistributedModelForCausalLM
+    from petals_like.verify import DEFAULT_FRACTION
+    from swarm.errors import BadRequest
+
+    peer = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRSrtAgMjDciZ9gDyPK1Qe69UHzHKZw9i5ipozd7DvF1L"
+    assert parse_args(["--initial-peers", peer, "hi"]).verify == DEFAULT_FRACTION
+    assert parse_args(["--verify", "1", "--initial-peers", peer, "hi"]).verify == 1.0
+    with pytest.raises(SystemExit):
+        parse_args(["--verify", "1.5", "--initial-peers", peer, "hi"])
+    signature = inspect.signature(DistributedModelForCausalLM.from_pretrained)
+    assert signature.parameters["verify"].default == DEFAULT_FRACTION
+    assert ApiConfig(initial_peers=[peer]).verify == DEFAULT_FRACTION
+    with pytest.raises(BadRequest):
+        ApiConfig(initial_peers=[peer], verify=-0.1)
