@@ -19,7 +19,7 @@ import torch
 from petals_like.bans import BanList
 from petals_like.latency import StepLatency
 from petals_like.probing import guarded, is_timeout
-from petals_like.routing import Hop, RouteCosts, find_route, missing_blocks, usable
+from petals_like.routing import Hop, RouteCosts, block_time, find_route, missing_blocks, usable
 from swarm.errors import NoRoute, PeerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -229,7 +229,33 @@ class SwarmRouter:
             cache_tokens_needed=cache_tokens_needed,
             costs=self.costs,
             rng=self._rng,
+            block_time_floor=self.block_time_floors(),
         )
+
+    def block_time_floors(self) -> dict[Any, float]:
+        """Seconds per block we believe of each peer at the least: advertised speed is cheap.
+
+        A peer that served us single-token steps is believed no faster than they took (step
+        time less round trip and hop overhead, per block of its span). A peer not measured yet
+        is believed no faster than the fastest measured peer (its claim or its measurement,
+        whichever is slower), so that a number alone cannot buy the route; with nobody
+        measured yet, claims are all there is to go on.
+        """
+        floors: dict[Any, float] = {}
+        best = float("inf")
+        records = usable(self.records, self.bans.banned())
+        for r in records:
+            lat = self._latency.get(r.peer_id)
+            if lat is None or not lat.measured:
+                continue
+            rtt = self.rtts.get(r.peer_id, 0.0)
+            spent = max(0.0, lat.fixed - rtt - self.costs.hop_overhead)
+            floors[r.peer_id] = spent / max(1, r.end - r.start)
+            best = min(best, max(floors[r.peer_id], block_time(r, self.costs)))
+        if best < float("inf"):
+            for r in records:
+                floors.setdefault(r.peer_id, best)
+        return floors
 
     async def _answers(self, peer_id: str) -> bool:
         try:

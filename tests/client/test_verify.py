@@ -152,3 +152,22 @@ def test_verify_flag_and_defaults_agree():
     assert ApiConfig(initial_peers=[peer]).verify == DEFAULT_FRACTION
     with pytest.raises(BadRequest):
         ApiConfig(initial_peers=[peer], verify=-0.1)
+
+
+async def test_router_believes_an_unmeasured_peer_no_faster_than_the_best_measured(fake_swarm):
+    fake_swarm.add("h", 0, 6, rps=100.0)
+    fake_swarm.add("x", 0, 6, rps=1e9)
+    router = fake_swarm.router()
+    await router.start()
+    try:
+        assert router.block_time_floors() == {}  # nobody measured: claims are all there is
+        router.report_success("h", 0.002, 1)  # h served a one-token step
+        floors = router.block_time_floors()
+        assert floors["x"] == pytest.approx(1.0 / (100.0 * 6))  # h's claim: slower than its step
+        hops = await router.route(0, 6, 100)
+        assert hops[0].peer_id == "h"  # the tie goes to the measured one (records order)
+        router.report_success("x", 0.5, 1)  # x measured: half a second a step, not a nanosecond
+        assert router.block_time_floors()["x"] > 0.05
+        assert (await router.route(0, 6, 100))[0].peer_id == "h"
+    finally:
+        await router.close()
