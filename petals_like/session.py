@@ -185,6 +185,8 @@ class RemoteInferenceSession:
         self.adapter = adapter
         self.verifier = verifier
         self.verified = 0  # positions [0, verified) of every hop were checked (or uncheckable)
+        self._check: asyncio.Task | None = None  # the check in flight, while steps go on
+        self._unchanged = 0  # positions untouched since that check's snapshot
         self.position = 0
         self.failovers: list[Failover] = []
         self.session_id = uuid.uuid4().hex[:8]
@@ -226,11 +228,13 @@ class RemoteInferenceSession:
             )
         async with self._lock:
             try:
+                await self._settle(wait=False)  # a liar found meanwhile: RolledBack
                 if not self._hops:
                     self._hops = await self._new_hops(0, self.router.num_blocks)
                 out = await self._run(hidden, pos)
                 if self.verifier is not None and self.verifier.due():
-                    out = await self._verified(out, hidden, pos)
+                    await self._settle(wait=True)
+                    self._start_check(pos + n)
             except RolledBack:
                 raise
             except BaseException:
@@ -254,48 +258,59 @@ class RemoteInferenceSession:
                 h.truncate(position)
             self.position = position
             self.verified = min(self.verified, position)
+            self._unchanged = min(self._unchanged, position)
 
     async def verify_now(self) -> None:
         """Check every hop's outputs so far (the end of a generation); may raise RolledBack."""
-        if self.verifier is None or self.verified >= self.position or not self._hops:
+        if self.verifier is None or not self._hops:
             return
         async with self._lock:
-            liar = await self._check_all(self.position)
-            if liar is not None:
-                await self._roll_back_from(liar)
-                raise RolledBack(self.position, liar)
+            await self._settle(wait=True)
+            if self.verified < self.position:
+                self._start_check(self.position)
+                await self._settle(wait=True)
 
-    async def _verified(self, out: torch.Tensor, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        """Check this step's hops; a liar's span is re-routed and the step re-run if it lied only
-        in this step, else the session goes back to its first wrong position (RolledBack)."""
-        end_pos = pos + hidden.shape[1]
-        for _ in range(self.max_failovers):
-            liar = await self._check_all(end_pos)
-            if liar is None:
-                return out
-            await self._roll_back_from(liar)
-            if liar.position < pos:
-                raise RolledBack(self.position, liar)
-            out = await self._run(hidden, pos)  # and checked again: its replacement may lie too
-        raise PeerUnavailable(f"gave up after {self.max_failovers} liars in one step")
-
-    async def _check_all(self, end_pos: int) -> Liar | None:
-        """Check every hop on positions [0, end_pos); the liar on the route that lied first."""
+    def _start_check(self, end_pos: int) -> None:
+        """Check positions [0, end_pos) of every hop in the background: the steps go on meanwhile
+        (what they make is held back by generate() until checked)."""
         hops = [h for h in self._hops if h.out_length >= end_pos and h.length >= end_pos]
-        adapters = [None if self.adapter is None else self.adapter(*_span(h)) for h in hops]
-        found = await asyncio.gather(
-            *(
-                self.verifier.check(
-                    self.router, h.hop, h.buffer[:, :end_pos], h.out_buffer[:, :end_pos], a
-                )
-                for h, a in zip(hops, adapters, strict=True)
+        # Copies: a rollback or a replay rewrites the buffers while the check runs.
+        work = [
+            (
+                h.hop,
+                h.buffer[:, :end_pos].clone(),
+                h.out_buffer[:, :end_pos].clone(),
+                None if self.adapter is None else self.adapter(*_span(h)),
             )
+            for h in hops
+        ]
+        self._unchanged = end_pos
+        self._check = asyncio.ensure_future(self._check_all(work, end_pos))
+
+    async def _check_all(self, work: list, end_pos: int) -> tuple[int, Liar | None]:
+        found = await asyncio.gather(
+            *(self.verifier.check(self.router, *w) for w in work), return_exceptions=True
         )
+        for f in found:
+            if isinstance(f, BaseException):  # a broken check is no verdict on the peer
+                logger.warning("verification: a check failed: %r", f)
+                return 0, None
         liars = [f for f in found if f is not None]
-        if not liars:
-            self.verified = max(self.verified, end_pos)
-            return None
-        return min(liars, key=lambda f: f.position)
+        return end_pos, min(liars, key=lambda f: f.position) if liars else None
+
+    async def _settle(self, wait: bool) -> None:
+        """Take the verdict of the check in flight (waiting for it if `wait`); on a liar on the
+        route, cut the session at its first wrong position and raise RolledBack."""
+        task = self._check
+        if task is None or not (wait or task.done()):
+            return
+        self._check = None
+        end_pos, liar = await task
+        if liar is None:
+            self.verified = max(self.verified, min(end_pos, self._unchanged))
+            return
+        await self._roll_back_from(liar)
+        raise RolledBack(self.position, liar)
 
     async def _roll_back_from(self, liar: Liar) -> None:
         """Cut every hop at the liar's first wrong position; re-route the liars' spans."""
@@ -316,6 +331,7 @@ class RemoteInferenceSession:
             i += len(new)
         self.position = min(self.position, p)
         self.verified = min(self.verified, p)
+        self._unchanged = min(self._unchanged, p)
 
     async def _run(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         end_pos = pos + hidden.shape[1]
@@ -430,6 +446,8 @@ class RemoteInferenceSession:
         if self._closed:
             return
         self._closed = True
+        if self._check is not None:
+            self._check.cancel()
         tasks = []
         for h in self._hops:
             if h.opening is not None:

@@ -7,21 +7,24 @@ to another peer serving the same blocks (`rpc_forward`), and its outputs are com
 the hop's peer returned for every position so far, not only the last step's: one check covers
 all unchecked steps before it. A plain forward costs the checker O(prefix) compute and holds no
 cache there; a shadow session per hop would be O(new tokens) but takes cache on a second peer for
-the whole session whether a check is due or not. At the contexts a check sees (hundreds of
-tokens) one forward costs about a decoding step, so the plain forward is the cheaper choice.
+the whole session whether a check is due or not, and must be fed in the same step shapes to
+agree closely (below). Checks run in the background while the next steps go on; generate()
+passes tokens on once the positions they came from are checked, and ends with one last check.
 
 A mismatch is settled by a third replica: whoever disagrees with it lied, is banned for
 LIAR_BAN seconds and reported (`Liar`); when the liar was on the route, the session rolls back to
 the first position where its outputs went wrong (`RolledBack`) and generation goes on from there.
 
 Tolerance (TOLERANCE): relative L2 error per position, the worst row. Both peers get the same
-int8-encoded inputs (encoding is deterministic), so they differ by their reply's codec error and
-by their weights' quantization. Measured on the tiny test model (hidden 64, 64 positions): one
-reply through int8-block64 or int8-row at most 0.9%, dynamic8-block64 at most 1.3%; two
-independent replies at most twice that (2.7%); int8 weights against fp32 weights 3.4%. Honest
-replicas of one quant on one machine agree bit for bit. 0.1 leaves a margin of 3x over the worst
-honest case; an echoing peer is off by 64% to 96%. A liar that perturbs its outputs by less than
-the tolerance is not caught: that bounds the harm it can do to about the codec's own error.
+encoded inputs (encoding is deterministic); they differ by their replies' codec error, by their
+weights' quantization and, with int8 weights, by the batch shape: a step of one token takes the
+weight-only path, a forward of the whole prefix the LLM.int8() path, whose outlier columns
+depend on every row. Measured: tiny test model (hidden 64), one reply through int8-block64 at
+most 0.9%, dynamic8-block64 1.3%, int8 against fp32 weights 3.4%; SmolLM2-135M int8 with
+int8-block64 replies, stepped session against one forward of the prefix, 5.8% to 12% (blocks
+0:15 and 15:30, 32 and 128 positions). 0.25 is twice the worst honest case; an echoing peer is
+off by 64% to 100%. A liar that perturbs its outputs by less than that is not caught: it can do
+no more harm than a few times the int8 codec's own error.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ logger = logging.getLogger(__name__)
 # goal, and a peer that lies on every step is caught within 5 steps on average (the final check
 # of a generation catches the rest).
 DEFAULT_FRACTION = 0.2
-TOLERANCE = 0.1
+TOLERANCE = 0.25
 LIAR_BAN = 3600.0  # seconds: a peer caught lying does not come back within a session
 CHECK_TIMEOUT = 30.0
 

@@ -152,3 +152,18 @@ def test_scenario_verify_lying_checker_is_banned(swarm, tiny_model_dir, local_mo
     assert out[0, len(PROMPT) :].tolist() == want
     assert [(x.peer_id, x.on_route) for x in stats.liars] == [(liar, False)]
     assert stats.regenerated == 0
+
+
+@pytest.mark.timeout(300)
+def test_scenario_verify_speculative_decoding_with_a_liar_keeps_greedy_text(
+    swarm, tiny_model_dir, local_model
+):
+    want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
+    swarm.mode_file.write_text("corrupt20")
+    kw = {"compression": "none", "verify": 0.2}
+    with DistributedModelForCausalLM.from_pretrained(str(tiny_model_dir), swarm.boot, **kw) as m:
+        swarm.liar_as_best(m)
+        out = m.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False, speculative="ngram")
+        stats = m.last_stats
+    assert out[0, len(PROMPT) :].tolist() == want
+    assert [x.peer_id for x in stats.liars] == [swarm.peers["liar"].peer_id]
