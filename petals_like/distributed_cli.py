@@ -72,6 +72,7 @@ def _summary(model, args: argparse.Namespace, prompt_len: int, load_s: float) ->
             + (f"; no second replica for blocks {alone}" if alone else "")
         )
         lines += [f"liar: {liar.summary()}" for liar in st.liars]
+        lines += [f"verify: {msg}" for msg in st.unsettled]
     return "\n".join(lines)
 
 

@@ -135,6 +135,7 @@ class GenerationStats:
     verify_checks: int = 0  # hop steps re-run on another replica
     unverifiable: list[tuple[int, int]] = field(default_factory=list)  # spans with one replica
     regenerated: int = 0  # tokens dropped and generated again after a liar was found
+    unsettled: list[str] = field(default_factory=list)  # disagreements no third replica settled
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -388,6 +389,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
         verifier = session.verifier
         liars_before = len(verifier.liars) if verifier is not None else 0
         checks_before = verifier.checks if verifier is not None else 0
+        unsettled_before = len(verifier.unsettled) if verifier is not None else 0
         # Ids seen so far, for the repetition penalty; kept by the session for the next call.
         session.token_ids = torch.cat([session.token_ids, ids], dim=1)
         base = session.token_ids.shape[1]  # new token k lands at token_ids[:, base + k]
@@ -462,6 +464,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
                 stats.liars = list(verifier.liars[liars_before:])
                 stats.verify_checks = verifier.checks - checks_before
                 stats.unverifiable = sorted(verifier.unverifiable)
+                stats.unsettled = list(verifier.unsettled[unsettled_before:])
             self.last_stats = stats
 
     def _loop_once(

@@ -235,6 +235,8 @@ class RemoteInferenceSession:
                 if self.verifier is not None and self.verifier.due():
                     await self._settle(wait=True)
                     self._start_check(pos + n)
+                elif self.verifier is not None and self._check is None and self._alone():
+                    self.verified = pos + n  # nothing to check against: hold no text back
             except RolledBack:
                 raise
             except BaseException:
@@ -269,6 +271,10 @@ class RemoteInferenceSession:
             if self.verified < self.position:
                 self._start_check(self.position)
                 await self._settle(wait=True)
+
+    def _alone(self) -> bool:
+        """Whether no hop of the route had a second replica when last checked."""
+        return all(_span(h) in self.verifier.unverifiable for h in self._hops)
 
     def _start_check(self, end_pos: int) -> None:
         """Check positions [0, end_pos) of every hop in the background: the steps go on meanwhile

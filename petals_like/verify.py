@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_FRACTION = 0.2
 TOLERANCE = 0.25
 LIAR_BAN = 3600.0  # seconds: a peer caught lying does not come back within a session
-CHECK_TIMEOUT = 30.0
 
 
 class RolledBack(Exception):
@@ -91,6 +90,8 @@ class VerifyRouter(Protocol):
     ) -> torch.Tensor: ...
 
     def ban_liar(self, peer_id: Any, reason: str, period: float) -> None: ...
+
+    def step_timeout(self, peer_id: Any, n_tokens: int) -> float: ...
 
     def report_failure(self, peer_id: Any, error: BaseException) -> None: ...
 
@@ -157,6 +158,7 @@ class Verifier:
                     *span,
                 )
             return None
+        self.unverifiable.discard(span)  # a replica came
         self.checks += 1
         checker, ref = first
         if first_mismatch(outputs, ref, self.tolerance) is None:
@@ -205,7 +207,9 @@ class Verifier:
             peer = self.rng.choice(candidates)
             tried.add(peer)
             try:
-                out = await router.forward(peer, inputs, hop.start, hop.end, CHECK_TIMEOUT, adapter)
+                # The bound of a step of that many tokens on that peer (checks are steps too).
+                timeout = router.step_timeout(peer, inputs.shape[0] * inputs.shape[1])
+                out = await router.forward(peer, inputs, hop.start, hop.end, timeout, adapter)
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as e:  # a checker that fails is a failed peer, not a verdict

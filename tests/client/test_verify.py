@@ -46,6 +46,9 @@ class Replicas:
     def report_failure(self, peer_id, error):
         self.failed.append(peer_id)
 
+    def step_timeout(self, peer_id, n_tokens):
+        return 5.0
+
 
 def check(router: Replicas, route_peer: str, x: torch.Tensor, seed: int = 0):
     v = Verifier(1.0, seed=seed)
