@@ -93,7 +93,11 @@ class InferenceSession:
             raise
 
     def step(self, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
-        """[B, T, H] hidden states at the next T positions through every block of the swarm."""
+        """[B, T, H] hidden states at the next T positions through every block of the swarm.
+
+        With verification on, raises petals_like.verify.RolledBack when a liar was found: the
+        session went back to its `position` (generate() handles it and goes on from there).
+        """
         first = self._pre and self._remote.position == 0
         if first:
             hidden = self.model.tuning.prepend(hidden)

@@ -52,6 +52,8 @@ class SessionRouter(Protocol):
 
     def report_failure(self, peer_id: Any, error: BaseException) -> None: ...
 
+    def replicas(self, start: int, end: int, exclude: set) -> list[Any]: ...
+
 
 def is_peer_failure(e: BaseException) -> bool:
     """Errors that mean "this peer cannot go on": re-route around it. Others propagate."""
@@ -143,9 +145,6 @@ class _HopState:
     def inputs(self, start: int) -> torch.Tensor:
         """Inputs from position `start` on: a view, valid until the next append."""
         return self.buffer[:, start : self.length]
-
-    def outputs(self) -> torch.Tensor:
-        return self.out_buffer[:, : self.out_length]
 
     def inherit(self, other: _HopState) -> None:
         """Take `other`'s inputs (a replacement replays them from position 0)."""
@@ -273,8 +272,10 @@ class RemoteInferenceSession:
                 await self._settle(wait=True)
 
     def _alone(self) -> bool:
-        """Whether no hop of the route had a second replica when last checked."""
-        return all(_span(h) in self.verifier.unverifiable for h in self._hops)
+        """Whether no hop of the route has a second replica to be checked against."""
+        return not any(
+            self.router.replicas(h.hop.start, h.hop.end, {h.hop.peer_id}) for h in self._hops
+        )
 
     def _start_check(self, end_pos: int) -> None:
         """Check positions [0, end_pos) of every hop in the background: the steps go on meanwhile
