@@ -5,11 +5,16 @@ Used by RemoteInferenceSession (petals_like.session) when a client asks for `ver
 How a check works: the hop's kept inputs of positions [0, end) go by a plain, cache-less forward
 to another peer serving the same blocks (`rpc_forward`), and its outputs are compared with what
 the hop's peer returned for every position so far, not only the last step's: one check covers
-all unchecked steps before it. A plain forward costs the checker O(prefix) compute and holds no
-cache there; a shadow session per hop would be O(new tokens) but takes cache on a second peer for
-the whole session whether a check is due or not, and must be fed in the same step shapes to
-agree closely (below). Checks run in the background while the next steps go on; generate()
-passes tokens on once the positions they came from are checked, and ends with one last check.
+all unchecked steps before it. Checks run in the background while the next steps go on;
+generate() passes tokens on once the positions they came from are checked, and ends with one
+last check. Why a plain forward rather than a shadow session per hop fed lazily: it holds no
+cache on the checker (a shadow holds a second session-long cache per hop, checked or not), needs
+no state to repair when a checker fails or lies, and a check is one round trip from any replica.
+Its price is compute: a check runs the whole prefix, so the checkers do about F * N * L / 2
+position-blocks over N tokens of context L, where a shadow does N. On a GPU, where a forward of
+a few hundred positions costs about one decoding step, that is cheap; on CPUs shared with the
+route (simulations/bench_verify.py on a 2-core box) it is most of the measured cost, and long
+contexts on CPUs would be better served by shadows (not built).
 
 A mismatch is settled by a third replica: whoever disagrees with it lied, is banned for
 LIAR_BAN seconds and reported (`Liar`); when the liar was on the route, the session rolls back to
@@ -23,8 +28,8 @@ depend on every row. Measured: tiny test model (hidden 64), one reply through in
 most 0.9%, dynamic8-block64 1.3%, int8 against fp32 weights 3.4%; SmolLM2-135M int8 with
 int8-block64 replies, stepped session against one forward of the prefix, 5.8% to 12% (blocks
 0:15 and 15:30, 32 and 128 positions). 0.25 is twice the worst honest case; an echoing peer is
-off by 64% to 100%. A liar that perturbs its outputs by less than that is not caught: it can do
-no more harm than a few times the int8 codec's own error.
+off by 64% to 100%. A liar that perturbs its outputs by less than that is not caught: its harm is
+bounded by twice what honest int8 replicas already differ by.
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ from petals_like.routing import Hop
 
 logger = logging.getLogger(__name__)
 
-# 0.2: the measured cost on the tiny swarm (simulations/bench_verify.py) stays under the 15%
-# goal, and a peer that lies on every step is caught within 5 steps on average (the final check
-# of a generation catches the rest).
-DEFAULT_FRACTION = 0.2
+# 0.1: simulations/bench_verify.py (SmolLM2 int8, two replicas of 0:15 and 15:30, 32 tokens, a
+# 2-core box at load 9-14) measured a median cost of 2% at 0.1 and 22-30% at 0.2 (61% at 1),
+# against the goal of 15%. The fraction sets how soon a liar is caught (about 1/F steps), not
+# whether: every generation ends with a check of every position, so its text is honest wherever
+# a second replica exists.
+DEFAULT_FRACTION = 0.1
 TOLERANCE = 0.25
 LIAR_BAN = 3600.0  # seconds: a peer caught lying does not come back within a session
 
