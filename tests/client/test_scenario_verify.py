@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from petals_like.model import DistributedModelForCausalLM
 from swarm.generation import generate_local
@@ -167,3 +168,21 @@ def test_scenario_verify_speculative_decoding_with_a_liar_keeps_greedy_text(
         stats = m.last_stats
     assert out[0, len(PROMPT) :].tolist() == want
     assert [x.peer_id for x in stats.liars] == [swarm.peers["liar"].peer_id]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tuning", ["lora", "deep_ptune"])
+def test_scenario_verify_checks_agree_with_an_adapter(swarm, tiny_model_dir, tuning):
+    swarm.mode_file.write_text("honest")
+    kw = {"compression": "none", "verify": 1.0, "tuning": tuning}
+    with DistributedModelForCausalLM.from_pretrained(str(tiny_model_dir), swarm.boot, **kw) as m:
+        if tuning == "lora":  # LoRA starts as a no-op: make it change the outputs
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.normal_(0, 0.5)
+        m.generate(PROMPT, max_new_tokens=6, stop_on_eos=False)
+        stats = m.last_stats
+    # Six steps (the prompt, then five tokens: the last is not fed), each checked on 3:6 with the
+    # adapter: a checker without it would disagree.
+    assert stats.verify_checks == 6 and not stats.liars and not stats.unsettled
