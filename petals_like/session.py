@@ -231,11 +231,11 @@ class RemoteInferenceSession:
                 if not self._hops:
                     self._hops = await self._new_hops(0, self.router.num_blocks)
                 out = await self._run(hidden, pos)
-                if self.verifier is not None and self.verifier.due():
+                if self.verifier is not None and self._check is None and self._alone():
+                    self.verified = pos + n  # nothing to check against: hold no text back
+                elif self.verifier is not None and self.verifier.due():
                     await self._settle(wait=True)
                     self._start_check(pos + n)
-                elif self.verifier is not None and self._check is None and self._alone():
-                    self.verified = pos + n  # nothing to check against: hold no text back
             except RolledBack:
                 raise
             except BaseException:
@@ -273,9 +273,13 @@ class RemoteInferenceSession:
 
     def _alone(self) -> bool:
         """Whether no hop of the route has a second replica to be checked against."""
-        return not any(
-            self.router.replicas(h.hop.start, h.hop.end, {h.hop.peer_id}) for h in self._hops
-        )
+        alone = True
+        for h in self._hops:
+            if self.router.replicas(h.hop.start, h.hop.end, {h.hop.peer_id}):
+                alone = False
+            else:
+                self.verifier.no_replica(_span(h))
+        return alone
 
     def _start_check(self, end_pos: int) -> None:
         """Check positions [0, end_pos) of every hop in the background: the steps go on meanwhile

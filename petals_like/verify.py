@@ -138,6 +138,14 @@ class Verifier:
         self.unverifiable: set[tuple[int, int]] = set()  # spans with no second replica
         self.unsettled: list[str] = []  # disagreements no third replica could settle
 
+    def no_replica(self, span: tuple[int, int]) -> None:
+        """Say (once) that blocks `span` cannot be checked: nobody else serves them."""
+        if span not in self.unverifiable:
+            self.unverifiable.add(span)
+            logger.warning(
+                "verification impossible for blocks %d:%d: no other replica serves them", *span
+            )
+
     def due(self) -> bool:
         return self.fraction >= 1.0 or self.rng.random() < self.fraction
 
@@ -158,12 +166,7 @@ class Verifier:
         tried = {hop.peer_id}
         first = await self._reference(router, hop, inputs, tried, adapter)
         if first is None:
-            if span not in self.unverifiable:
-                self.unverifiable.add(span)
-                logger.warning(
-                    "verification impossible for blocks %d:%d: no other replica serves them",
-                    *span,
-                )
+            self.no_replica(span)
             return None
         self.unverifiable.discard(span)  # a replica came
         self.checks += 1

@@ -175,3 +175,30 @@ async def test_router_believes_an_unmeasured_peer_no_faster_than_the_best_measur
         assert (await router.route(0, 6, 100))[0].peer_id == "h"
     finally:
         await router.close()
+
+
+@pytest.mark.timeout(60)
+def test_with_one_replica_per_span_text_streams_at_once_and_the_warning_says_why(
+    fake_swarm, tiny_model, caplog
+):
+    from swarm.generation import generate_local
+
+    prompt = [5, 17, 42, 8, 60, 11]
+    fake_swarm.add("a", 0, 3)
+    fake_swarm.add("b", 3, 6)
+    want = generate_local(tiny_model, None, prompt, 8, stop_on_eos=False)
+    streamed: list[tuple[int, int]] = []  # (token, positions fed when it was passed on)
+    with fake_swarm.distributed_model() as model, caplog.at_level("WARNING"):
+        model.verify = 0.5
+        with model.inference_session(max_length=len(prompt) + 8) as session:
+
+            def on_token(t: torch.Tensor) -> None:
+                streamed.append((int(t[0]), session.position))
+
+            out = model.generate(prompt, max_new_tokens=8, stop_on_eos=False, on_token=on_token)
+        stats = model.last_stats
+    assert out[0, len(prompt) :].tolist() == want == [t for t, _ in streamed]
+    # Nothing to check against: each token is passed on as soon as it is sampled, not held back.
+    assert [pos for _, pos in streamed] == list(range(len(prompt), len(prompt) + 8))
+    assert stats.unverifiable == [(0, 3), (3, 6)] and stats.verify_checks == 0
+    assert "verification impossible for blocks 0:3" in caplog.text
