@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--model", default="smollm2-135m", help="model name or path")
     p.add_argument(
-        "--spans", default="", help="comma-separated spans, each served twice (default: halves)"
+        "--spans", default=None, help="comma-separated spans, each served twice (none: halves)"
     )
     p.add_argument("--quant", default="int8", help="block weights of the peers")
     p.add_argument("--compression", default="auto", help="activation codec on the wire")
