@@ -42,12 +42,19 @@ class BanList:
         self._clock = clock
         self._bans: dict[Hashable, _Ban] = {}
 
-    def ban(self, peer: Hashable, reason: str = "") -> float:
-        """Ban `peer` (again); return the period in seconds."""
+    def ban(self, peer: Hashable, reason: str = "", period: float | None = None) -> float:
+        """Ban `peer` (again); return the period in seconds.
+
+        period: this ban's length instead of the growing one (a peer caught lying), never
+            shorter than a ban it already serves.
+        """
         now = self._clock()
         prev = self._bans.get(peer)
         strikes = prev.strikes + 1 if prev is not None else 1
-        period = min(self.max_period, self.base_period * self.growth ** (strikes - 1))
+        if period is None:
+            period = min(self.max_period, self.base_period * self.growth ** (strikes - 1))
+        elif prev is not None:
+            period = max(period, prev.until - now)
         self._bans[peer] = _Ban(until=now + period, strikes=strikes)
         logger.info("banned peer %s for %.1f s (strike %d) %s", peer, period, strikes, reason)
         return period

@@ -13,6 +13,7 @@ import time
 import swarm.cli  # noqa: F401, I001 - first: sets OMP_WAIT_POLICY before torch is imported
 from petals_like.console import PrefillProgress, cut_notice
 from petals_like.distributed_cli import add_distributed_arguments, run_distributed
+from petals_like.verify import DEFAULT_FRACTION
 from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
 from swarm.errors import SwarmError
@@ -64,9 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
         "'ngram' looks them up in the text so far, or a small local model with the same "
         "tokenizer drafts them; greedy text is unchanged (batch 1)",
     )
+    p.add_argument(
+        "--verify",
+        type=_fraction,
+        default=DEFAULT_FRACTION,
+        metavar="F",
+        help="with --initial-peers: share of steps re-run on another replica of each span and "
+        "compared; a peer caught lying is banned and its tokens generated again, and text is "
+        "shown once checked (0: off, 1: every step; default: %(default)s)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     add_distributed_arguments(p)
     return p
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,6 +13,7 @@ import time
 import torch
 
 from petals_like.console import PrefillProgress, cut_notice
+from petals_like.verify import DEFAULT_FRACTION
 from swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,16 @@ def _summary(model, args: argparse.Namespace, prompt_len: int, load_s: float) ->
     lines += [f"failover: {f.summary()}" for f in st.failovers]
     if not st.failovers:
         lines.append("failover: none")
+    if model.verify:
+        alone = ", ".join(f"{a}:{b}" for a, b in st.unverifiable)
+        lines.append(
+            f"verify: {model.verify:g} of steps, {st.verify_checks} hop checks, "
+            f"{len(st.liars)} liar{'s' * (len(st.liars) != 1)}"
+            + (f", {st.regenerated} tokens regenerated" if st.regenerated else "")
+            + (f"; no second replica for blocks {alone}" if alone else "")
+        )
+        lines += [f"liar: {liar.summary()}" for liar in st.liars]
+        lines += [f"verify: {msg}" for msg in st.unsettled]
     return "\n".join(lines)
 
 
@@ -70,7 +81,7 @@ def run_distributed(args: argparse.Namespace) -> int:
 
     Reads the flags of swarm-generate (prompt, model, initial_peers, max_new_tokens, temperature,
     top_k, top_p, repetition_penalty, seed, chat) and, if present, compression, link_delay,
-    link_bandwidth and adapter.
+    link_bandwidth, adapter and verify.
     The continuation streams to stdout; the summary (tokens/s, route, failovers) to stderr.
     """
     from petals_like.model import DistributedModelForCausalLM
@@ -84,6 +95,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         link_delay=getattr(args, "link_delay", 0.0),
         link_bandwidth=getattr(args, "link_bandwidth", 0.0),
         adapter=getattr(args, "adapter", None),
+        verify=getattr(args, "verify", DEFAULT_FRACTION),
     )
     load_s = time.perf_counter() - t0
     try:

@@ -20,6 +20,7 @@ from petals_like.router import RouterConfig, SwarmRouter
 from petals_like.routing import Hop, RouteCosts
 from petals_like.session import Failover, RemoteInferenceSession
 from petals_like.tuning import RemoteTuning, TuningConfig
+from petals_like.verify import DEFAULT_FRACTION, Liar, RolledBack, Verifier
 from swarm.dht import make_dht
 from swarm.errors import BadRequest, CheckpointError, PeerUnavailable
 from swarm.generation import SamplingConfig, eos_ids, generation_loop, new_token_budget
@@ -30,6 +31,7 @@ from swarm.model.llama import ClientParts
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # bound on joining the DHT and the first read of the swarm
+MAX_ROLLBACKS = 8  # liars found in one generate() before it gives up
 
 
 class InferenceSession:
@@ -45,8 +47,9 @@ class InferenceSession:
         # Soft prompts take the first positions of the swarm's caches.
         self._pre = model.tuning.pre_seq_len if model.tuning is not None else 0
         adapter = model.adapter_payload if model.tuning is not None else None
+        verifier = Verifier(model.verify) if model.verify else None
         self._remote = RemoteInferenceSession(
-            model.router, max_length + self._pre, batch_size, adapter=adapter
+            model.router, max_length + self._pre, batch_size, adapter=adapter, verifier=verifier
         )
         # Token bookkeeping for generate(): ids seen so far (for the repetition penalty) and the
         # last sampled token, which has not been through the swarm yet.
@@ -67,12 +70,38 @@ class InferenceSession:
     def failovers(self) -> list[Failover]:
         return self._remote.failovers
 
+    @property
+    def verifier(self) -> Verifier | None:
+        return self._remote.verifier
+
+    @property
+    def verified(self) -> int:
+        """Positions [0, verified) whose outputs were checked on other replicas (or uncheckable)."""
+        return max(0, self._remote.verified - self._pre)
+
+    def verify_now(self, timeout: float | None = None) -> None:
+        """Check every position so far; raises RolledBack (position in our positions) on a liar."""
+        self._catch(self._remote.verify_now(), timeout)
+
+    def _catch(self, coro: Any, timeout: float | None) -> Any:
+        try:
+            return self.model.loop.run(coro, timeout)
+        except RolledBack as e:
+            if self._remote.position < self._pre:  # a soft prompt's position: feed it again
+                self.model.loop.run(self._remote.rollback(0), 10.0)
+            e.position = self.position
+            raise
+
     def step(self, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
-        """[B, T, H] hidden states at the next T positions through every block of the swarm."""
+        """[B, T, H] hidden states at the next T positions through every block of the swarm.
+
+        With verification on, raises petals_like.verify.RolledBack when a liar was found: the
+        session went back to its `position` (generate() handles it and goes on from there).
+        """
         first = self._pre and self._remote.position == 0
         if first:
             hidden = self.model.tuning.prepend(hidden)
-        out = self.model.loop.run(self._remote.step(hidden), timeout)
+        out = self._catch(self._remote.step(hidden), timeout)
         return out[:, self._pre :] if first else out
 
     def rollback(self, position: int, timeout: float | None = 10.0) -> None:
@@ -106,6 +135,11 @@ class GenerationStats:
     failovers: list[Failover] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # time.monotonic() per new token
     speculative: Any = None  # swarm.speculative.SpeculativeStats when drafts were verified
+    liars: list[Liar] = field(default_factory=list)  # peers caught lying (petals_like.verify)
+    verify_checks: int = 0  # hop steps re-run on another replica
+    unverifiable: list[tuple[int, int]] = field(default_factory=list)  # spans with one replica
+    regenerated: int = 0  # tokens dropped and generated again after a liar was found
+    unsettled: list[str] = field(default_factory=list)  # disagreements no third replica settled
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -130,6 +164,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
         dht: Any = None,
         tokenizer: Any = None,
         model_prefix: str = "",
+        verify: float = 0.0,
     ):
         self.config, self.client_parts = config, client_parts
         self.router, self.loop, self.dht = router, loop, dht
@@ -142,6 +177,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
         self.tuning: RemoteTuning | None = None
         self._blocks = None
         self._payloads: dict[tuple, Any] = {}
+        self.verify = verify
 
     @classmethod
     def from_pretrained(
@@ -159,6 +195,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
         start_timeout: float = START_TIMEOUT,
         tuning: str | TuningConfig | None = None,
         adapter: str | None = None,
+        verify: float = DEFAULT_FRACTION,
         **tuning_options: Any,
     ) -> DistributedModelForCausalLM:
         """Load the client parts of `model` and join the swarm at `initial_peers`.
@@ -178,6 +215,9 @@ class DistributedModelForCausalLM(FineTuningMixin):
             train_embeddings, train_head). Train `model.parameters()` through `model(ids)`.
         adapter: a folder saved by `save_adapter` (a PEFT LoRA folder, or soft prompts) to
             generate with; the peers get it once per session, and other clients do not see it.
+        verify: fraction of steps whose every hop is re-run on another replica of its span and
+            compared (petals_like.verify); a liar is banned and its tokens generated again. 0
+            turns checking off; 1 checks every step.
         """
         from hivemind.p2p import P2PDaemonError
 
@@ -189,6 +229,8 @@ class DistributedModelForCausalLM(FineTuningMixin):
             raise BadRequest("initial_peers is empty: give the multiaddr of a peer of the swarm")
         if tuning is not None and adapter is not None:
             raise BadRequest("give tuning= (train a new adapter) or adapter= (load one), not both")
+        if not 0.0 <= verify <= 1.0:
+            raise BadRequest(f"verify must be a fraction in [0, 1], got {verify}")
         if tuning_options and tuning is None:
             raise BadRequest(f"options {sorted(tuning_options)} need tuning=")
         rc = with_compression(router_config, compression)
@@ -226,7 +268,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
             if owns_dht:
                 dht.shutdown()
             raise
-        self = cls(config, client_parts, router, loop, dht, tokenizer, source.name)
+        self = cls(config, client_parts, router, loop, dht, tokenizer, source.name, verify)
         self._owns_dht = owns_dht
         try:
             if tuning is not None:
@@ -348,13 +390,33 @@ class DistributedModelForCausalLM(FineTuningMixin):
         stats = GenerationStats(prompt_tokens=ids.shape[1])
         t0 = time.monotonic()
         failovers_before = len(session.failovers)
+        verifier = session.verifier
+        liars_before = len(verifier.liars) if verifier is not None else 0
+        checks_before = verifier.checks if verifier is not None else 0
+        unsettled_before = len(verifier.unsettled) if verifier is not None else 0
         # Ids seen so far, for the repetition penalty; kept by the session for the next call.
         session.token_ids = torch.cat([session.token_ids, ids], dim=1)
+        base = session.token_ids.shape[1]  # new token k lands at token_ids[:, base + k]
+        held: list[torch.Tensor] = []  # new tokens; with verification, passed on once checked
+        emitted = [0]
+
+        def release(everything: bool = False) -> None:
+            # New token k comes from the output at position base + k - 1.
+            while emitted[0] < len(held) and (
+                everything or verifier is None or session.verified >= base + emitted[0]
+            ):
+                if on_token is not None:
+                    on_token(held[emitted[0]])
+                emitted[0] += 1
 
         def step(step_input: torch.Tensor) -> torch.Tensor:
             hidden = session.step(self.client_parts.embed(step_input), timeout=step_timeout)
             # Logits of every position, then the last: the same ops as generate_local.
             return self.client_parts.logits(hidden)[:, -1]
+
+        def step_all(step_input: torch.Tensor) -> torch.Tensor:
+            hidden = session.step(self.client_parts.embed(step_input), step_timeout)
+            return self.client_parts.logits(hidden)[0]
 
         def on_new(nxt: torch.Tensor) -> None:
             session.token_ids = torch.cat([session.token_ids, nxt[:, None]], dim=1)
@@ -362,52 +424,102 @@ class DistributedModelForCausalLM(FineTuningMixin):
             stats.token_times.append(time.monotonic())
             if len(stats.token_times) == 1:
                 stats.first_token_s = stats.token_times[0] - t0
-            if on_token is not None:
-                on_token(nxt)
+            held.append(nxt)
+            release()
 
         eos = eos_ids(self.tokenizer, self.config)
+        left = max_new_tokens
         try:
-            if speculative is not None:
-                from swarm.speculative import SpeculativeStats, make_drafter, speculative_loop
-
-                def step_all(step_input: torch.Tensor) -> torch.Tensor:
-                    hidden = session.step(self.client_parts.embed(step_input), step_timeout)
-                    return self.client_parts.logits(hidden)[0]
-
-                stats.speculative = SpeculativeStats()
-                return speculative_loop(
-                    step_all,
-                    session.rollback,
-                    session.position,
-                    feed,
-                    session.token_ids,
-                    max_new_tokens,
-                    sampling,
-                    make_drafter(speculative, session.max_length),
-                    eos,
-                    stop_on_eos,
-                    on_new,
-                    on_prefill,
-                    room=session.max_length,
-                    stats=stats.speculative,
-                )
-            return generation_loop(
-                step,
-                feed,
-                session.token_ids,
-                max_new_tokens,
-                sampling,
-                eos,
-                stop_on_eos,
-                on_new,
-                on_prefill,
-            )
+            for _ in range(MAX_ROLLBACKS + 1):
+                try:
+                    self._loop_once(
+                        session, feed, left, sampling, stop_on_eos, on_new, on_prefill, eos,
+                        speculative, step, step_all, stats,
+                    )  # fmt: skip
+                    if verifier is not None:
+                        session.verify_now(step_timeout)
+                    break
+                except RolledBack as rb:
+                    # Tokens sampled from position rb.position on came from a liar's outputs.
+                    p = rb.position
+                    good = session.token_ids[:, : max(p + 1, base)]
+                    kept = good.shape[1] - base
+                    if kept < emitted[0]:
+                        logger.warning(
+                            "verification: %d tokens already passed on came from a liar's "
+                            "outputs (a colluding checker?)",
+                            emitted[0] - kept,
+                        )
+                    stats.regenerated += len(held) - kept
+                    del held[kept:], stats.token_times[kept:]
+                    session.token_ids, session.pending = good, None
+                    feed, left = good[:, p:], max_new_tokens - kept
+            else:
+                raise PeerUnavailable(f"gave up after {MAX_ROLLBACKS} rollbacks over liars")
+            release(everything=True)  # no replica could check what is left
+            new = session.token_ids[:, base:]
+            return new if new.shape[1] else torch.zeros(ids.shape[0], 0, dtype=torch.long)
         finally:
             stats.new_tokens = len(stats.token_times)
             stats.total_s = time.monotonic() - t0
             stats.route = list(session.route)
             stats.failovers = list(session.failovers[failovers_before:])
+            if verifier is not None:
+                stats.liars = list(verifier.liars[liars_before:])
+                stats.verify_checks = verifier.checks - checks_before
+                stats.unverifiable = sorted(verifier.unverifiable)
+                stats.unsettled = list(verifier.unsettled[unsettled_before:])
             self.last_stats = stats
+
+    def _loop_once(
+        self,
+        session: InferenceSession,
+        feed: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        stop_on_eos: bool,
+        on_new: Callable[[torch.Tensor], None],
+        on_prefill: Callable[[int, int], None] | None,
+        eos: Any,
+        speculative: Any,
+        step: Callable[[torch.Tensor], torch.Tensor],
+        step_all: Callable[[torch.Tensor], torch.Tensor],
+        stats: GenerationStats,
+    ) -> None:
+        """One run of the sampling loop from `feed` (again after a rollback over a liar)."""
+        if speculative is not None:
+            from swarm.speculative import SpeculativeStats, make_drafter, speculative_loop
+
+            if stats.speculative is None:
+                stats.speculative = SpeculativeStats()
+            speculative_loop(
+                step_all,
+                session.rollback,
+                session.position,
+                feed,
+                session.token_ids,
+                max_new_tokens,
+                sampling,
+                make_drafter(speculative, session.max_length),
+                eos,
+                stop_on_eos,
+                on_new,
+                on_prefill,
+                room=session.max_length,
+                stats=stats.speculative,
+            )
+            return
+        generation_loop(
+            step,
+            feed,
+            session.token_ids,
+            max_new_tokens,
+            sampling,
+            eos,
+            stop_on_eos,
+            on_new,
+            on_prefill,
+        )
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:

@@ -14,10 +14,12 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from petals_like.bans import BanList
 from petals_like.latency import StepLatency
 from petals_like.probing import guarded, is_timeout
-from petals_like.routing import Hop, RouteCosts, find_route, missing_blocks
+from petals_like.routing import Hop, RouteCosts, block_time, find_route, missing_blocks, usable
 from swarm.errors import NoRoute, PeerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class SwarmRouter:
         self.records: list[Any] = []
         self.rtts: dict[str, float] = {}
         self._latency: dict[str, StepLatency] = {}
+        self.liars: set[Any] = set()  # peers caught lying by verification (petals_like.verify)
         self._fetch = fetch
         self._task: asyncio.Task | None = None
         self._refresh_lock: asyncio.Lock | None = None
@@ -199,7 +202,10 @@ class SwarmRouter:
         suspects = [
             r.peer_id
             for r in self.records
-            if r.peer_id in banned and r.state == "online" and gap & set(range(r.start, r.end))
+            if r.peer_id in banned
+            and r.peer_id not in self.liars  # alive, but caught lying: no second chance
+            and r.state == "online"
+            and gap & set(range(r.start, r.end))
         ]
         answered = await asyncio.gather(*(self._answers(p) for p in suspects))
         for peer_id, ok in zip(suspects, answered, strict=True):
@@ -223,7 +229,33 @@ class SwarmRouter:
             cache_tokens_needed=cache_tokens_needed,
             costs=self.costs,
             rng=self._rng,
+            block_time_floor=self.block_time_floors(),
         )
+
+    def block_time_floors(self) -> dict[Any, float]:
+        """Seconds per block we believe of each peer at the least: advertised speed is cheap.
+
+        A peer that served us single-token steps is believed no faster than they took (step
+        time less round trip and hop overhead, per block of its span). A peer not measured yet
+        is believed no faster than the fastest measured peer (its claim or its measurement,
+        whichever is slower), so that a number alone cannot buy the route; with nobody
+        measured yet, claims are all there is to go on.
+        """
+        floors: dict[Any, float] = {}
+        best = float("inf")
+        records = usable(self.records, self.bans.banned())
+        for r in records:
+            lat = self._latency.get(r.peer_id)
+            if lat is None or not lat.measured:
+                continue
+            rtt = self.rtts.get(r.peer_id, 0.0)
+            spent = max(0.0, lat.fixed - rtt - self.costs.hop_overhead)
+            floors[r.peer_id] = spent / max(1, r.end - r.start)
+            best = min(best, max(floors[r.peer_id], block_time(r, self.costs)))
+        if best < float("inf"):
+            for r in records:
+                floors.setdefault(r.peer_id, best)
+        return floors
 
     async def _answers(self, peer_id: str) -> bool:
         try:
@@ -301,6 +333,48 @@ class SwarmRouter:
         the timeout; cancels `work` in both cases (petals_like.probing.guarded).
         """
         return await guarded(peer_id, work, timeout, probe_after, lambda: self.probe(peer_id))
+
+    # ---- what verification uses (petals_like.verify) ------------------------------------------
+    def replicas(self, start: int, end: int, exclude: set) -> list[Any]:
+        """Usable peers that serve all of blocks [start, end), except those in `exclude`."""
+        banned = self.bans.banned()
+        return sorted(
+            {
+                r.peer_id
+                for r in usable(self.records, banned)
+                if r.start <= start and r.end >= end and r.peer_id not in exclude
+            },
+            key=str,
+        )
+
+    async def forward(
+        self,
+        peer_id: Any,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        timeout: float,
+        adapter: Any = None,
+    ) -> torch.Tensor:
+        """Blocks [start, end) of `peer_id` on `hidden` from position 0, with no cache."""
+        extra = {} if adapter is None else {"adapter": adapter}
+        return await asyncio.wait_for(
+            self.client.forward(
+                peer_id,
+                hidden,
+                start,
+                end,
+                timeout=timeout,
+                codec=self.codec_for(peer_id),
+                **extra,
+            ),
+            timeout + 0.5,
+        )
+
+    def ban_liar(self, peer_id: Any, reason: str, period: float) -> None:
+        self.liars.add(peer_id)
+        self.bans.ban(peer_id, reason=reason, period=period)
+        self._latency.pop(peer_id, None)
 
     def report_success(self, peer_id: Any, seconds: float, n_tokens: int) -> None:
         self._latency_of(peer_id).update(seconds, n_tokens)

@@ -5,6 +5,8 @@ Pure functions over span records: used by the router (petals_like/router.py), se
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import heapq
 import itertools
 import random
@@ -50,6 +52,9 @@ class RouteCosts:
     jitter: float = 0.0
 
 
+_NO_DEFAULT = RouteCosts(default_block_time=float("inf"))  # a record that advertises nothing
+
+
 def _peer_key(peer_id: Any) -> str:
     return peer_id.to_base58() if hasattr(peer_id, "to_base58") else str(peer_id)
 
@@ -76,6 +81,19 @@ def block_time(record: Any, costs: RouteCosts) -> float:
     if throughput > 0:
         return 1.0 / (throughput * length)
     return costs.default_block_time
+
+
+def believed(record: Any, min_block_time: float) -> Any:
+    """`record` with its advertised speed cut to at most 1 / min_block_time blocks per second."""
+    if min_block_time <= 0 or block_time(record, _NO_DEFAULT) >= min_block_time:
+        return record
+    length = max(1, record.end - record.start)
+    speed = 1.0 / (min_block_time * length)
+    if dataclasses.is_dataclass(record):
+        return dataclasses.replace(record, inference_rps=speed, throughput=speed)
+    record = copy.copy(record)
+    record.inference_rps = record.throughput = speed
+    return record
 
 
 def has_cache_for(record: Any, tokens_needed: int | None) -> bool:
@@ -154,6 +172,7 @@ def find_route(
     costs: RouteCosts | None = None,
     rng: random.Random | None = None,
     max_per_block: int = MAX_PER_BLOCK,
+    block_time_floor: Mapping[Hashable, float] | None = None,
 ) -> list[Hop]:
     """The chain of hops covering blocks [start, end) with the least expected step latency.
 
@@ -164,6 +183,8 @@ def find_route(
     exactly a lost span with part of a longer one. Raises NoRoute naming the uncovered blocks.
     Only the `max_per_block` most promising peers of each block are searched (best_candidates),
     so a route through a swarm of a thousand peers is found in milliseconds.
+    block_time_floor: peer -> the least seconds per block we believe of it (the router's cap
+        on what unmeasured peers advertise); a peer's advertised figure is raised to it.
     """
     costs = costs or RouteCosts()
     rtts = rtts or {}
@@ -174,6 +195,9 @@ def find_route(
     if gap:
         raise NoRoute(f"no reachable peer serves blocks {format_blocks(gap)}")
     cands = [r for r in usable(records, banned) if r.start < end and r.end > start]
+    floor = block_time_floor or {}
+    if floor:
+        cands = [believed(r, floor.get(r.peer_id, 0.0)) for r in cands]
     cands = best_candidates(cands, start, end, rtts, costs, max_per_block)
     compute = []
     for r in cands:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from petals_like.routing import Hop, describe
+from petals_like.verify import Liar, RolledBack, Verifier
 from swarm.errors import BadRequest, NoRoute, PeerUnavailable, SwarmError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class SessionRouter(Protocol):
     def report_success(self, peer_id: Any, seconds: float, n_tokens: int) -> None: ...
 
     def report_failure(self, peer_id: Any, error: BaseException) -> None: ...
+
+    def replicas(self, start: int, end: int, exclude: set) -> list[Any]: ...
 
 
 def is_peer_failure(e: BaseException) -> bool:
@@ -93,37 +96,51 @@ def _reason(error: BaseException, peer_id: str, limit: int = 160) -> str:
     return text
 
 
+def _put(buffer: torch.Tensor | None, at: int, x: torch.Tensor) -> torch.Tensor:
+    """`buffer` [B, capacity, H] with `x` written at positions [at, at + T), grown if needed.
+
+    Capacity doubles as it fills, so each step writes its few positions instead of copying the
+    whole history; what lies before `at` is kept.
+    """
+    need = at + x.shape[1]
+    if buffer is None or need > buffer.shape[1]:
+        capacity = max(need, 2 * (0 if buffer is None else buffer.shape[1]), 16)
+        grown = x.new_empty(x.shape[0], capacity, x.shape[2])
+        if buffer is not None:
+            grown[:, :at] = buffer[:, :at]
+        buffer = grown
+    buffer[:, at:need] = x
+    return buffer
+
+
 @dataclass
 class _HopState:
     """A hop of the route with the inputs sent to its first block and what its peer holds."""
 
     hop: Hop
-    # Inputs [B, capacity, H] of positions 0..length-1 (capacity doubles as it fills, so each
-    # step writes its few positions instead of copying the whole history).
-    buffer: torch.Tensor | None = None
+    buffer: torch.Tensor | None = None  # inputs [B, capacity, H] of positions 0..length-1
     length: int = 0  # positions in the buffer
     cached: int = 0  # positions the peer holds in its cache
     stream: StepStream | None = None
     opening: asyncio.Task | None = None
     lost: BaseException | None = None  # set when its peer failed and no replacement was found
+    # What its peer returned for positions 0..out_length-1 (kept only when outputs are verified)
+    out_buffer: torch.Tensor | None = None
+    out_length: int = 0
 
     def append(self, x: torch.Tensor) -> None:
-        t = x.shape[1]
-        if not t:
-            return
-        need = self.length + t
-        if self.buffer is None or need > self.buffer.shape[1]:
-            capacity = max(need, 2 * (0 if self.buffer is None else self.buffer.shape[1]), 16)
-            grown = x.new_empty(x.shape[0], capacity, x.shape[2])
-            if self.buffer is not None:
-                grown[:, : self.length] = self.buffer[:, : self.length]
-            self.buffer = grown
-        self.buffer[:, self.length : need] = x
-        self.length = need
+        if x.shape[1]:
+            self.buffer = _put(self.buffer, self.length, x)
+            self.length += x.shape[1]
+
+    def keep_outputs(self, start: int, out: torch.Tensor) -> None:
+        self.out_buffer = _put(self.out_buffer, start, out)
+        self.out_length = start + out.shape[1]
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
         self.cached = min(self.cached, length)
+        self.out_length = min(self.out_length, length)
 
     def inputs(self, start: int) -> torch.Tensor:
         """Inputs from position `start` on: a view, valid until the next append."""
@@ -146,6 +163,8 @@ class RemoteInferenceSession:
     batch_size: rows of every step.
     max_failovers: bound on re-routes within one step; beyond it the step fails.
     adapter: (start, end) -> the adapter payload of those blocks, or None (multi-LoRA serving).
+    verifier: checks a fraction of steps on other replicas (petals_like.verify); a step may
+        then raise RolledBack: the session went back to where a liar's outputs began.
     """
 
     def __init__(
@@ -155,6 +174,7 @@ class RemoteInferenceSession:
         batch_size: int = 1,
         max_failovers: int = 8,
         adapter: Any = None,
+        verifier: Verifier | None = None,
     ):
         if max_length <= 0 or batch_size <= 0:
             raise BadRequest("max_length and batch_size must be positive")
@@ -162,6 +182,10 @@ class RemoteInferenceSession:
         self.max_length, self.batch_size = max_length, batch_size
         self.max_failovers = max_failovers
         self.adapter = adapter
+        self.verifier = verifier
+        self.verified = 0  # positions [0, verified) of every hop were checked (or uncheckable)
+        self._check: asyncio.Task | None = None  # the check in flight, while steps go on
+        self._unchanged = 0  # positions untouched since that check's snapshot
         self.position = 0
         self.failovers: list[Failover] = []
         self.session_id = uuid.uuid4().hex[:8]
@@ -203,9 +227,17 @@ class RemoteInferenceSession:
             )
         async with self._lock:
             try:
+                await self._settle(wait=False)  # a liar found meanwhile: RolledBack
                 if not self._hops:
                     self._hops = await self._new_hops(0, self.router.num_blocks)
                 out = await self._run(hidden, pos)
+                if self.verifier is not None and self._check is None and self._alone():
+                    self.verified = pos + n  # nothing to check against: hold no text back
+                elif self.verifier is not None and self.verifier.due():
+                    await self._settle(wait=True)
+                    self._start_check(pos + n)
+            except RolledBack:
+                raise
             except BaseException:
                 # Forget this step's inputs so that the session can be stepped again later.
                 for h in self._hops:
@@ -226,6 +258,91 @@ class RemoteInferenceSession:
             for h in self._hops:
                 h.truncate(position)
             self.position = position
+            self.verified = min(self.verified, position)
+            self._unchanged = min(self._unchanged, position)
+
+    async def verify_now(self) -> None:
+        """Check every hop's outputs so far (the end of a generation); may raise RolledBack."""
+        if self.verifier is None or not self._hops:
+            return
+        async with self._lock:
+            await self._settle(wait=True)
+            if self.verified < self.position:
+                self._start_check(self.position)
+                await self._settle(wait=True)
+
+    def _alone(self) -> bool:
+        """Whether no hop of the route has a second replica to be checked against."""
+        alone = True
+        for h in self._hops:
+            if self.router.replicas(h.hop.start, h.hop.end, {h.hop.peer_id}):
+                alone = False
+            else:
+                self.verifier.no_replica(_span(h))
+        return alone
+
+    def _start_check(self, end_pos: int) -> None:
+        """Check positions [0, end_pos) of every hop in the background: the steps go on meanwhile
+        (what they make is held back by generate() until checked)."""
+        hops = [h for h in self._hops if h.out_length >= end_pos and h.length >= end_pos]
+        # Copies: a rollback or a replay rewrites the buffers while the check runs.
+        work = [
+            (
+                h.hop,
+                h.buffer[:, :end_pos].clone(),
+                h.out_buffer[:, :end_pos].clone(),
+                None if self.adapter is None else self.adapter(*_span(h)),
+            )
+            for h in hops
+        ]
+        self._unchanged = end_pos
+        self._check = asyncio.ensure_future(self._check_all(work, end_pos))
+
+    async def _check_all(self, work: list, end_pos: int) -> tuple[int, Liar | None]:
+        found = await asyncio.gather(
+            *(self.verifier.check(self.router, *w) for w in work), return_exceptions=True
+        )
+        for f in found:
+            if isinstance(f, BaseException):  # a broken check is no verdict on the peer
+                logger.warning("verification: a check failed: %r", f)
+                return 0, None
+        liars = [f for f in found if f is not None]
+        return end_pos, min(liars, key=lambda f: f.position) if liars else None
+
+    async def _settle(self, wait: bool) -> None:
+        """Take the verdict of the check in flight (waiting for it if `wait`); on a liar on the
+        route, cut the session at its first wrong position and raise RolledBack."""
+        task = self._check
+        if task is None or not (wait or task.done()):
+            return
+        self._check = None
+        end_pos, liar = await task
+        if liar is None:
+            self.verified = max(self.verified, min(end_pos, self._unchanged))
+            return
+        await self._roll_back_from(liar)
+        raise RolledBack(self.position, liar)
+
+    async def _roll_back_from(self, liar: Liar) -> None:
+        """Cut every hop at the liar's first wrong position; re-route the liars' spans."""
+        p = liar.position
+        for h in self._hops:
+            h.truncate(p)
+        liars = {f.peer_id for f in self.verifier.liars}
+        i = 0
+        while i < len(self._hops):
+            h = self._hops[i]
+            if h.hop.peer_id not in liars:
+                i += 1
+                continue
+            self._discard(h)
+            new = await self._new_hops(h.hop.start, h.hop.end)
+            new[0].inherit(h)
+            self._hops[i : i + 1] = new
+            i += len(new)
+        self.position = min(self.position, p)
+        self.verified = min(self.verified, p)
+        self._unchanged = min(self._unchanged, p)
 
     async def _run(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         end_pos = pos + hidden.shape[1]
@@ -266,6 +383,8 @@ class RemoteInferenceSession:
                 failures.append(await self._fail_over(i, e, len(failures), h.lost is None))
                 continue
             h.cached = end_pos
+            if self.verifier is not None:
+                h.keep_outputs(send_from, out)
             x, x_start = out, send_from
             i += 1
         done = time.monotonic()
@@ -338,6 +457,8 @@ class RemoteInferenceSession:
         if self._closed:
             return
         self._closed = True
+        if self._check is not None:
+            self._check.cancel()
         tasks = []
         for h in self._hops:
             if h.opening is not None:
@@ -346,6 +467,10 @@ class RemoteInferenceSession:
                 tasks.append(_close_quietly(h.stream, timeout=2.0))
         await asyncio.gather(*tasks, return_exceptions=True)
         self._hops = []
+
+
+def _span(h: _HopState) -> tuple[int, int]:
+    return h.hop.start, h.hop.end
 
 
 async def _close_quietly(stream: StepStream, timeout: float) -> None:

@@ -10,6 +10,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from petals_like.verify import DEFAULT_FRACTION
 from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
 from swarm.errors import BadRequest
@@ -44,11 +45,21 @@ class ApiConfig:
         metadata={"help": "activation codec on the wire: auto, none or a codec name"},
     )
 
+    verify: float = field(
+        default=DEFAULT_FRACTION,
+        metadata={
+            "help": "share of steps re-run on another replica of each span and compared "
+            "(0: off, 1: every step); liars are banned and their tokens generated again"
+        },
+    )
+
     def __post_init__(self) -> None:
         if not self.initial_peers:
             raise BadRequest("--initial-peers needs the multiaddr of a peer of the swarm")
         if self.max_concurrent < 1 or self.default_max_tokens < 1:
             raise BadRequest("--max-concurrent and --default-max-tokens must be >= 1")
+        if not 0.0 <= self.verify <= 1.0:
+            raise BadRequest(f"--verify must be a fraction in [0, 1], got {self.verify}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +84,7 @@ def serve(config: ApiConfig) -> int:
     listening_socket(config.host, config.port).close()  # a taken port fails before joining
     reap_children_on_exit()
     model = DistributedModelForCausalLM.from_pretrained(
-        config.model, config.initial_peers, compression=config.compression
+        config.model, config.initial_peers, compression=config.compression, verify=config.verify
     )
     engine = Engine(model, config.max_concurrent, config.default_max_tokens)
     try:

@@ -134,3 +134,16 @@ def test_unmeasured_relayed_hops_cost_more_and_measured_ones_their_round_trip():
     assert find_route(recs, 0, 6, costs=costs) == [Hop("a", 0, 3), Hop("b", 3, 6)]
     hops = find_route(recs, 0, 6, rtts={"nat": 0.002}, costs=costs)
     assert hops == [Hop("nat", 0, 6)]
+
+
+def test_a_floor_on_block_time_caps_what_a_peer_advertises():
+    honest = Rec("h", 0, 6, inference_rps=100.0)
+    boaster = Rec("x", 0, 6, inference_rps=1e9)  # claims a billion steps per second
+    rtts = {"h": 0.01, "x": 0.01}
+    assert find_route([honest, boaster], 0, 6, rtts=rtts, costs=COSTS)[0].peer_id == "x"
+    floor = {"x": 1.0 / (100.0 * 6)}  # believed no faster than the honest one
+    hops = find_route([boaster, honest], 0, 6, rtts=rtts, costs=COSTS, block_time_floor=floor)
+    assert hops[0].peer_id == "x"  # a tie: order decides; it gains nothing from the number
+    floor = {"x": 1.0 / (50.0 * 6)}  # measured slower than the honest one
+    hops = find_route([boaster, honest], 0, 6, rtts=rtts, costs=COSTS, block_time_floor=floor)
+    assert hops[0].peer_id == "h"
