@@ -41,8 +41,7 @@ class Swarm:
 def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
     import sys
 
-    import hivemind
-
+    from swarm.dht import make_dht
     from swarm.model.loading import resolve_model
     from swarm.peer.dht_view import fetch_swarm
 
@@ -63,7 +62,7 @@ def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
         peers["liar"] = PeerProcess([*base, *tail], env, logs / "liar.log", prefix=liar_prefix)
         for p in peers.values():
             p.wait_maddrs(180)
-        dht = hivemind.DHT(initial_peers=boot, client_mode=True, start=True)
+        dht = make_dht(initial_peers=boot, client_mode=True, start=True)
         prefix = resolve_model(str(tiny_model_dir)).name
 
         def online() -> int:
