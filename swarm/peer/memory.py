@@ -1,13 +1,13 @@
-"""The peer's attention-cache budget: one pool of tokens shared by all inference sessions.
+"""The peer's memory budgets: attention-cache tokens of sessions, request bytes in flight.
 
-Used by the inference handler (`swarm.peer.handler`) and announced as free cache tokens.
+Used by the handlers (`swarm.peer.handler`); free cache tokens are announced on the DHT.
 """
 
 from __future__ import annotations
 
 import threading
 
-from swarm.errors import CacheFull
+from swarm.errors import CacheFull, PeerUnavailable
 
 
 class CacheBudget:
@@ -37,3 +37,46 @@ class CacheBudget:
     def free(self, tokens: int) -> None:
         with self._lock:
             self._used = max(0, self._used - tokens)
+
+
+class PeerBusy(PeerUnavailable):
+    """The peer holds as many request bytes as it allows: retry later or elsewhere."""
+
+
+class ByteBudget:
+    """Bytes of requests being read or served, summed over all streams; refuses when full."""
+
+    def __init__(self, total_bytes: int):
+        self.total = total_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> int:
+        """Hold `nbytes`; raises PeerBusy naming the budget. Returns the amount held."""
+        with self._lock:
+            if nbytes > self.total - self.used:
+                raise PeerBusy(
+                    f"peer busy: a request of {nbytes} bytes would pass the {self.total} bytes "
+                    f"of requests this peer holds at once ({self.used} held); retry later"
+                )
+            self.used += nbytes
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - nbytes)
+
+
+class Held:
+    """What one request holds of a ByteBudget; `release()` gives all of it back, once."""
+
+    def __init__(self, budget: ByteBudget):
+        self.budget = budget
+        self.nbytes = 0
+
+    def reserve(self, nbytes: int) -> None:
+        self.nbytes += self.budget.reserve(nbytes)
+
+    def release(self) -> None:
+        self.budget.release(self.nbytes)
+        self.nbytes = 0
