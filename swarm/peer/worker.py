@@ -163,7 +163,7 @@ class ComputeWorker:
                 dropped = self._steps.drop_cancelled() + self._calls.drop_cancelled()
                 if dropped:
                     self.dropped += dropped
-                    logger.debug("dropped %d queued task(s) whose callers had gone", dropped)
+                    logger.info("dropped %d queued task(s) whose callers had gone", dropped)
                 if self._steps or self._calls:
                     break
             # Alternate when both kinds wait, so neither steps nor calls can starve the other.
