@@ -88,10 +88,11 @@ class PeerHandler(ServicerBase):
             max_rank=config.max_adapter_rank,
             max_pre_seq_len=config.max_pre_seq_len,
         )
-        # Never below one largest request, so a legitimate one always fits when alone.
-        self.request_bytes = ByteBudget(
-            max(int(config.request_memory_mb * (1 << 20)), self.max_request_bytes(2))
-        )
+        # Never below one largest request, so a legitimate one always fits when alone; a
+        # client holds at most half, so the others always find room.
+        largest = self.max_request_bytes(2)
+        total = max(int(config.request_memory_mb * (1 << 20)), largest)
+        self.request_bytes = ByteBudget(total, per_client=max(total // 2, largest))
 
     async def add_p2p_handlers(self, p2p: P2P, wrapper=None, *, namespace=None, balanced=False):
         """As ServicerBase's, but streams read through bounded readers (hivemind's take any
@@ -102,11 +103,11 @@ class PeerHandler(ServicerBase):
             method = getattr(self if wrapper is None else wrapper, h.method_name)
             if h.stream_input:
                 await streams.add_bounded_stream_handler(
-                    p2p, name, method, h.request_type, PART_MESSAGE_BYTES
+                    p2p, name, method, h.request_type, PART_MESSAGE_BYTES, balanced=balanced
                 )
             else:  # unary: the daemon caps each message (4 MiB) before we see it
                 await p2p.add_protobuf_handler(
-                    name, method, h.request_type, stream_output=h.stream_output
+                    name, method, h.request_type, stream_output=h.stream_output, balanced=balanced
                 )
 
     # ---- limits -------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ class PeerHandler(ServicerBase):
     async def rpc_forward_stream(
         self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
     ) -> AsyncIterator[peer_pb2.Part]:
-        held = Held(self.request_bytes)
+        held = Held(self.request_bytes, context.remote_id)
         try:
             try:
                 request = await self._read_one(
@@ -195,7 +196,7 @@ class PeerHandler(ServicerBase):
     async def rpc_backward_stream(
         self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
     ) -> AsyncIterator[peer_pb2.Part]:
-        held = Held(self.request_bytes)
+        held = Held(self.request_bytes, context.remote_id)
         try:
             try:
                 request = await self._read_one(
@@ -307,7 +308,7 @@ class PeerHandler(ServicerBase):
         """One stream = one session: open, steps (possibly rewinding), close."""
         session: Session | None = None
         client = context.remote_id
-        held = Held(self.request_bytes)
+        held = Held(self.request_bytes, context.remote_id)
         refused = False
         try:
             while True:

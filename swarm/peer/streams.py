@@ -41,6 +41,7 @@ async def add_bounded_stream_handler(
     handler: StreamHandler,
     input_type: type[Message],
     max_message_bytes: int,
+    balanced: bool = False,
 ) -> None:
     """Serve `handler` (requests stream in, replies stream out) as hivemind's streams do.
 
@@ -103,7 +104,7 @@ async def add_bounded_stream_handler(
             finally:
                 processing.cancel()
 
-    await p2p.add_binary_stream_handler(name, handle)
+    await p2p.add_binary_stream_handler(name, handle, balanced=balanced)
 
 
 async def _receive(

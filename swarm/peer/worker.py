@@ -44,9 +44,6 @@ class _Turns:
     def __bool__(self) -> bool:
         return bool(self.queues)
 
-    def __len__(self) -> int:
-        return sum(len(q) for q in self.queues.values())
-
     def append(self, client: Hashable, task: _Task) -> None:
         self.queues.setdefault(client, deque()).append(task)
 
@@ -128,11 +125,6 @@ class ComputeWorker:
         """Run one inference step, batched with other sessions' steps of the same shape."""
         task = _Task(asyncio.get_running_loop(), None, step=item)
         return await self._submit(task, self._steps, client)
-
-    @property
-    def queued(self) -> int:
-        with self._cv:
-            return len(self._steps) + len(self._calls)
 
     async def _submit(self, task: _Task, turns: _Turns, client: Hashable) -> Any:
         task.future = task.loop.create_future()

@@ -58,12 +58,16 @@ async def test_join_refuses_from_the_first_part_and_reserves_what_it_may_hold():
 
 
 def test_byte_budget_refuses_as_busy_and_frees():
-    budget = ByteBudget(10)
-    budget.reserve(6)
-    with pytest.raises(PeerBusy, match="peer busy"):
-        budget.reserve(5)
-    budget.release(6)
-    assert budget.reserve(10) == 10
+    budget = ByteBudget(10, per_client=6)
+    budget.reserve(6, "a")
+    with pytest.raises(PeerBusy, match="one client may hold 6"):
+        budget.reserve(1, "a")
+    with pytest.raises(PeerBusy, match="peer busy: a request of 5 bytes"):
+        budget.reserve(5, "b")
+    budget.reserve(4, "b")
+    budget.release(6, "a")
+    budget.release(4, "b")
+    assert budget.used == 0 and budget.reserve(6, "c") == 6
 
 
 # ---- a real peer --------------------------------------------------------------------------
@@ -204,43 +208,55 @@ def test_scenario_gib_requests_are_refused_unread(bounded_peer):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_scenario_requests_in_flight_cannot_add_up(bounded_peer):
-    """Two requests that each fit, together over --request-memory-mb: the second is busy."""
+    """Requests that each fit but together pass --request-memory-mb (or a client's half of it)
+    are refused as busy from their first part; freed bytes serve the next request."""
+    peer_id = as_peer_id(bounded_peer.peer_id)
 
-    async def go(p2p: P2P):
-        stub = PeerHandler.get_stub(p2p, as_peer_id(bounded_peer.peer_id))
-        streams = []
+    async def open_holding(p2p: P2P):
+        """The first of two parts: the peer holds up to its largest forward for the request."""
+        go_on, done = asyncio.Event(), asyncio.Event()
 
-        async def open_holding():
-            # The first of two parts: the peer holds up to its largest forward for it.
-            go_on, done = asyncio.Event(), asyncio.Event()
+        async def parts():
+            yield peer_pb2.Part(data=bytes(wire.PART_BYTES), index=0, count=2)
+            await go_on.wait()
+            yield peer_pb2.Part(data=b"\xff", index=1, count=2)  # garbage: a clear error
+            await done.wait()
 
-            async def parts():
-                yield peer_pb2.Part(data=bytes(wire.PART_BYTES), index=0, count=2)
-                await go_on.wait()
-                yield peer_pb2.Part(data=b"\xff", index=1, count=2)  # garbage: a clear error
-                await done.wait()
+        responses = await PeerHandler.get_stub(p2p, peer_id).rpc_forward_stream(parts())
+        await asyncio.sleep(0.5)  # its first part is read and held
+        return responses, go_on, done
 
-            responses = await stub.rpc_forward_stream(parts())
-            streams.append((responses, go_on, done))
-            await asyncio.sleep(0.5)  # its first part is read and held
-            return responses, go_on, done
-
-        first, go_first, done_first = await open_holding()
-        second, _, done_second = await open_holding()
-        reply = await asyncio.wait_for(wire.join(second, peer_pb2.ForwardResponse), 30)
-        assert reply.error.kind == "PeerUnavailable" and "peer busy" in reply.error.message
-        go_first.set()  # the first one completes (as a malformed request) and frees its bytes
-        reply = await asyncio.wait_for(wire.join(first, peer_pb2.ForwardResponse), 30)
-        assert reply.error.kind == "BadRequest" and "malformed" in reply.error.message
-        third, go_third, done_third = await open_holding()
-        go_third.set()
-        reply = await asyncio.wait_for(wire.join(third, peer_pb2.ForwardResponse), 30)
-        assert reply.error.kind == "BadRequest", "the freed bytes were not given back"
-        for responses, go_on, done in streams:
-            go_on.set()
+    async def reply_of(held) -> peer_pb2.Error:
+        responses, go_on, done = held
+        go_on.set()
+        try:
+            return (
+                await asyncio.wait_for(wire.join(responses, peer_pb2.ForwardResponse), 30)
+            ).error
+        finally:
             done.set()
             with contextlib.suppress(Exception):
                 await responses.aclose()
-        await _still_serving(p2p, bounded_peer)
 
-    _client_run(bounded_peer, go)
+    async def go(a: P2P):
+        b = await P2P.create(
+            initial_peers=bounded_peer.maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"]
+        )
+        try:
+            first = await open_holding(a)
+            mine = await reply_of(await open_holding(a))  # a's second: past a client's half
+            theirs = await reply_of(await open_holding(b))  # b's first: past the whole budget
+            freed = await reply_of(first)  # completes (as a malformed request), frees its bytes
+            after = await reply_of(await open_holding(b))
+            await _still_serving(b, bounded_peer)
+            return mine, theirs, freed, after
+        finally:
+            await b.shutdown()
+
+    mine, theirs, freed, after = _client_run(bounded_peer, go)
+    assert mine.kind == "PeerUnavailable" and "one client may hold" in mine.message
+    assert theirs.kind == "PeerUnavailable" and "bytes of requests this peer holds" in (
+        theirs.message
+    )
+    assert freed.kind == "BadRequest" and "malformed" in freed.message
+    assert after.kind == "BadRequest" and "malformed" in after.message, "bytes were not freed"
