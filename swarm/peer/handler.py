@@ -308,7 +308,7 @@ class PeerHandler(ServicerBase):
         """One stream = one session: open, steps (possibly rewinding), close."""
         session: Session | None = None
         client = context.remote_id
-        held = Held(self.request_bytes, context.remote_id)
+        held = Held(self.request_bytes, client)
         refused = False
         try:
             while True:
