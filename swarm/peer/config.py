@@ -98,6 +98,27 @@ class PeerConfig:
     max_request_tokens: int = field(
         default=8192, metadata={"help": "largest request in tokens (batch * sequence length)"}
     )
+    request_memory_mb: float = field(
+        default=512.0,
+        metadata={
+            "help": "MiB of streamed requests held at once, over all clients (never less than "
+            "one largest request); past it requests are refused as busy"
+        },
+    )
+    client_sessions: int = field(
+        default=32,
+        metadata={"help": "most inference sessions one client (peer id) holds open at once"},
+    )
+    client_cache_share: float = field(
+        default=0.25,
+        metadata={"help": "largest share of --cache-tokens one client's sessions may hold"},
+    )
+    client_requests: int = field(
+        default=64,
+        metadata={
+            "help": "most forwards, backwards and steps of one client queued or running at once"
+        },
+    )
     announce_period: float = field(
         default=30.0,
         metadata={"help": "seconds between DHT announcements (records expire after two)"},
@@ -211,6 +232,12 @@ class PeerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.cache_tokens < 0 or self.max_request_tokens <= 0:
             raise ValueError("--cache-tokens must be >= 0 and --max-request-tokens positive")
+        if self.request_memory_mb <= 0 or self.client_sessions <= 0 or self.client_requests <= 0:
+            raise ValueError(
+                "--request-memory-mb, --client-sessions, --client-requests must be > 0"
+            )
+        if not 0.0 < self.client_cache_share <= 1.0:  # NaN fails too
+            raise ValueError("--client-cache-share must be in (0, 1]")
         if self.adapter_cache_mb < 0 or self.max_adapters < 0 or self.max_adapter_rank < 0:
             raise ValueError("--adapter-cache-mb, --max-adapters, --max-adapter-rank must be >= 0")
         if not 0.0 < self.balance_quality <= 1.0:

@@ -11,7 +11,7 @@ finite and non-negative. Any int8 / uint8 code is accepted (an int8 code of -128
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from google.protobuf.message import DecodeError, Message
@@ -66,6 +66,10 @@ def error_from_wire(err: peer_pb2.Error, peer: str) -> SwarmError:
 
 class WireFormatError(BadRequest, kernels.QuantizationError):
     """A Tensor message that is malformed, inconsistent, or larger than the receiver allows."""
+
+
+class RequestTooLarge(BadRequest):
+    """A streamed request declaring more bytes than the peer accepts: refused unread."""
 
 
 def to_proto(q: kernels.QuantizedTensor) -> tensor_pb2.Tensor:
@@ -243,23 +247,51 @@ def split(msg: Message, part_bytes: int = PART_BYTES) -> list[peer_pb2.Part]:
     ]
 
 
-async def join(parts: AsyncIterator[peer_pb2.Part], msg_type: type[Message]) -> Message | None:
+async def join(
+    parts: AsyncIterator[peer_pb2.Part],
+    msg_type: type[Message],
+    max_bytes: int | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> Message | None:
     """Read one message's parts from a stream; None if the stream ends before a message starts.
 
+    max_bytes: refuse (RequestTooLarge) a message whose first part declares more parts than
+    that many bytes fill, or any part over PART_BYTES, before the next part is read.
+    reserve(n): called once the first part is checked with the most bytes the message may
+    hold (at most max_bytes); it may raise to refuse the message.
     Raises BadRequest on out-of-order parts, an inconsistent count, or unparseable bytes.
     """
     chunks: list[bytes] = []
     count = None
+    size = 0
     async for part in parts:
         if count is None:
             count = part.count
             if not 1 <= count <= MAX_PARTS:
                 raise BadRequest(f"a message must have 1..{MAX_PARTS} parts, got {count}")
+            # Every part but the last is PART_BYTES long: the count bounds the size from here.
+            least = len(part.data) if count == 1 else (count - 1) * PART_BYTES + 1
+            if max_bytes is not None and least > max_bytes:
+                raise RequestTooLarge(
+                    f"the request declares {count} parts (over {least - 1} bytes), more than "
+                    f"this peer accepts ({max_bytes} bytes)"
+                )
+            if reserve is not None:
+                most = len(part.data) if count == 1 else count * PART_BYTES
+                reserve(most if max_bytes is None else min(most, max_bytes))
         if part.count != count or part.index != len(chunks):
             raise BadRequest(f"part {part.index} of {part.count} arrived out of order")
+        size += len(part.data)
+        if max_bytes is not None and (len(part.data) > PART_BYTES or size > max_bytes):
+            raise RequestTooLarge(
+                f"part {part.index} of {len(part.data)} bytes passes the limits of a part "
+                f"({PART_BYTES}) or of a request ({max_bytes} bytes)"
+            )
         chunks.append(part.data)
         if len(chunks) == count:
-            return parse(b"".join(chunks), msg_type)
+            data = b"".join(chunks)
+            chunks.clear()  # the parts' bytes go now, not when the caller's frame ends
+            return parse(data, msg_type)
     if count is not None:
         raise BadRequest(f"the stream ended after {len(chunks)} of {count} parts")
     return None

@@ -1,0 +1,144 @@
+"""Bounded protobuf streams over hivemind P2P: a message's length is checked before it is read.
+
+Used by the peer's handlers (`swarm.peer.handler`) instead of hivemind's stream registration,
+whose reader takes any 8-byte length prefix and then buffers that many bytes (DESIGN: streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from google.protobuf.message import DecodeError, Message
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto.p2pd_pb2 import RPCError
+
+from swarm.errors import BadRequest
+
+logger = logging.getLogger(__name__)
+
+MAX_PREFETCH = 5  # messages read ahead of the handler (hivemind's default): bounds a stream's RAM
+CLOSE_WAIT = 5.0  # how long the handler may still reply after we stopped reading its stream
+# Closing a stream the caller still writes to resets it, and our last reply is lost with it:
+# after a refusal we wait up to LINGER_SECONDS for the caller to close, discarding (never
+# keeping) at most LINGER_BYTES of what it still sends, then leaving the rest unread.
+LINGER_BYTES = 1 << 20
+LINGER_SECONDS = 2.0
+
+
+class MessageTooLarge(BadRequest):
+    """A stream message whose length prefix exceeds what the handler accepts; never read."""
+
+
+StreamHandler = Callable[[AsyncIterator[Message], P2PContext], AsyncIterator[Message]]
+
+
+async def add_bounded_stream_handler(
+    p2p: P2P,
+    name: str,
+    handler: StreamHandler,
+    input_type: type[Message],
+    max_message_bytes: int,
+    balanced: bool = False,
+) -> None:
+    """Serve `handler` (requests stream in, replies stream out) as hivemind's streams do.
+
+    The wire format is hivemind's (marker byte, 8-byte length, protobuf), so hivemind stubs call
+    it unchanged. A message longer than `max_message_bytes`, or one that does not parse, reaches
+    the handler as a BadRequest raised by its request iterator; the stream is read no further
+    and is closed once the handler returns (or after CLOSE_WAIT s) and the caller has had
+    time to read the reply (LINGER_*).
+    """
+
+    async def handle(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=info.peer_id)
+        queue: asyncio.Queue = asyncio.Queue(MAX_PREFETCH)
+
+        async def requests() -> AsyncIterator[Message]:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+
+        async def process() -> None:
+            try:
+                async for reply in handler(requests(), context):
+                    try:
+                        await P2P.send_protobuf(reply, writer)
+                    except Exception:  # the caller closed or broke the connection
+                        logger.debug("could not send a reply on %s", name, exc_info=True)
+                        break
+            except Exception as e:
+                logger.warning("stream handler %s failed", name, exc_info=True)
+                with contextlib.suppress(Exception):
+                    await P2P.send_protobuf(RPCError(message=str(e)), writer)
+
+        with contextlib.closing(writer):
+            processing = asyncio.create_task(process())
+            ended = False  # the caller's end of stream came: nothing more will arrive
+            try:
+                while True:
+                    receiving = asyncio.create_task(_receive(reader, input_type, max_message_bytes))
+                    await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
+                    if processing.done():
+                        receiving.cancel()
+                        if not ended:  # the handler refused mid-request: the caller still sends
+                            await asyncio.wait({receiving})  # it must let go of the reader first
+                            await _linger(reader)
+                        return
+                    try:
+                        request = receiving.result()
+                    except (asyncio.IncompleteReadError, ConnectionError):  # the caller went away
+                        return
+                    except BadRequest as e:  # refused: hand it over, read nothing more of it
+                        await queue.put(e)
+                        await asyncio.wait({processing}, timeout=CLOSE_WAIT)
+                        await _linger(reader)
+                        return
+                    await queue.put(request)  # None: the caller's end of stream
+                    ended = request is None
+            except Exception:
+                logger.warning("error while receiving on %s", name, exc_info=True)
+            finally:
+                processing.cancel()
+
+    await p2p.add_binary_stream_handler(name, handle, balanced=balanced)
+
+
+async def _receive(
+    reader: asyncio.StreamReader, msg_type: type[Message], max_bytes: int
+) -> Message | None:
+    """One message from the stream (None at the caller's end of stream), length checked first."""
+    marker = await reader.readexactly(1)
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise BadRequest(f"invalid stream message marker {marker!r}")
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    if length > max_bytes:
+        raise MessageTooLarge(
+            f"a stream message of {length} bytes exceeds this peer's limit of {max_bytes}: "
+            "split requests into parts (swarm.peer.wire.split)"
+        )
+    data = await reader.readexactly(length)
+    if marker == P2P.ERROR_MARKER:
+        return None  # hivemind ends a request stream with an (empty) error message
+    msg = msg_type()
+    try:
+        msg.ParseFromString(data)
+    except (DecodeError, RuntimeWarning, ValueError) as e:
+        raise BadRequest(f"malformed {msg_type.__name__} stream message: {e}") from None
+    return msg
+
+
+async def _linger(reader: asyncio.StreamReader) -> None:
+    """Wait (bounded) for the caller to close, so it can read our reply before the stream goes."""
+    left = LINGER_BYTES
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(LINGER_SECONDS):
+            while left > 0:
+                data = await reader.read(min(1 << 16, left))
+                if not data:
+                    return  # the caller closed
+                left -= len(data)
+            await asyncio.sleep(LINGER_SECONDS)  # it writes on: let it stall, unread, till then
