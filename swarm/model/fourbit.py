@@ -35,12 +35,22 @@ class FourBitLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kind: str = "nf4") -> FourBitLinear:
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, kind)
+        """Round-to-nearest codes of the layer's weight (no calibration)."""
         w = kernels.quantize_4bit(linear.weight.detach(), kind)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_weight(w, bias)
+
+    @classmethod
+    def from_weight(
+        cls, w: kernels.FourBitWeight, bias: torch.Tensor | None = None
+    ) -> FourBitLinear:
+        """A layer holding already quantized weights w [out, in] (e.g. GPTQ's, kernels.gptq)."""
+        out_features, in_features = w.shape
+        q = cls(in_features, out_features, bias is not None, w.kind)
         q.packed, q.absmax_codes = w.packed, w.absmax_codes
         q.absmax_scales, q.absmax_mean = w.absmax_scales, w.absmax_mean
-        if linear.bias is not None:
-            q.bias = linear.bias.detach().clone()
+        if bias is not None:
+            q.bias = bias
         return q
 
     @property

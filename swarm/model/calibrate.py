@@ -1,0 +1,138 @@
+"""Calibrated 4-bit quantization of a whole model (GPTQ, kernels.gptq) on text the fp32 model
+samples itself: data-free, so no evaluation text can leak in. Used by bench_local and local runs.
+
+Each block is calibrated on the inputs the *fp32* model gives it (not the quantized one's), so a
+block's codes depend only on the checkpoint and the seed: any span of blocks quantized this way
+equals the same blocks of the whole model quantized this way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.gptq import add_to_hessian, gptq_quantize_4bit
+from swarm.errors import BadRequest
+from swarm.model.fourbit import FourBitLinear
+from swarm.model.llama import Block, LlamaModel, rope_cos_sin
+from swarm.quant import FOURBIT_MODES
+
+logger = logging.getLogger(__name__)
+
+# Linear layers of a block that read the same input, and so share one Hessian.
+_SHARED_INPUT = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibrated 4-bit weights are made.
+
+    sequences, length: calibration text, sampled by the fp32 model (sequences x length tokens).
+    seed: of the sampler (the same seed gives the same weights). damp: GPTQ's dampening, a
+    fraction of the Hessian's mean diagonal. clip: search each block's scale (clipped absmax).
+    """
+
+    sequences: int = 16
+    length: int = 128
+    seed: int = 0
+    damp: float = 0.01
+    clip: bool = True
+
+
+@torch.inference_mode()
+def sample_calibration_ids(model: LlamaModel, sequences: int, length: int, seed: int = 0):
+    """[sequences, length] token ids sampled from `model` at temperature 1, each sequence
+    started by a uniformly drawn token (a diverse, data-free calibration set).
+    """
+    if sequences < 1 or length < 2:
+        raise BadRequest(
+            f"calibration needs >= 1 sequence of >= 2 tokens, got {sequences}x{length}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (sequences, 1), generator=g)
+    caches = model.new_caches(sequences, length)
+    out = [ids]
+    for pos in range(length - 1):
+        logits = model(out[-1], pos, caches)[:, -1].float()
+        out.append(torch.multinomial(logits.softmax(-1), 1, generator=g))
+    return torch.cat(out, dim=1)
+
+
+def _linear(block: Block, name: str) -> nn.Linear:
+    return block.get_submodule(name)
+
+
+@torch.inference_mode()
+def _block_hessians(block: Block, hidden, cos, sin) -> tuple[torch.Tensor, dict]:
+    """Run the fp32 block on hidden [B, T, H]; (its output, Hessian per shared-input group)."""
+    hessians: dict[str, torch.Tensor] = {}
+    hooks = []
+    for group in _SHARED_INPUT:
+        first = _linear(block, group[0])
+        n = first.in_features
+        hessians[group[0]] = torch.zeros(n, n, dtype=torch.float32)
+
+        def hook(_module, args, key=group[0]):
+            add_to_hessian(hessians[key], args[0].float())
+
+        hooks.append(first.register_forward_pre_hook(hook))
+    try:
+        out = block(hidden, cos, sin)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, hessians
+
+
+def quantize_calibrated(
+    model: LlamaModel,
+    quant: str = "nf4",
+    config: CalibrationConfig | None = None,
+    ids: torch.Tensor | None = None,
+) -> LlamaModel:
+    """Replace, in place, every nn.Linear of the model's blocks by a GPTQ-calibrated
+    FourBitLinear of `quant` ("nf4", "fp4" or "int4"); the client parts stay in float.
+
+    ids: calibration token ids [sequences, length]; None samples them from the model as
+    `config` says (sample_calibration_ids).
+    """
+    if quant not in FOURBIT_MODES:
+        raise BadRequest(f"calibrated quantization is for {', '.join(FOURBIT_MODES)}; got {quant}")
+    config = config or CalibrationConfig()
+    t0 = time.perf_counter()
+    if ids is None:
+        ids = sample_calibration_ids(model, config.sequences, config.length, config.seed)
+    t_sample = time.perf_counter() - t0
+    span = model.span
+    with torch.inference_mode():
+        hidden = model.client.embed(ids).float()
+        positions = torch.arange(ids.shape[1])
+        cos, sin = rope_cos_sin(span.inv_freq, positions, hidden.dtype)
+    for block in span.blocks:
+        hidden, hessians = _block_hessians(block, hidden, cos, sin)
+        for group in _SHARED_INPUT:
+            linears = [_linear(block, name) for name in group]
+            weights = [lin.weight.detach().float() for lin in linears]
+            qs = gptq_quantize_4bit(weights, hessians[group[0]], quant, config.damp, config.clip)
+            for name, lin, q in zip(group, linears, qs, strict=True):
+                parent, _, attr = name.rpartition(".")
+                bias = None if lin.bias is None else lin.bias.detach().clone()
+                setattr(block.get_submodule(parent), attr, FourBitLinear.from_weight(q, bias))
+    logger.info(
+        "calibrated %s on %dx%d sampled tokens: sampling %.1fs, GPTQ %.1fs",
+        quant,
+        ids.shape[0],
+        ids.shape[1],
+        t_sample,
+        time.perf_counter() - t0 - t_sample,
+    )
+    return model
