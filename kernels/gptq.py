@@ -91,11 +91,25 @@ def value_scales(d: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def gptq_codes(
-    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, kind: str, damp: float = 0.01
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scale: torch.Tensor,
+    kind: str,
+    damp: float = 0.01,
+    act_order: bool = True,
 ) -> torch.Tensor:
     """uint8 [out, in] codes of w [out, in] against fixed per-value scales [out, in]
     (value_scales), chosen by GPTQ with Hessian h [in, in] (dampened by damp * mean(diag(h))).
+    act_order: quantize the inputs of largest diag(h) first, while most columns are left to
+    take up their error (the scales are fixed, so any order keeps the block layout).
     """
+    if act_order:
+        _check(w)
+        if h.shape != (w.shape[1], w.shape[1]):
+            raise QuantizationError(f"Hessian of shape {tuple(h.shape)} for {tuple(w.shape)}")
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        codes = gptq_codes(w[:, perm], h[perm][:, perm], scale[:, perm], kind, damp, False)
+        return codes[:, torch.argsort(perm)]
     _check_kind(kind)
     out, n = _check(w)
     if h.shape != (n, n):
@@ -113,8 +127,7 @@ def gptq_codes(
         raise QuantizationError(f"scales of shape {tuple(scale.shape)} for {tuple(W.shape)}")
     # Columns as contiguous rows: the pass reads one input column of every output at a time.
     Wt, St = W.t().contiguous(), scale.to(torch.float32).t().contiguous()
-    nonzero = St != 0
-    safe = torch.where(nonzero, St, 1.0)
+    inv = torch.where(St != 0, 1.0 / torch.where(St != 0, St, 1.0), 0.0)  # 0: the zero code
     table, mids = codebook(kind, W.device), midpoints(kind, W.device)
     codes = torch.empty(n, out, dtype=torch.uint8, device=W.device)
     for c0 in range(0, n, _GPTQ_COLUMNS):
@@ -124,9 +137,9 @@ def gptq_codes(
         for j in range(c1 - c0):
             i = c0 + j
             col = W1[j]
-            code = torch.bucketize(torch.where(nonzero[i], col / safe[i], 0.0), mids)
-            codes[i] = code.to(torch.uint8)
-            e = (col - table.index_select(0, code) * St[i]) / U1[j, j]
+            code = torch.bucketize(col * inv[i], mids)
+            codes[i] = code
+            e = (col - table.index_select(0, code) * St[i]).div_(U1[j, j])
             W1[j + 1 :].addr_(U1[j, j + 1 :], e, alpha=-1.0)
             err[j] = e
         Wt[c1:].addmm_(U[c0:c1, c1:].t(), err, alpha=-1.0)
@@ -139,6 +152,7 @@ def gptq_quantize_4bit(
     kind: str = "nf4",
     damp: float = 0.01,
     clip: bool = True,
+    act_order: bool = True,
 ) -> list[FourBitWeight]:
     """GPTQ-quantize weights that share one input (and so one Hessian h [in, in]): q, k and v
     projections, or gate and up. Each weight gets its own double-quantized block scales; the
@@ -165,7 +179,7 @@ def gptq_quantize_4bit(
         d = dequantize_absmax(codes8, s, mean)
         scales.append((codes8, s, mean, value_scales(d, tuple(w.shape))))
     stacked = torch.cat([w.detach().to(torch.float32) for w in weights])
-    codes = gptq_codes(stacked, h, torch.cat([sc[3] for sc in scales]), kind, damp)
+    codes = gptq_codes(stacked, h, torch.cat([sc[3] for sc in scales]), kind, damp, act_order)
     out, row = [], 0
     for w, (codes8, s, mean, _) in zip(weights, scales, strict=True):
         packed = pack(codes[row : row + w.shape[0]].reshape(-1))

@@ -18,6 +18,7 @@ from torch import nn
 from kernels.gptq import add_to_hessian, gptq_quantize_4bit
 from swarm.errors import BadRequest
 from swarm.model.fourbit import FourBitLinear
+from swarm.model.int8 import Int8Linear
 from swarm.model.llama import Block, LlamaModel, rope_cos_sin
 from swarm.quant import FOURBIT_MODES
 
@@ -38,14 +39,21 @@ class CalibrationConfig:
 
     sequences, length: calibration text, sampled by the fp32 model (sequences x length tokens).
     seed: of the sampler (the same seed gives the same weights). damp: GPTQ's dampening, a
-    fraction of the Hessian's mean diagonal. clip: search each block's scale (clipped absmax).
+    fraction of the Hessian's mean diagonal (0.1: 0.01 overfits the few thousand tokens).
+    clip: search each block's scale (clipped absmax). sequential: calibrate each block on the
+    quantized earlier blocks' outputs (GPTQ's way) instead of the fp32 ones. int8: names of
+    linear layers (as in a Block, e.g. "self_attn.v_proj") kept in int8, the most sensitive.
+    act_order: GPTQ quantizes the inputs of largest Hessian diagonal first.
     """
 
     sequences: int = 16
     length: int = 128
     seed: int = 0
-    damp: float = 0.01
+    damp: float = 0.1
     clip: bool = True
+    sequential: bool = False
+    act_order: bool = True
+    int8: tuple[str, ...] = ()
 
 
 @torch.inference_mode()
@@ -118,15 +126,33 @@ def quantize_calibrated(
         positions = torch.arange(ids.shape[1])
         cos, sin = rope_cos_sin(span.inv_freq, positions, hidden.dtype)
     for block in span.blocks:
-        hidden, hessians = _block_hessians(block, hidden, cos, sin)
+        out, hessians = _block_hessians(block, hidden, cos, sin)
         for group in _SHARED_INPUT:
+            h = hessians[group[0]]
+            for name in group:
+                if name in config.int8:
+                    parent, _, attr = name.rpartition(".")
+                    setattr(
+                        block.get_submodule(parent),
+                        attr,
+                        Int8Linear.from_linear(_linear(block, name)),
+                    )
+            group = [name for name in group if name not in config.int8]
             linears = [_linear(block, name) for name in group]
             weights = [lin.weight.detach().float() for lin in linears]
-            qs = gptq_quantize_4bit(weights, hessians[group[0]], quant, config.damp, config.clip)
+            qs = (
+                gptq_quantize_4bit(weights, h, quant, config.damp, config.clip, config.act_order)
+                if group
+                else []
+            )
             for name, lin, q in zip(group, linears, qs, strict=True):
                 parent, _, attr = name.rpartition(".")
                 bias = None if lin.bias is None else lin.bias.detach().clone()
                 setattr(block.get_submodule(parent), attr, FourBitLinear.from_weight(q, bias))
+        if config.sequential:
+            with torch.inference_mode():
+                out = block(hidden, cos, sin)
+        hidden = out
     logger.info(
         "calibrated %s on %dx%d sampled tokens: sampling %.1fs, GPTQ %.1fs",
         quant,

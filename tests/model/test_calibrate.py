@@ -13,7 +13,7 @@ from torch import nn
 from swarm.model import LlamaModel
 from swarm.model.calibrate import CalibrationConfig, quantize_calibrated, sample_calibration_ids
 from swarm.model.fourbit import FourBitLinear
-from swarm.model.int8 import weight_bytes
+from swarm.model.int8 import Int8Linear, weight_bytes
 from swarm.model.loading import load_model
 from swarm.model.quantize import quantize_blocks_as
 from tests.model.test_int8 import tiny_config
@@ -57,3 +57,15 @@ def test_calibrated_checkpoint_model(tiny_model_dir):
     rtn = load_model(str(tiny_model_dir), quant="nf4", progress=False)
     held_out = sample_calibration_ids(fp32, 8, 32, seed=1)
     assert logits_error(calibrated, fp32, held_out) < logits_error(rtn, fp32, held_out)
+
+
+def test_sensitive_layers_kept_in_int8_are_counted_in_the_bytes(fp32_model):
+    config = CalibrationConfig(sequences=4, length=16, int8=("self_attn.v_proj",))
+    mixed = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", config)
+    plain = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", CalibrationConfig(4, 16))
+    v = mixed.span.blocks[0].self_attn.v_proj
+    assert isinstance(v, Int8Linear) and isinstance(
+        mixed.span.blocks[0].self_attn.k_proj, FourBitLinear
+    )
+    extra = len(mixed.span.blocks) * (v.nbytes - plain.span.blocks[0].self_attn.v_proj.nbytes)
+    assert weight_bytes(mixed.span) == weight_bytes(plain.span) + extra
