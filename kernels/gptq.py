@@ -97,19 +97,36 @@ def gptq_codes(
     kind: str,
     damp: float = 0.01,
     act_order: bool = True,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 [out, in] codes of w [out, in] against fixed per-value scales [out, in]
     (value_scales), chosen by GPTQ with Hessian h [in, in] (dampened by damp * mean(diag(h))).
     act_order: quantize the inputs of largest diag(h) first, while most columns are left to
     take up their error (the scales are fixed, so any order keeps the block layout).
+    kept: int64 [k] input columns kept in float16 beside the codes: they go first (so their
+    values are w's own), get the zero code, and only their float16 rounding spreads onwards.
     """
-    if act_order:
+    k = 0 if kept is None else kept.numel()
+    if act_order or k:
         _check(w)
         if h.shape != (w.shape[1], w.shape[1]):
             raise QuantizationError(f"Hessian of shape {tuple(h.shape)} for {tuple(w.shape)}")
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        codes = gptq_codes(w[:, perm], h[perm][:, perm], scale[:, perm], kind, damp, False)
+        key = torch.diagonal(h).to(torch.float64) if act_order else torch.zeros(w.shape[1])
+        if k:
+            key = key.clone()
+            key[kept] = float("inf")
+        perm = torch.argsort(key, descending=True, stable=True)
+        if k:
+            perm[:k] = kept  # in the caller's order
+        codes = _gptq_codes(w[:, perm], h[perm][:, perm], scale[:, perm], kind, damp, k)
         return codes[:, torch.argsort(perm)]
+    return _gptq_codes(w, h, scale, kind, damp, 0)
+
+
+def _gptq_codes(
+    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, kind: str, damp: float, kept: int
+) -> torch.Tensor:
+    """gptq_codes in the given column order, its first `kept` columns kept in float16."""
     _check_kind(kind)
     out, n = _check(w)
     if h.shape != (n, n):
@@ -129,6 +146,7 @@ def gptq_codes(
     Wt, St = W.t().contiguous(), scale.to(torch.float32).t().contiguous()
     inv = torch.where(St != 0, 1.0 / torch.where(St != 0, St, 1.0), 0.0)  # 0: the zero code
     table, mids = codebook(kind, W.device), midpoints(kind, W.device)
+    zero_code = int(torch.bucketize(torch.zeros(1, device=W.device), mids))
     codes = torch.empty(n, out, dtype=torch.uint8, device=W.device)
     for c0 in range(0, n, _GPTQ_COLUMNS):
         c1 = min(c0 + _GPTQ_COLUMNS, n)
@@ -137,9 +155,13 @@ def gptq_codes(
         for j in range(c1 - c0):
             i = c0 + j
             col = W1[j]
-            code = torch.bucketize(col * inv[i], mids)
-            codes[i] = code
-            e = (col - table.index_select(0, code) * St[i]).div_(U1[j, j])
+            if i < kept:
+                codes[i] = zero_code
+                e = (col - col.to(torch.float16).to(torch.float32)).div_(U1[j, j])
+            else:
+                code = torch.bucketize(col * inv[i], mids)
+                codes[i] = code
+                e = (col - table.index_select(0, code) * St[i]).div_(U1[j, j])
             W1[j + 1 :].addr_(U1[j, j + 1 :], e, alpha=-1.0)
             err[j] = e
         Wt[c1:].addmm_(U[c0:c1, c1:].t(), err, alpha=-1.0)
@@ -153,10 +175,15 @@ def gptq_quantize_4bit(
     damp: float = 0.01,
     clip: bool = True,
     act_order: bool = True,
+    keep: float = 0.0,
 ) -> list[FourBitWeight]:
     """GPTQ-quantize weights that share one input (and so one Hessian h [in, in]): q, k and v
     projections, or gate and up. Each weight gets its own double-quantized block scales; the
     column pass runs once over their rows stacked. Returns one FourBitWeight per weight.
+
+    keep: fraction of input columns kept in float16 (SpQR-style outliers, whole columns so
+    that an index costs 4 bytes per column): those of largest saliency diag(h) * |W[:, j]|^2,
+    the inputs whose rounding would cost most. About 2 * keep bytes per parameter more.
     """
     if not weights:
         return []
@@ -166,11 +193,20 @@ def gptq_quantize_4bit(
             f"Hessian of shape {tuple(h.shape)} for weights of shapes "
             f"{[tuple(w.shape) for w in weights]}: all need {tuple(h.shape)[:1]} inputs"
         )
-    scales = []  # per weight: (absmax codes, absmax scales, mean, dequantized block scales)
     for w in weights:
         _check(w)
         if not bool(torch.isfinite(w).all()):
             raise QuantizationError("cannot quantize a weight holding NaN or inf")
+    stacked = torch.cat([w.detach().to(torch.float32) for w in weights])
+    k = min(n, int(keep * n))
+    kept = None
+    if k:
+        saliency = torch.diagonal(h).to(torch.float32) * (stacked**2).sum(dim=0)
+        kept = torch.sort(torch.topk(saliency, k).indices).values
+    scales = []  # per weight: (absmax codes, absmax scales, mean, dequantized block scales)
+    for w in weights:
+        if kept is not None:  # kept columns must not widen their blocks' scales
+            w = w.detach().to(torch.float32).index_fill(1, kept, 0.0)
         if clip:
             raw = search_block_scales(w, torch.diagonal(h), kind)
         else:
@@ -178,11 +214,16 @@ def gptq_quantize_4bit(
         codes8, s, mean = quantize_absmax(raw)
         d = dequantize_absmax(codes8, s, mean)
         scales.append((codes8, s, mean, value_scales(d, tuple(w.shape))))
-    stacked = torch.cat([w.detach().to(torch.float32) for w in weights])
-    codes = gptq_codes(stacked, h, torch.cat([sc[3] for sc in scales]), kind, damp, act_order)
+    all_scales = torch.cat([sc[3] for sc in scales])
+    codes = gptq_codes(stacked, h, all_scales, kind, damp, act_order, kept)
     out, row = [], 0
     for w, (codes8, s, mean, _) in zip(weights, scales, strict=True):
-        packed = pack(codes[row : row + w.shape[0]].reshape(-1))
-        out.append(FourBitWeight(packed, codes8, s, mean, tuple(w.shape), kind))
+        rows = slice(row, row + w.shape[0])
+        packed = pack(codes[rows].reshape(-1))
+        q = FourBitWeight(packed, codes8, s, mean, tuple(w.shape), kind)
+        if kept is not None:
+            q.kept_cols = kept.to(torch.int32)
+            q.kept_values = stacked[rows].index_select(1, kept).to(torch.float16)
+        out.append(q)
         row += w.shape[0]
     return out

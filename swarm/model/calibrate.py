@@ -43,7 +43,9 @@ class CalibrationConfig:
     clip: search each block's scale (clipped absmax). sequential: calibrate each block on the
     quantized earlier blocks' outputs (GPTQ's way) instead of the fp32 ones. int8: names of
     linear layers (as in a Block, e.g. "self_attn.v_proj") kept in int8, the most sensitive.
-    act_order: GPTQ quantizes the inputs of largest Hessian diagonal first.
+    act_order: GPTQ quantizes the inputs of largest Hessian diagonal first. skip_first: positions
+    at the start of each sequence left out of the Hessians (the first token's huge activations).
+    keep: fraction of each layer's input columns kept in float16 (kernels.gptq; 2 bytes each).
     """
 
     sequences: int = 16
@@ -53,6 +55,8 @@ class CalibrationConfig:
     clip: bool = True
     sequential: bool = False
     act_order: bool = True
+    skip_first: int = 0
+    keep: float = 0.0
     int8: tuple[str, ...] = ()
 
 
@@ -80,8 +84,10 @@ def _linear(block: Block, name: str) -> nn.Linear:
 
 
 @torch.inference_mode()
-def _block_hessians(block: Block, hidden, cos, sin) -> tuple[torch.Tensor, dict]:
-    """Run the fp32 block on hidden [B, T, H]; (its output, Hessian per shared-input group)."""
+def _block_hessians(block: Block, hidden, cos, sin, skip: int = 0) -> tuple[torch.Tensor, dict]:
+    """Run the fp32 block on hidden [B, T, H]; (its output, Hessian per shared-input group),
+    leaving the first `skip` positions of every sequence out of the Hessians.
+    """
     hessians: dict[str, torch.Tensor] = {}
     hooks = []
     for group in _SHARED_INPUT:
@@ -90,7 +96,7 @@ def _block_hessians(block: Block, hidden, cos, sin) -> tuple[torch.Tensor, dict]
         hessians[group[0]] = torch.zeros(n, n, dtype=torch.float32)
 
         def hook(_module, args, key=group[0]):
-            add_to_hessian(hessians[key], args[0].float())
+            add_to_hessian(hessians[key], args[0][:, skip:].float())
 
         hooks.append(first.register_forward_pre_hook(hook))
     try:
@@ -126,7 +132,7 @@ def quantize_calibrated(
         positions = torch.arange(ids.shape[1])
         cos, sin = rope_cos_sin(span.inv_freq, positions, hidden.dtype)
     for block in span.blocks:
-        out, hessians = _block_hessians(block, hidden, cos, sin)
+        out, hessians = _block_hessians(block, hidden, cos, sin, config.skip_first)
         for group in _SHARED_INPUT:
             h = hessians[group[0]]
             for name in group:
@@ -141,7 +147,9 @@ def quantize_calibrated(
             linears = [_linear(block, name) for name in group]
             weights = [lin.weight.detach().float() for lin in linears]
             qs = (
-                gptq_quantize_4bit(weights, h, quant, config.damp, config.clip, config.act_order)
+                gptq_quantize_4bit(
+                    weights, h, quant, config.damp, config.clip, config.act_order, config.keep
+                )
                 if group
                 else []
             )

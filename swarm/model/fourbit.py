@@ -31,6 +31,10 @@ class FourBitLinear(nn.Module):
         scales = -(-blocks // kernels.FOURBIT_ABSMAX_BLOCK)
         self.register_buffer("absmax_scales", torch.zeros(scales, dtype=torch.float32))
         self.register_buffer("absmax_mean", torch.zeros((), dtype=torch.float32))
+        # Input columns kept in float16 (calibrated weights' outliers); None: none (and absent
+        # from the state dict, as a missing bias is).
+        self.register_buffer("kept_cols", None)
+        self.register_buffer("kept_values", None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
@@ -49,6 +53,8 @@ class FourBitLinear(nn.Module):
         q = cls(in_features, out_features, bias is not None, w.kind)
         q.packed, q.absmax_codes = w.packed, w.absmax_codes
         q.absmax_scales, q.absmax_mean = w.absmax_scales, w.absmax_mean
+        if w.kept:
+            q.kept_cols, q.kept_values = w.kept_cols, w.kept_values
         if bias is not None:
             q.bias = bias
         return q
@@ -62,6 +68,8 @@ class FourBitLinear(nn.Module):
             self.absmax_mean,
             (self.out_features, self.in_features),
             self.kind,
+            self.kept_cols,
+            self.kept_values,
         )
 
     @property

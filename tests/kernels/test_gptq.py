@@ -85,3 +85,22 @@ def test_unseen_inputs_get_finite_codes():
     h[:32, :32] = add_to_hessian(torch.zeros(32, 32), torch.randn(100, 32))
     (q,) = gptq_quantize_4bit([w], h)
     assert bool(torch.isfinite(q.dequantize()).all())
+
+
+def test_kept_columns_decode_exactly_and_are_counted():
+    n, out = 128, 48
+    w = torch.randn(out, n, generator=torch.Generator().manual_seed(4)) * 0.02
+    x = correlated_inputs(600, n, seed=6)
+    h = add_to_hessian(torch.zeros(n, n), x)
+    (plain,) = gptq_quantize_4bit([w], h, "nf4", damp=0.1)
+    (q,) = gptq_quantize_4bit([w], h, "nf4", damp=0.1, keep=0.05)
+    assert q.kept == 6 and q.kept_values.dtype == torch.float16
+    assert set(q.kept_cols.tolist()) >= {0, 1, 2}  # the outlier input channels
+    cols = q.kept_cols.long()
+    exact = w[:, cols].to(torch.float16).to(torch.float32)
+    assert torch.equal(dequantize_4bit(q)[:, cols], exact)
+    assert torch.equal(fast_dequantize(q), dequantize_4bit(q))
+    assert q.nbytes == plain.nbytes + 6 * (4 + 2 * out)
+    x_test = correlated_inputs(300, n, seed=7)
+    torch.testing.assert_close(fourbit_linear(x_test, q), x_test @ q.dequantize().t())
+    assert output_error(x_test, w, q.dequantize()) < output_error(x_test, w, plain.dequantize())
