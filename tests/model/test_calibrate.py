@@ -18,7 +18,7 @@ from swarm.model.loading import load_model
 from swarm.model.quantize import quantize_blocks_as
 from tests.model.test_int8 import tiny_config
 
-CONFIG = CalibrationConfig(sequences=8, length=32)
+CONFIG = CalibrationConfig(sequences=8, length=32, int8=())  # all 4-bit
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_calibrated_checkpoint_model(tiny_model_dir):
 def test_sensitive_layers_kept_in_int8_are_counted_in_the_bytes(fp32_model):
     config = CalibrationConfig(sequences=4, length=16, int8=("self_attn.v_proj",))
     mixed = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", config)
-    plain = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", CalibrationConfig(4, 16))
+    plain = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", CONFIG)
     v = mixed.span.blocks[0].self_attn.v_proj
     assert isinstance(v, Int8Linear) and isinstance(
         mixed.span.blocks[0].self_attn.k_proj, FourBitLinear
