@@ -83,6 +83,12 @@ def decode_speed(model: LlamaModel, prompt: list[int], new_tokens: int, batch: i
     return batch * new_tokens / (time.perf_counter() - t0)
 
 
+def calib_note(calib: CalibrationConfig) -> str:
+    int8 = f", {'/'.join(n.rsplit('.', 1)[-1] for n in calib.int8)} int8" if calib.int8 else ""
+    keep = f", {100 * calib.keep:g}% columns fp16" if calib.keep else ""
+    return f"GPTQ on {calib.sequences}x{calib.length} sampled tokens{int8}{keep}"
+
+
 def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], Path, list[int]]:
     """One row per mode (and the int8 path variants), the model's source and the text's ids.
 
@@ -96,7 +102,10 @@ def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], P
     prompt = tok.encode(PROMPT)
     rows, models = [], []  # models[i]: (model, int8 threshold, int8 path) of rows[i]
     calib = CalibrationConfig(
-        sequences=args.calib_sequences, length=args.calib_length, int8=tuple(args.calib_int8)
+        sequences=args.calib_sequences,
+        length=args.calib_length,
+        int8=tuple(args.calib_int8),
+        keep=args.calib_keep,
     )
     calib_ids, sample_s = None, 0.0  # sampled once, shared by every calibrated mode
     for mode in args.modes:
@@ -125,7 +134,7 @@ def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], P
             "block_weights_mb": weight_bytes(model.span) / 2**20,
             "bytes_per_param": weight_bytes(model.span) / quantized_params(model.span),
             "rss_delta_mb": rss1 - rss0 if rss0 is not None and rss1 is not None else None,
-            "note": "",
+            "note": calib_note(calib) if mode in CALIBRATED else "",
         }
         rows.append(row)
         models.append((model, DEFAULT_THRESHOLD, "auto"))
@@ -186,6 +195,12 @@ def main(argv: list[str] | None = None) -> None:
         nargs="*",
         default=list(CalibrationConfig.int8),
         help="calibration: block linear layers kept in int8 (e.g. self_attn.v_proj)",
+    )
+    p.add_argument(
+        "--calib-keep",
+        type=float,
+        default=CalibrationConfig.keep,
+        help="calibration: fraction of input columns kept in float16",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line per mode")
     args = p.parse_args(argv)
