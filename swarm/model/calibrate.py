@@ -60,7 +60,7 @@ class CalibrationConfig:
     int8: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
     act_order: bool = True
     skip_first: int = 0
-    keep: float = 0.0
+    keep: float = 0.005
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from swarm.model.loading import load_model
 from swarm.model.quantize import quantize_blocks_as
 from tests.model.test_int8 import tiny_config
 
-CONFIG = CalibrationConfig(sequences=8, length=32, int8=())  # all 4-bit
+CONFIG = CalibrationConfig(sequences=8, length=32, int8=(), keep=0.0)  # all 4-bit codes
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +59,15 @@ def test_calibrated_checkpoint_model(tiny_model_dir):
     assert logits_error(calibrated, fp32, held_out) < logits_error(rtn, fp32, held_out)
 
 
-def test_sensitive_layers_kept_in_int8_are_counted_in_the_bytes(fp32_model):
-    config = CalibrationConfig(sequences=4, length=16, int8=("self_attn.v_proj",))
+def test_int8_layers_and_kept_columns_are_counted_in_the_bytes(fp32_model):
+    config = CalibrationConfig(sequences=4, length=16, int8=("self_attn.v_proj",), keep=0.005)
     mixed = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", config)
     plain = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", CONFIG)
     v = mixed.span.blocks[0].self_attn.v_proj
-    assert isinstance(v, Int8Linear) and isinstance(
-        mixed.span.blocks[0].self_attn.k_proj, FourBitLinear
-    )
-    extra = len(mixed.span.blocks) * (v.nbytes - plain.span.blocks[0].self_attn.v_proj.nbytes)
-    assert weight_bytes(mixed.span) == weight_bytes(plain.span) + extra
+    assert isinstance(v, Int8Linear)
+    assert isinstance(mixed.span.blocks[0].self_attn.k_proj, FourBitLinear)
+    int8_extra = len(mixed.span.blocks) * (v.nbytes - plain.span.blocks[0].self_attn.v_proj.nbytes)
+    down = [b.mlp.down_proj for b in mixed.span.blocks]  # 256 inputs: 1 column kept in each
+    assert all(d.weight.kept == 1 for d in down)
+    kept_extra = sum(4 + 2 * d.out_features for d in down)
+    assert weight_bytes(mixed.span) == weight_bytes(plain.span) + int8_extra + kept_extra
