@@ -115,9 +115,7 @@ def gptq_codes(
         if k:
             key = key.clone()
             key[kept] = float("inf")
-        perm = torch.argsort(key, descending=True, stable=True)
-        if k:
-            perm[:k] = kept  # in the caller's order
+        perm = torch.argsort(key, descending=True, stable=True)  # kept ones first
         codes = _gptq_codes(w[:, perm], h[perm][:, perm], scale[:, perm], kind, damp, k)
         return codes[:, torch.argsort(perm)]
     return _gptq_codes(w, h, scale, kind, damp, 0)

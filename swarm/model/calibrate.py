@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.gptq import add_to_hessian, gptq_quantize_4bit
+from kernels import add_to_hessian, gptq_quantize_4bit
 from swarm.errors import BadRequest
 from swarm.model.fourbit import FourBitLinear
 from swarm.model.int8 import Int8Linear
