@@ -1,4 +1,4 @@
-"""Swarm Mesh's quantization kernels: wire codecs, int8 and 4-bit (NF4/FP4/Int4) weights, matmuls.
+"""Swarm Mesh's quantization kernels: wire codecs, int8 and 4-bit weights (and GPTQ), matmuls.
 
 Used by swarm (int8 and 4-bit blocks; the peer's wire layer, codec list and dtype names) and
 simulations/bench_kernels.py; the only door into kernels/. (Not Hugging Face's `kernels`
@@ -21,6 +21,7 @@ from kernels.fourbit import ABSMAX_BLOCK as FOURBIT_ABSMAX_BLOCK
 from kernels.fourbit import BLOCK as FOURBIT_BLOCK
 from kernels.fourbit import KINDS as FOURBIT_KINDS
 from kernels.fourbit import FourBitWeight, fourbit_linear, quantize_4bit
+from kernels.gptq import add_to_hessian, gptq_quantize_4bit
 from kernels.int8_matmul import (
     Int8Weight,
     choose_path,
@@ -45,9 +46,11 @@ __all__ = [
     "Int8Weight",
     "QuantizationError",
     "QuantizedTensor",
+    "add_to_hessian",
     "choose_path",
     "dequantize",
     "fourbit_linear",
+    "gptq_quantize_4bit",
     "int8_linear",
     "int8_mm",
     "is_valid_codec",

@@ -14,6 +14,9 @@ The rules, shared bit for bit with the Triton codec:
   encoding against d_b (not a_b) makes the decoder's scale the one the codes were chosen for.
 - byte i // 2 holds code i in its low nibble when i is even, high nibble when odd.
 - decode: w_i = fp32(codebook[code] * d_b).
+- kept columns (optional, GPTQ's outlier inputs, kernels.gptq): input columns `kept_cols` of a
+  2-D weight hold the zero code, and their float16 values `kept_values` [out, k] are added to
+  the decode (so they decode to exactly fp32(fp16 value)); the matmul adds x[:, cols] @ values^T.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ class FourBitWeight:
 
     packed: uint8 [2 * ceil(numel / 4)]; absmax_codes: uint8 [blocks], dynamic8 codes of
     absmax - absmax_mean; absmax_scales: float32 [ceil(blocks / 256)]; absmax_mean: float32
-    0-d; shape: the weight's shape; kind: "nf4", "fp4" or "int4".
+    0-d; shape: the weight's shape; kind: "nf4", "fp4" or "int4". kept_cols: int32 [k] input
+    columns kept in float16 as kept_values [out, k] (None: none; see the module's rules).
     """
 
     packed: torch.Tensor
@@ -102,6 +106,13 @@ class FourBitWeight:
     absmax_mean: torch.Tensor
     shape: tuple[int, ...]
     kind: str
+    kept_cols: torch.Tensor | None = None
+    kept_values: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> int:
+        """How many input columns are kept in float16."""
+        return 0 if self.kept_cols is None else self.kept_cols.numel()
 
     @property
     def numel(self) -> int:
@@ -115,6 +126,8 @@ class FourBitWeight:
             + self.absmax_codes.numel()
             + 4 * self.absmax_scales.numel()
             + 4 * self.absmax_mean.numel()
+            + (0 if self.kept_cols is None else 4 * self.kept_cols.numel())
+            + (0 if self.kept_values is None else 2 * self.kept_values.numel())
         )
 
     def absmax(self) -> torch.Tensor:
@@ -212,7 +225,15 @@ def dequantize_4bit(q: FourBitWeight) -> torch.Tensor:
     d = q.absmax()
     codes = unpack(q.packed, q.numel).to(torch.int64)
     values = codebook(q.kind, q.packed.device).index_select(0, codes)
-    return (values * _per_value(d, 0, q.numel)).view(q.shape)
+    return _add_kept((values * _per_value(d, 0, q.numel)).view(q.shape), q)
+
+
+def _add_kept(w: torch.Tensor, q: FourBitWeight) -> torch.Tensor:
+    """w (the decode of q's codes) plus q's kept float16 columns, in place."""
+    if q.kept:
+        cols = q.kept_cols.to(w.device, torch.int64)
+        w.index_add_(1, cols, q.kept_values.to(w.device, torch.float32))
+    return w
 
 
 def fast_dequantize(q: FourBitWeight, d: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +248,7 @@ def fast_dequantize(q: FourBitWeight, d: torch.Tensor | None = None) -> torch.Te
     flat[: n_full * BLOCK].view(n_full, BLOCK).mul_(d[:n_full, None])
     if n_full * BLOCK < n:
         flat[n_full * BLOCK :].mul_(d[n_full])
-    return flat.view(q.shape)
+    return _add_kept(flat.view(q.shape), q)
 
 
 def fourbit_linear(
@@ -248,7 +269,11 @@ def fourbit_linear(
             from kernels import triton_dequant_mm
 
             if triton_dequant_mm.available():
-                out = triton_dequant_mm.fourbit_dequant_mm(x2d, q)
+                out = triton_dequant_mm.fourbit_dequant_mm(x2d, q)  # the codes only
+                if q.kept:
+                    cols = q.kept_cols.to(x2d.device, torch.int64)
+                    kept = x2d.index_select(1, cols).to(torch.float32)
+                    out += kept @ q.kept_values.to(torch.float32).t()
             else:
                 out = x2d.to(torch.float32) @ fast_dequantize(q).t()
         else:

@@ -1,8 +1,10 @@
 """Local benchmark: load time, decode tokens/s (batch 1, 4, 16), block memory and perplexity of
 fp32, int8 and 4-bit (nf4, fp4, int4) blocks, all measured in one run.
 
+4-bit modes are GPTQ-calibrated (swarm.model.calibrate, on text the fp32 model samples itself,
+never the perplexity text); `nf4-rtn`, `fp4-rtn`, `int4-rtn` are round-to-nearest, as loaded.
 Run `python -m simulations.bench_local` (SmolLM2 by default); prints a table, or with --json one
-JSON object per line per mode (mode, tok_s, tok_s_b1/b4/b16, ppl, bytes_per_param, ...).
+JSON object per line per mode (mode, tok_s, tok_s_b1/b4/b16, ppl, bytes_per_param, calib_s...).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from simulations.progress import Progress
+from swarm.model.calibrate import CalibrationConfig, quantize_calibrated, sample_calibration_ids
 from swarm.model.int8 import DEFAULT_THRESHOLD, Int8Linear, weight_bytes
 from swarm.model.llama import LlamaModel
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -24,7 +27,8 @@ from swarm.model.quantize import quantized_params
 
 TEXT = Path(__file__).parent / "data" / "pride_and_prejudice_ch1.txt"
 PROMPT = "It was a bright cold day in April, and"
-MODES = ("fp32", "int8", "nf4", "fp4", "int4")
+CALIBRATED = ("nf4", "fp4", "int4")  # GPTQ-calibrated; "<kind>-rtn" is round-to-nearest
+MODES = ("fp32", "int8", *CALIBRATED, *(f"{k}-rtn" for k in CALIBRATED))
 BATCHES = (1, 4, 16)
 # (row name, outlier threshold, matmul path, note): the int8 model with one path forced.
 INT8_VARIANTS = (
@@ -79,6 +83,12 @@ def decode_speed(model: LlamaModel, prompt: list[int], new_tokens: int, batch: i
     return batch * new_tokens / (time.perf_counter() - t0)
 
 
+def calib_note(calib: CalibrationConfig) -> str:
+    int8 = f", {'/'.join(n.rsplit('.', 1)[-1] for n in calib.int8)} int8" if calib.int8 else ""
+    keep = f", {100 * calib.keep:g}% columns fp16" if calib.keep else ""
+    return f"GPTQ on {calib.sequences}x{calib.length} sampled tokens{int8}{keep}"
+
+
 def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], Path, list[int]]:
     """One row per mode (and the int8 path variants), the model's source and the text's ids.
 
@@ -91,20 +101,40 @@ def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], P
     ids = tok.encode(args.text.read_text(encoding="utf-8"))
     prompt = tok.encode(PROMPT)
     rows, models = [], []  # models[i]: (model, int8 threshold, int8 path) of rows[i]
+    calib = CalibrationConfig(
+        sequences=args.calib_sequences,
+        length=args.calib_length,
+        int8=tuple(args.calib_int8),
+        keep=args.calib_keep,
+    )
+    calib_ids, sample_s = None, 0.0  # sampled once, shared by every calibrated mode
     for mode in args.modes:
         progress.update(f"loading {source.name} ({mode} block weights)")
         rss0 = rss_mb()
         t0 = time.perf_counter()
-        model = load_model(source, quant="none" if mode == "fp32" else mode, progress=False)
+        quant = "none" if mode in ("fp32", *CALIBRATED) else mode.removesuffix("-rtn")
+        model = load_model(source, quant=quant, progress=False)
         load_s = time.perf_counter() - t0
+        calib_s = None
+        if mode in CALIBRATED:
+            if calib_ids is None:
+                progress.update(f"sampling {calib.sequences}x{calib.length} calibration tokens")
+                t1 = time.perf_counter()
+                calib_ids = sample_calibration_ids(model, calib.sequences, calib.length, 0)
+                sample_s = time.perf_counter() - t1
+            progress.update(f"{mode}: GPTQ calibration")
+            t1 = time.perf_counter()
+            quantize_calibrated(model, mode, calib, ids=calib_ids)
+            calib_s = sample_s + time.perf_counter() - t1
         rss1 = rss_mb()
         row = {
             "mode": mode,
             "load_s": load_s,
+            "calib_s": calib_s,
             "block_weights_mb": weight_bytes(model.span) / 2**20,
             "bytes_per_param": weight_bytes(model.span) / quantized_params(model.span),
             "rss_delta_mb": rss1 - rss0 if rss0 is not None and rss1 is not None else None,
-            "note": "",
+            "note": calib_note(calib) if mode in CALIBRATED else "",
         }
         rows.append(row)
         models.append((model, DEFAULT_THRESHOLD, "auto"))
@@ -148,6 +178,30 @@ def main(argv: list[str] | None = None) -> None:
         action="store_false",
         help="skip the rows of the int8 model with one matmul path forced",
     )
+    p.add_argument(
+        "--calib-sequences",
+        type=int,
+        default=CalibrationConfig.sequences,
+        help="calibration: sequences the fp32 model samples",
+    )
+    p.add_argument(
+        "--calib-length",
+        type=int,
+        default=CalibrationConfig.length,
+        help="calibration: tokens per sampled sequence",
+    )
+    p.add_argument(
+        "--calib-int8",
+        nargs="*",
+        default=list(CalibrationConfig.int8),
+        help="calibration: block linear layers kept in int8 (e.g. self_attn.v_proj)",
+    )
+    p.add_argument(
+        "--calib-keep",
+        type=float,
+        default=CalibrationConfig.keep,
+        help="calibration: fraction of input columns kept in float16",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line per mode")
     args = p.parse_args(argv)
     if args.threads:
@@ -169,14 +223,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.max_new_tokens} new tokens, best of {args.repeats}, "
         f"{torch.get_num_threads()} threads"
     )
-    head = f"{'mode':<18}{'load s':>7}{'tok/s':>7}{'x fp32':>7}{'b4':>7}{'b16':>7}"
+    head = f"{'mode':<18}{'load s':>7}{'calib s':>8}{'tok/s':>7}{'x fp32':>7}{'b4':>7}{'b16':>7}"
     head += f"{'blocks MB':>10}{'B/param':>8}{'RSS+ MB':>8}{'ppl':>8}{'vs fp32':>9}"
     print(head)
     for r in rows:
         load = "-" if r["load_s"] is None else f"{r['load_s']:.2f}"
+        calib = "-" if r["calib_s"] is None else f"{r['calib_s']:.1f}"
         rss = "-" if r["rss_delta_mb"] is None else f"{r['rss_delta_mb']:.0f}"
         print(
-            f"{r['mode']:<18}{load:>7}{r['tok_s']:>7.1f}{r['tok_s_vs_fp32']:>6.2f}x"
+            f"{r['mode']:<18}{load:>7}{calib:>8}{r['tok_s']:>7.1f}{r['tok_s_vs_fp32']:>6.2f}x"
             f"{r['tok_s_b4']:>7.1f}{r['tok_s_b16']:>7.1f}"
             f"{r['block_weights_mb']:>10.1f}{r['bytes_per_param']:>8.3f}"
             f"{rss:>8}{r['ppl']:>8.3f}{r['ppl_vs_fp32_pct']:>+8.2f}%"

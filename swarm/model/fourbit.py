@@ -31,16 +31,32 @@ class FourBitLinear(nn.Module):
         scales = -(-blocks // kernels.FOURBIT_ABSMAX_BLOCK)
         self.register_buffer("absmax_scales", torch.zeros(scales, dtype=torch.float32))
         self.register_buffer("absmax_mean", torch.zeros((), dtype=torch.float32))
+        # Input columns kept in float16 (calibrated weights' outliers); None: none (and absent
+        # from the state dict, as a missing bias is).
+        self.register_buffer("kept_cols", None)
+        self.register_buffer("kept_values", None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kind: str = "nf4") -> FourBitLinear:
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, kind)
+        """Round-to-nearest codes of the layer's weight (no calibration)."""
         w = kernels.quantize_4bit(linear.weight.detach(), kind)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_weight(w, bias)
+
+    @classmethod
+    def from_weight(
+        cls, w: kernels.FourBitWeight, bias: torch.Tensor | None = None
+    ) -> FourBitLinear:
+        """A layer holding already quantized weights w [out, in] (e.g. GPTQ's, kernels.gptq)."""
+        out_features, in_features = w.shape
+        q = cls(in_features, out_features, bias is not None, w.kind)
         q.packed, q.absmax_codes = w.packed, w.absmax_codes
         q.absmax_scales, q.absmax_mean = w.absmax_scales, w.absmax_mean
-        if linear.bias is not None:
-            q.bias = linear.bias.detach().clone()
+        if w.kept:
+            q.kept_cols, q.kept_values = w.kept_cols, w.kept_values
+        if bias is not None:
+            q.bias = bias
         return q
 
     @property
@@ -52,6 +68,8 @@ class FourBitLinear(nn.Module):
             self.absmax_mean,
             (self.out_features, self.in_features),
             self.kind,
+            self.kept_cols,
+            self.kept_values,
         )
 
     @property

@@ -1,0 +1,73 @@
+"""Calibrated 4-bit blocks (swarm.model.calibrate): GPTQ on text the fp32 model samples itself
+gives a model closer to fp32 than round-to-nearest, in the same bytes, the same way every time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from swarm.model import LlamaModel
+from swarm.model.calibrate import CalibrationConfig, quantize_calibrated, sample_calibration_ids
+from swarm.model.fourbit import FourBitLinear
+from swarm.model.int8 import Int8Linear, weight_bytes
+from swarm.model.loading import load_model
+from swarm.model.quantize import quantize_blocks_as
+from tests.model.test_int8 import tiny_config
+
+CONFIG = CalibrationConfig(sequences=8, length=32, int8=(), keep=0.0)  # all 4-bit codes
+
+
+@pytest.fixture(scope="module")
+def fp32_model() -> LlamaModel:
+    torch.manual_seed(0)
+    return LlamaModel(tiny_config()).eval()
+
+
+def logits_error(model: LlamaModel, ref: LlamaModel, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        want = ref(ids)
+        return ((model(ids) - want).norm() / want.norm()).item()
+
+
+def test_calibrated_model_is_closer_to_fp32_than_round_to_nearest(fp32_model):
+    calibrated = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", CONFIG)
+    rtn = quantize_blocks_as(copy.deepcopy(fp32_model), "nf4")
+    assert not any(isinstance(m, nn.Linear) for m in calibrated.span.modules())
+    assert isinstance(calibrated.client.lm_head, nn.Linear)  # the client stays in float
+    assert weight_bytes(calibrated.span) == weight_bytes(rtn.span)
+    held_out = sample_calibration_ids(fp32_model, 8, 32, seed=1)  # not the calibration text
+    assert logits_error(calibrated, fp32_model, held_out) < logits_error(rtn, fp32_model, held_out)
+
+
+def test_calibration_is_deterministic(fp32_model):
+    a = quantize_calibrated(copy.deepcopy(fp32_model), "fp4", CONFIG)
+    b = quantize_calibrated(copy.deepcopy(fp32_model), "fp4", CONFIG)
+    for qa, qb in zip(a.span.modules(), b.span.modules(), strict=True):
+        if isinstance(qa, FourBitLinear):
+            assert qa.kind == "fp4" and torch.equal(qa.packed, qb.packed)
+
+
+def test_calibrated_checkpoint_model(tiny_model_dir):
+    fp32 = load_model(str(tiny_model_dir), progress=False)
+    calibrated = quantize_calibrated(copy.deepcopy(fp32), "nf4", CONFIG)
+    rtn = load_model(str(tiny_model_dir), quant="nf4", progress=False)
+    held_out = sample_calibration_ids(fp32, 8, 32, seed=1)
+    assert logits_error(calibrated, fp32, held_out) < logits_error(rtn, fp32, held_out)
+
+
+def test_int8_layers_and_kept_columns_are_counted_in_the_bytes(fp32_model):
+    config = CalibrationConfig(sequences=4, length=16, int8=("self_attn.v_proj",), keep=0.005)
+    mixed = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", config)
+    plain = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", CONFIG)
+    v = mixed.span.blocks[0].self_attn.v_proj
+    assert isinstance(v, Int8Linear)
+    assert isinstance(mixed.span.blocks[0].self_attn.k_proj, FourBitLinear)
+    int8_extra = len(mixed.span.blocks) * (v.nbytes - plain.span.blocks[0].self_attn.v_proj.nbytes)
+    down = [b.mlp.down_proj for b in mixed.span.blocks]  # 256 inputs: 1 column kept in each
+    assert all(d.weight.kept == 1 for d in down)
+    kept_extra = sum(4 + 2 * d.out_features for d in down)
+    assert weight_bytes(mixed.span) == weight_bytes(plain.span) + int8_extra + kept_extra
