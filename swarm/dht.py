@@ -18,8 +18,9 @@ def make_dht(**kwargs: Any) -> hivemind.DHT:
 
     `start` defaults to True (every caller wants a running node). Raw values are scanned before
     hivemind decodes them (`swarm.dht_guard`). Every node signs the records it stores under its
-    own peer id and refuses unsigned or forged ones (`swarm.signing`), so it always has an identity: `identity_path`, else a fresh one, deleted once p2pd has read it.
-    With `p2p` given, `identity_path` is that daemon's key file (without, the node cannot sign).
+    own peer id and refuses unsigned or forged ones (`swarm.signing`), so it always has an
+    identity: `identity_path`, else a fresh one, deleted once p2pd has read it. With `p2p`
+    given, `identity_path` is that daemon's key file (without, the node cannot sign).
     """
     import hivemind  # here, not at import: CLIs answer --help without loading hivemind
     from hivemind.p2p import P2P
