@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(config: TrainerConfig) -> int:
     reap_children_on_exit()
     trainer = Trainer(config)
+    # Stages started with --run-trainers take settings only from the ids listed there.
+    print(f"trainer peer id {trainer.trainer_id}", file=sys.stderr, flush=True)
 
     def on_step(s: StepStats) -> None:
         print(

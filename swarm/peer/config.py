@@ -196,6 +196,14 @@ class PeerConfig:
         default=1.0,
         metadata={"help": "with --train: cap on the learning rate a trainer's record may set"},
     )
+    run_trainers: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "with --train: peer ids of the trainers whose records may set this run's "
+            "batch and optimizer settings (what swarm-train prints); none: any trainer's "
+            "signed record, within bounds"
+        },
+    )
 
     @property
     def version(self) -> str:

@@ -44,6 +44,7 @@ class TrainingPeer(Peer):
             matchmaking_time=config.matchmaking_time,
             dht_timeout=config.dht_timeout,
             max_lr=config.max_lr,
+            trainers=tuple(config.run_trainers),
         )
 
     async def _load(self, start: int, end: int) -> SpanBackend:

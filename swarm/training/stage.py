@@ -56,6 +56,7 @@ class StageTrainingConfig:
     load_state_attempts: int = 3
     dht_timeout: float = 5.0
     max_lr: float = 1.0  # a trainer record asking for more is stepped at this learning rate
+    trainers: tuple[str, ...] = ()  # peer ids whose records set the plan; () = any signed one
     guard: GradientGuardConfig = field(default_factory=GradientGuardConfig)
 
 
@@ -149,6 +150,7 @@ class TrainableStage(SpanBackend):
         self._later: dict[int, list] = {}
         self.plan: RunPlan | None = None  # the run's rules, from the live trainers' records
         self._last_plan: RunPlan | None = None
+        self._strangers: list[str] = []  # trainers outside --run-trainers, last warned of
         self._averaging = -1  # epoch of the round in flight (asynchronous mode), -1: none
         # DiLoCo: parameters at the last outer step, outer momentum, samples since then.
         self._anchor: list[torch.Tensor] | None = None
@@ -380,6 +382,13 @@ class TrainableStage(SpanBackend):
         trainers = fetch_trainers(self.dht, self.train_config.run_id, self.train_config.dht_timeout)
         if trainers is None:
             return  # the DHT did not answer: keep the plan we have
+        allowed = self.train_config.trainers
+        if allowed:
+            strangers = sorted({t.trainer_id for t in trainers} - set(allowed))
+            if strangers and strangers != self._strangers:
+                logger.warning("ignoring records of trainers not in --run-trainers: %s", strangers)
+            self._strangers = strangers
+            trainers = [t for t in trainers if t.trainer_id in allowed]
         plan = run_plan(trainers)
         self.plan = plan
         if plan is not None:

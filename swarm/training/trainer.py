@@ -144,6 +144,13 @@ class TrainerConfig:
         metadata={"help": "most seconds to wait at start for training peers of the run"},
     )
     dht_timeout: float = field(default=10.0, metadata={"help": "bound on each DHT read or write"})
+    identity: str | None = field(
+        default=None,
+        metadata={
+            "help": "private key file (created if missing): keeps this trainer's peer id, the "
+            "one stages list in --run-trainers, across runs"
+        },
+    )
     save: str | None = field(
         default=None,
         metadata={
@@ -261,6 +268,7 @@ class Trainer:
         self.dht = make_dht(
             initial_peers=config.initial_peers,
             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            identity_path=config.identity,
             start=True,
         )
         self.trainer_id = self.dht.peer_id.to_base58()  # its records are signed by this key

@@ -133,6 +133,27 @@ def test_a_stage_caps_the_learning_rate_at_its_max_lr(dhts):
         a.shutdown()
 
 
+@pytest.mark.timeout(60)
+def test_a_stage_takes_the_plan_only_from_the_trainers_it_lists(dhts):
+    # A signed, in-bounds record by a stranger whose id sorts first would lead the plan.
+    listed, stranger = (d.peer_id.to_base58() for d in (dhts[3], dhts[2]))
+    store_trainer(dhts[3], "p6", TrainerRecord(listed, 2, AdamConfig(lr=1e-3)), 60, 5)
+    store_trainer(dhts[2], "p6", TrainerRecord(stranger, 4, AdamConfig(lr=0.5)), 60, 5)
+    assert len(fetch_trainers(dhts[0], "p6", 5)) == 2
+    span = BlockSpan(STAGE_MODEL, 0, 2)
+    a = make_stage(dhts[0], span, "p6", trainers=(listed,))
+    b = make_stage(dhts[1], span, "p6")  # lists nobody: both records count
+    try:
+        a.join()
+        b.join()
+        wait_for(lambda: a.plan is not None and b.plan is not None, 10, what="the plans")
+        assert a.optimizer.config.lr == 1e-3 and a.target_batch == 2
+        assert b.target_batch == 6  # the two trainers' batches, whoever leads
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
 @pytest.mark.timeout(90)
 def test_the_loss_falls_in_a_short_honest_run_with_the_checks_on(dhts):
     torch.manual_seed(0)
