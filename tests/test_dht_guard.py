@@ -258,7 +258,6 @@ def test_garbage_under_our_keys_is_skipped_by_every_reader():
         run_key,
     )
 
-    good = SpanRecord(PEER_ID, 0, 3, throughput=5.0, inference_rps=10.0, cache_tokens_left=100)
     garbage = [
         7,
         "x",
@@ -279,37 +278,54 @@ def test_garbage_under_our_keys_is_skipped_by_every_reader():
         [1, 0, {}, 0, 0, 0, 0, 0],  # a trainer record with no optimizer
     ]
     dht = make_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    # A second node signs garbage under its own peer id: records pass the signature check, so
+    # only the readers' parsing stands between them and status, routing and training.
+    boot = [str(a) for a in dht.get_visible_maddrs()]
+    other = make_dht(initial_peers=boot, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
+        me, stranger = dht.peer_id.to_base58(), other.peer_id.to_base58()
+        good = SpanRecord(me, 0, 3, throughput=5.0, inference_rps=10.0, cache_tokens_left=100)
         exp = get_dht_time() + 60
         progress, run = progress_key("run", 0, 3), run_key("run")
-        trainer = TrainerRecord("trainer", 8, AdamConfig(1e-3, 0.9, 0.99, 1e-8, 0.0))
+        trainer = TrainerRecord(me, 8, AdamConfig(1e-3, 0.9, 0.99, 1e-8, 0.0))
         honest = [
-            *[(block_key("tiny", b), PEER_ID, good.to_wire()) for b in range(3)],
-            (MODELS_KEY, f"tiny|{PEER_ID}", ModelEntry("tiny", 3, 64).to_wire()),
-            (progress, PEER_ID, ReplicaProgress(PEER_ID, 1, 8).to_wire()),
-            (run, "trainer", trainer.to_wire()),
+            *[(block_key("tiny", b), me, good.to_wire()) for b in range(3)],
+            (MODELS_KEY, f"tiny|{me}", ModelEntry("tiny", 3, 64).to_wire()),
+            (progress, me, ReplicaProgress(me, 1, 8).to_wire()),
+            (run, me, trainer.to_wire()),
         ]
         for key, subkey, value in honest:
             assert dht.store(key, value, exp, subkey=subkey)
+        # Unsigned, under subkeys that are no peer id: nodes store them, readers skip them.
         for i, value in enumerate(garbage):
             for key in (block_key("tiny", i % 3), MODELS_KEY, progress, run):
-                assert dht.store(key, value, exp, subkey=f"tiny|{PEER_ID[:-3]}{i:03d}")
+                assert dht.store(key, value, exp, subkey=f"tiny|{me[:-3]}{i:03d}")
         # Subkeys of other types (at other expirations: hivemind's storage heap compares
         # (expiration, subkey) pairs, and a tie between a str and a bytes subkey raises).
         assert dht.store(block_key("tiny", 0), good.to_wire(), exp + 1, subkey=b"bytes")
         assert dht.store(MODELS_KEY, (1, 6, 64), exp + 2, subkey=("not", "a", "str"))
 
-        records = fetch_swarm(dht, "tiny", 3)
-        assert records == [good]
-        assert fetch_models(dht) == [ModelEntry("tiny", 3, 64)]
-        tables = fetch_tables(dht, None, 10.0)
-        assert [p["peer_id"] for p in tables[0]["peers"]] == [PEER_ID] and not tables[1:]
-        assert [(h.start, h.end) for h in find_route(records, 0, 3)] == [(0, 3)]
-        assert balancer.uncovered_blocks(records, 3) == []
-        assert balancer.should_move(records, 3, PEER_ID) is None
-        assert list(fetch_progress(dht, "run", (0, 3), 10.0)) == [PEER_ID]
-        assert fetch_trainers(dht, "run", 10.0) == [trainer]
+        def readers_see_only_the_honest_records() -> None:
+            records = fetch_swarm(dht, "tiny", 3)
+            assert records == [good]
+            assert fetch_models(dht) == [ModelEntry("tiny", 3, 64)]
+            tables = fetch_tables(dht, None, 10.0)
+            assert [p["peer_id"] for p in tables[0]["peers"]] == [me] and not tables[1:]
+            assert [(h.start, h.end) for h in find_route(records, 0, 3)] == [(0, 3)]
+            assert balancer.uncovered_blocks(records, 3) == []
+            assert balancer.should_move(records, 3, me) is None
+            assert list(fetch_progress(dht, "run", (0, 3), 10.0)) == [me]
+            assert fetch_trainers(dht, "run", 10.0) == [trainer]
+
+        readers_see_only_the_honest_records()
+        for i, value in enumerate(garbage):  # signed garbage, one value at a time
+            keys = (block_key("tiny", i % 3), MODELS_KEY, progress, run)
+            for key in keys:
+                sub = f"tiny|{stranger}" if key == MODELS_KEY else stranger
+                assert other.store(key, value, exp + 3 + i, subkey=sub), (key, value)
+            readers_see_only_the_honest_records()
     finally:
+        other.shutdown()
         dht.shutdown()
 
 
