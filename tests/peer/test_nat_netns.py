@@ -44,7 +44,8 @@ def on_token(token):
         print("relays", json.dumps(relays), flush=True)
         sys.stdin.readline()
 # verify=0: tokens reach on_token as they come (checks would hold them), so the pause is mid-way.
-with DistributedModelForCausalLM.from_pretrained(model_dir, boot, compression="none", verify=0) as model:
+model = DistributedModelForCausalLM.from_pretrained(model_dir, boot, compression="none", verify=0)
+with model:
     for on_token.round in (1, 2):
         on_token.n = 0
         out = model.generate(
