@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 import uuid
@@ -445,7 +444,8 @@ class InferenceStream:
         self._responses = None
         self._replies: asyncio.Queue = asyncio.Queue()  # filled by _read, in stream order
         self._reader: asyncio.Task | None = None
-        self._step_ids = itertools.count()
+        self._next_step = 0  # the id of the coming step
+        self._watched = -1  # the step whose push failure watch_push() reports
         self._lock = asyncio.Lock()
 
     async def _requests(self) -> AsyncIterator[peer_pb2.Part]:
@@ -454,10 +454,10 @@ class InferenceStream:
                 yield part
 
     def watch_push(self) -> asyncio.Future:
-        """A future set when the peer reports a failed push from now on (earlier ones were
-        handled: a step with a failed push is re-routed)."""
-        if self.push_failed.done():
-            self.push_failed = asyncio.get_running_loop().create_future()
+        """A future set if the peer reports that the coming step's push failed (reports of
+        earlier steps come late and were handled: such a step was re-routed)."""
+        self._watched = self._next_step
+        self.push_failed = asyncio.get_running_loop().create_future()
         return self.push_failed
 
     async def _read(self) -> None:
@@ -466,7 +466,7 @@ class InferenceStream:
             while True:
                 reply = await wire.join(self._responses, peer_pb2.InferenceResponse)
                 if reply is not None and reply.HasField("push_failed"):
-                    if not self.push_failed.done():
+                    if reply.step_id == self._watched and not self.push_failed.done():
                         error = wire.error_from_wire(reply.push_failed, str(self.peer))
                         self.push_failed.set_result(error)
                     continue
@@ -540,7 +540,7 @@ class InferenceStream:
         `prev_peer`: the previous hop from now on. The reply is the output all the same.
         """
         async with self._lock:
-            step_id = next(self._step_ids)
+            step_id, self._next_step = self._next_step, self._next_step + 1
             msg = peer_pb2.InferenceStep(
                 session_id=self.session_id,
                 position=position,
