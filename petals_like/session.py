@@ -192,6 +192,8 @@ class RemoteInferenceSession:
         self.position = 0
         self.failovers: list[Failover] = []
         self.pushed_steps = 0  # steps that went server to server (push mode)
+        # Where each step began: a replay runs in these shapes, rebuilding caches bit for bit.
+        self._bounds: list[int] = []
         self.session_id = uuid.uuid4().hex[:8]
         self._hops: list[_HopState] = []
         self._closed = False
@@ -234,6 +236,8 @@ class RemoteInferenceSession:
                 await self._settle(wait=False)  # a liar found meanwhile: RolledBack
                 if not self._hops:
                     self._hops = await self._new_hops(0, self.router.num_blocks)
+                self._cut_bounds(pos)
+                self._bounds.append(pos)
                 out = await self._run(hidden, pos)
                 if self.verifier is not None and self._check is None and self._alone():
                     self.verified = pos + n  # nothing to check against: hold no text back
@@ -246,9 +250,20 @@ class RemoteInferenceSession:
                 # Forget this step's inputs so that the session can be stepped again later.
                 for h in self._hops:
                     h.truncate(pos)
+                self._cut_bounds(pos)
                 raise
         self.position = pos + n
         return out
+
+    def _cut_bounds(self, position: int) -> None:
+        """Forget the step boundaries at `position` and beyond (a rollback, a failed step)."""
+        while self._bounds and self._bounds[-1] >= position:
+            self._bounds.pop()
+
+    def _replay_steps(self, start: int, end: int) -> list[int]:
+        """Lengths of the steps that built positions [start, end): a replay runs in these."""
+        cuts = [start, *(p for p in self._bounds if start < p < end), end]
+        return [b - a for a, b in zip(cuts, cuts[1:], strict=False)]
 
     async def rollback(self, position: int) -> None:
         """Keep the first `position` positions (speculative decoding dropped the rest).
@@ -261,6 +276,7 @@ class RemoteInferenceSession:
         async with self._lock:
             for h in self._hops:
                 h.truncate(position)
+            self._cut_bounds(position)
             self.position = position
             self.verified = min(self.verified, position)
             self._unchanged = min(self._unchanged, position)
@@ -332,6 +348,7 @@ class RemoteInferenceSession:
         p = liar.position
         for h in self._hops:
             h.truncate(p)
+        self._cut_bounds(p)
         liars = {f.peer_id for f in self.verifier.liars}
         i = 0
         while i < len(self._hops):
@@ -376,7 +393,7 @@ class RemoteInferenceSession:
         re-routed and the step goes on through us from there."""
         n, end_pos = hidden.shape[1], pos + hidden.shape[1]
         hops = list(self._hops)
-        hops[0].append(hidden)
+        hops[0].append(hops[0].stream.as_seen(hidden))  # what the peer decodes: replayed as is
         tasks, t0 = [], time.perf_counter()
         timeout = probe = 0.0
         for i, h in enumerate(hops):
@@ -457,6 +474,13 @@ class RemoteInferenceSession:
                 extra = {}
                 if getattr(h.stream, "supports_push", False):  # the peer may be pushed into
                     extra["prev_peer"] = str(self._hops[i - 1].hop.peer_id) if i else ""
+                    steps = self._replay_steps(send_from, end_pos)
+                    if len(steps) > 1:  # a replay: in the shapes first used
+                        extra["steps"] = steps
+                    if send_from < pos:  # a replay: the inputs exactly as the peer first saw
+                        extra["codec"] = "none"
+                    else:  # keep what the peer decodes, for a replay
+                        h.buffer[:, send_from : h.length] = h.stream.as_seen(inputs)
                 # The stream's own timeout shuts it down cleanly; ours is the safety net. The
                 # stream checks the reply (swarm.peer.wire.decode): it has the inputs' shape.
                 out = await self.router.guarded(

@@ -170,7 +170,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., reply_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., prev_peer: _Optional[str] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
-    __slots__ = ("session_id", "hidden", "position", "step_id", "pushed", "length", "prev_peer", "push_peer", "push_session")
+    __slots__ = ("session_id", "hidden", "position", "step_id", "pushed", "length", "prev_peer", "push_peer", "push_session", "steps")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class InferenceStep(_message.Message):
     PREV_PEER_FIELD_NUMBER: _ClassVar[int]
     PUSH_PEER_FIELD_NUMBER: _ClassVar[int]
     PUSH_SESSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     hidden: _tensor_pb2.Tensor
     position: int
@@ -189,7 +190,8 @@ class InferenceStep(_message.Message):
     prev_peer: str
     push_peer: str
     push_session: str
-    def __init__(self, session_id: _Optional[str] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., pushed: _Optional[bool] = ..., length: _Optional[int] = ..., prev_peer: _Optional[str] = ..., push_peer: _Optional[str] = ..., push_session: _Optional[str] = ...) -> None: ...
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., pushed: _Optional[bool] = ..., length: _Optional[int] = ..., prev_peer: _Optional[str] = ..., push_peer: _Optional[str] = ..., push_session: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PushStep(_message.Message):
     __slots__ = ("session_id", "hidden", "position")

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -453,6 +453,12 @@ class InferenceStream:
             for part in wire.split(msg):
                 yield part
 
+    def as_seen(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` as the peer decodes it from a step (kept for a bit-exact replay)."""
+        if self.codec == "none":
+            return hidden
+        return _decoded(wire.encode(hidden, self.codec), hidden, self.peer)
+
     def watch_push(self) -> asyncio.Future:
         """A future set if the peer reports that the coming step's push failed (reports of
         earlier steps come late and were handled: such a step was re-routed)."""
@@ -531,6 +537,8 @@ class InferenceStream:
         pushed: bool = False,
         push_to: tuple[str, str] | None = None,
         prev_peer: str = "",
+        steps: Sequence[int] = (),
+        codec: str | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] for positions [position, position + T) through the span.
 
@@ -538,6 +546,9 @@ class InferenceStream:
         Push mode: with `pushed`, `hidden` is not sent (only its shape matters): the previous
         hop pushes it; `push_to` (peer id, session id): the peer pushes its output there;
         `prev_peer`: the previous hop from now on. The reply is the output all the same.
+        `steps`: a replay's lengths of the steps that first built these positions (summing
+        to T): the peer runs them one by one, rebuilding its cache bit for bit.
+        `codec`: of this step's input only (a replay sends "none": what the peer first saw).
         """
         async with self._lock:
             step_id, self._next_step = self._next_step, self._next_step + 1
@@ -548,9 +559,10 @@ class InferenceStream:
                 pushed=pushed,
                 length=hidden.shape[1] if pushed else 0,
                 prev_peer=prev_peer,
+                steps=list(steps),
             )
             if not pushed:
-                msg.hidden.CopyFrom(wire.encode(hidden, self.codec))
+                msg.hidden.CopyFrom(wire.encode(hidden, codec or self.codec))
             if push_to is not None:
                 msg.push_peer, msg.push_session = push_to
             reply = await self._exchange(peer_pb2.InferenceRequest(step=msg), timeout)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import math
 import time
@@ -451,15 +452,22 @@ class PeerHandler(ServicerBase):
                 f"positions {step.position}..{step.position + t} exceed the session's "
                 f"max_length {session.max_length}"
             )
+        chunks = _chunks(step.steps, t)
+        outs = []
         with self.clients.request(client):
             self.inflight += 1
             try:
-                out = await asyncio.wait_for(
-                    self.worker.step(StepItem(session, hidden, step.position), client),
-                    self.config.request_timeout,
-                )
+                for a, b in chunks:  # a replay runs in the shapes that first built the cache
+                    item = StepItem(session, hidden[:, a:b], step.position + a)
+                    outs.append(
+                        await asyncio.wait_for(
+                            self.worker.step(item, client), self.config.request_timeout
+                        )
+                    )
+                    session.length = step.position + b
             finally:
                 self.inflight -= 1
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         session.length = step.position + t
         encoded = await self._encode(out, session.reply_codec)  # once: for the client and the push
         push = None
@@ -623,6 +631,16 @@ class PeerHandler(ServicerBase):
     async def close_all_sessions(self) -> None:
         for session in list(self.sessions.values()):
             self._free(session)
+
+
+def _chunks(steps, t: int) -> list[tuple[int, int]]:
+    """[start, end) of each step a replay's T positions were first built in (one if none)."""
+    if not steps:
+        return [(0, t)]
+    if len(steps) > t or any(n <= 0 for n in steps) or sum(steps) != t:
+        raise BadRequest(f"a step's `steps` must be {t} positions in up to {t} positive parts")
+    bounds = [0, *itertools.accumulate(steps)]
+    return list(itertools.pairwise(bounds))
 
 
 async def _drain(requests: AsyncIterator) -> None:
