@@ -54,6 +54,10 @@ class RouterConfig:
         advertises) or a codec name (used where the peer advertises it, else "none").
     push: each peer pushes a step's output straight to the next hop (a token costs hops + 1
         one-way delays, not 2 x hops) where every hop's peer offers it; False: relay via us.
+    exact_replay: a failover's replay runs in the step shapes first used, uncompressed, so the
+        rebuilt caches (and text) are bit for bit the lost ones; it costs one compute step per
+        step replayed (in one message). False: one step for the whole prefix (faster; int8
+        weights and codecs may then change a word).
     """
 
     update_period: float = 10.0
@@ -73,6 +77,7 @@ class RouterConfig:
     max_ban: float = 600.0
     compression: str = "auto"
     push: bool = True
+    exact_replay: bool = True
 
 
 class SwarmRouter:

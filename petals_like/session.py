@@ -255,6 +255,9 @@ class RemoteInferenceSession:
         self.position = pos + n
         return out
 
+    def _exact_replay(self) -> bool:
+        return getattr(getattr(self.router, "config", None), "exact_replay", True)
+
     def _cut_bounds(self, position: int) -> None:
         """Forget the step boundaries at `position` and beyond (a rollback, a failed step)."""
         while self._bounds and self._bounds[-1] >= position:
@@ -474,12 +477,11 @@ class RemoteInferenceSession:
                 extra = {}
                 if getattr(h.stream, "supports_push", False):  # the peer may be pushed into
                     extra["prev_peer"] = str(self._hops[i - 1].hop.peer_id) if i else ""
-                    steps = self._replay_steps(send_from, end_pos)
-                    if len(steps) > 1:  # a replay: in the shapes first used
-                        extra["steps"] = steps
-                    if send_from < pos:  # a replay: the inputs exactly as the peer first saw
+                    if send_from < pos and self._exact_replay():
+                        # The inputs as the peer first saw them, in the shapes first used
                         extra["codec"] = "none"
-                    else:  # keep what the peer decodes, for a replay
+                        extra["steps"] = self._replay_steps(send_from, end_pos)
+                    elif send_from == pos:  # keep what the peer decodes, for a replay
                         h.buffer[:, send_from : h.length] = h.stream.as_seen(inputs)
                 # The stream's own timeout shuts it down cleanly; ours is the safety net. The
                 # stream checks the reply (swarm.peer.wire.decode): it has the inputs' shape.
