@@ -34,6 +34,12 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
         "swarm-finetune (sent to the peers once per session)",
     )
     parser.add_argument(
+        "--no-push",
+        action="store_true",
+        help="relay every hop through this client instead of peers pushing each step's output "
+        "to the next peer (push costs hops + 1 one-way delays a token, relay 2 x hops)",
+    )
+    parser.add_argument(
         "--link-delay",
         type=float,
         default=0.0,
@@ -85,9 +91,11 @@ def run_distributed(args: argparse.Namespace) -> int:
     The continuation streams to stdout; the summary (tokens/s, route, failovers) to stderr.
     """
     from petals_like.model import DistributedModelForCausalLM
+    from petals_like.router import RouterConfig
     from swarm.model.tokenizer import StreamDecoder
 
     t0 = time.perf_counter()
+    relay = {"router_config": RouterConfig(push=False)} if getattr(args, "no_push", False) else {}
     model = DistributedModelForCausalLM.from_pretrained(
         args.model,
         args.initial_peers,
@@ -96,6 +104,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         link_bandwidth=getattr(args, "link_bandwidth", 0.0),
         adapter=getattr(args, "adapter", None),
         verify=getattr(args, "verify", DEFAULT_FRACTION),
+        **relay,
     )
     load_s = time.perf_counter() - t0
     try:

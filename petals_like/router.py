@@ -52,6 +52,12 @@ class RouterConfig:
     ban_period, ban_growth, max_ban: ban of a failed peer: first period, growth, longest.
     compression: wire codec of activations: "none", "auto" (the first of AUTO_CODECS the peer
         advertises) or a codec name (used where the peer advertises it, else "none").
+    push: each peer pushes a step's output straight to the next hop (a token costs hops + 1
+        one-way delays, not 2 x hops) where every hop's peer offers it; False: relay via us.
+    exact_replay: a failover's replay runs in the step shapes first used, uncompressed, so the
+        rebuilt caches (and text) are bit for bit the lost ones; it costs one compute step per
+        step replayed (in one message). False: one step for the whole prefix (faster; int8
+        weights and codecs may then change a word).
     """
 
     update_period: float = 10.0
@@ -70,6 +76,8 @@ class RouterConfig:
     ban_growth: float = 2.0
     max_ban: float = 600.0
     compression: str = "auto"
+    push: bool = True
+    exact_replay: bool = True
 
 
 class SwarmRouter:

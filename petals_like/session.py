@@ -20,6 +20,9 @@ from swarm.errors import BadRequest, NoRoute, PeerUnavailable, SwarmError
 
 logger = logging.getLogger(__name__)
 
+# Steps larger than this go through the client (relay): a push is one unary message.
+PUSH_MAX_BYTES = 1 << 20
+
 
 class StepStream(Protocol):
     """One peer's side of a session: `swarm.peer.client.InferenceStream` or a test double."""
@@ -188,6 +191,9 @@ class RemoteInferenceSession:
         self._unchanged = 0  # positions untouched since that check's snapshot
         self.position = 0
         self.failovers: list[Failover] = []
+        self.pushed_steps = 0  # steps that went server to server (push mode)
+        # Where each step began: a replay runs in these shapes, rebuilding caches bit for bit.
+        self._bounds: list[int] = []
         self.session_id = uuid.uuid4().hex[:8]
         self._hops: list[_HopState] = []
         self._closed = False
@@ -230,6 +236,8 @@ class RemoteInferenceSession:
                 await self._settle(wait=False)  # a liar found meanwhile: RolledBack
                 if not self._hops:
                     self._hops = await self._new_hops(0, self.router.num_blocks)
+                self._cut_bounds(pos)
+                self._bounds.append(pos)
                 out = await self._run(hidden, pos)
                 if self.verifier is not None and self._check is None and self._alone():
                     self.verified = pos + n  # nothing to check against: hold no text back
@@ -242,9 +250,23 @@ class RemoteInferenceSession:
                 # Forget this step's inputs so that the session can be stepped again later.
                 for h in self._hops:
                     h.truncate(pos)
+                self._cut_bounds(pos)
                 raise
         self.position = pos + n
         return out
+
+    def _exact_replay(self) -> bool:
+        return getattr(getattr(self.router, "config", None), "exact_replay", True)
+
+    def _cut_bounds(self, position: int) -> None:
+        """Forget the step boundaries at `position` and beyond (a rollback, a failed step)."""
+        while self._bounds and self._bounds[-1] >= position:
+            self._bounds.pop()
+
+    def _replay_steps(self, start: int, end: int) -> list[int]:
+        """Lengths of the steps that built positions [start, end): a replay runs in these."""
+        cuts = [start, *(p for p in self._bounds if start < p < end), end]
+        return [b - a for a, b in zip(cuts, cuts[1:], strict=False)]
 
     async def rollback(self, position: int) -> None:
         """Keep the first `position` positions (speculative decoding dropped the rest).
@@ -257,6 +279,7 @@ class RemoteInferenceSession:
         async with self._lock:
             for h in self._hops:
                 h.truncate(position)
+            self._cut_bounds(position)
             self.position = position
             self.verified = min(self.verified, position)
             self._unchanged = min(self._unchanged, position)
@@ -328,6 +351,7 @@ class RemoteInferenceSession:
         p = liar.position
         for h in self._hops:
             h.truncate(p)
+        self._cut_bounds(p)
         liars = {f.peer_id for f in self.verifier.liars}
         i = 0
         while i < len(self._hops):
@@ -345,10 +369,92 @@ class RemoteInferenceSession:
         self._unchanged = min(self._unchanged, p)
 
     async def _run(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        end_pos = pos + hidden.shape[1]
-        x, x_start = hidden, pos  # x holds the activations for positions [x_start, end_pos)
-        failures: list[Failover] = []
-        i = 0
+        if self._can_push(hidden, pos):
+            return await self._run_push(hidden, pos)
+        return await self._run_relay(hidden, pos, pos, 0, [])
+
+    def _can_push(self, hidden: torch.Tensor, pos: int) -> bool:
+        """Push mode (server to server) when asked, every hop's peer offers it, and no hop has
+        anything to replay (a replay goes through the client)."""
+        config = getattr(self.router, "config", None)
+        if not getattr(config, "push", False) or len(self._hops) < 2:
+            return False
+        if hidden.numel() * 4 > PUSH_MAX_BYTES:
+            return False
+        return all(
+            h.stream is not None
+            and h.lost is None
+            and getattr(h.stream, "supports_push", False)
+            and h.length == h.cached == pos
+            for h in self._hops
+        )
+
+    async def _run_push(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        """One step through every hop, each peer pushing its output to the next: a token costs
+        (hops + 1) one-way delays. Every peer also answers us with its output, which we keep
+        as the next hop's input (replay, verification). On a failure, the lost hop is
+        re-routed and the step goes on through us from there."""
+        n, end_pos = hidden.shape[1], pos + hidden.shape[1]
+        hops = list(self._hops)
+        hops[0].append(hops[0].stream.as_seen(hidden))  # what the peer decodes: replayed as is
+        tasks, t0 = [], time.perf_counter()
+        timeout = probe = 0.0
+        for i, h in enumerate(hops):
+            peer = h.hop.peer_id
+            nxt = hops[i + 1] if i + 1 < len(hops) else None
+            push_to = None if nxt is None else (str(nxt.hop.peer_id), nxt.stream.session_id)
+            # A later hop waits on the earlier ones: its bounds add theirs.
+            timeout += self.router.step_timeout(peer, n)
+            probe += self.router.probe_after(peer, n)
+            prev = str(hops[i - 1].hop.peer_id) if i else ""
+            work = self._guarded_step(h, hidden, pos, timeout, probe, i > 0, push_to, prev)
+            tasks.append(asyncio.ensure_future(work))
+        pushes = [h.stream.watch_push() for h in hops]
+        try:
+            failed, error = await _first_failure(tasks, pushes)
+        except BaseException:
+            for h in hops:  # steps were cut short: these streams are out of step
+                self._discard(h)
+                h.cached = 0
+            raise
+        finally:
+            for t in tasks:
+                t.cancel()
+        x, done = hidden, 0
+        for i, t in enumerate(tasks[: len(hops) if failed is None else failed]):
+            if not t.done() or t.cancelled() or t.exception() is not None:
+                break
+            h, x, done = hops[i], t.result(), i + 1
+            h.cached = end_pos
+            if self.verifier is not None:
+                h.keep_outputs(pos, x)
+            if i + 1 < len(hops):
+                hops[i + 1].append(x)
+        if failed is None:
+            self.router.report_success(hops[0].hop.peer_id, time.perf_counter() - t0, n)
+            self.pushed_steps += 1
+            return x
+        # Hops cut short, or waiting for a push that will not come: open them afresh.
+        for h in hops[done:]:
+            if h is not hops[failed]:
+                self._discard(h)
+                h.cached = 0
+        failures = [await self._fail_over(failed, error, 0)]
+        return await self._run_relay(x, pos, pos, done, failures)
+
+    async def _guarded_step(self, h, hidden, pos, timeout, probe, pushed, push_to, prev):
+        """One hop's part of a pushed step, probing its peer if it is slow (router.guarded)."""
+        work = h.stream.step(
+            hidden, pos, timeout=timeout, pushed=pushed, push_to=push_to, prev_peer=prev
+        )
+        return await self.router.guarded(h.hop.peer_id, work, timeout + 0.5, probe)
+
+    async def _run_relay(
+        self, x: torch.Tensor, x_start: int, pos: int, i: int, failures: list[Failover]
+    ) -> torch.Tensor:
+        """The step through hops i, i+1, ... via us: x holds the input of hop i for positions
+        [x_start, end); hops that lost their cache replay their kept inputs first."""
+        end_pos = x_start + x.shape[1]
         while i < len(self._hops):
             h = self._hops[i]
             if h.length < end_pos:
@@ -368,11 +474,20 @@ class RemoteInferenceSession:
                 inputs = h.inputs(send_from)
                 timeout = self.router.step_timeout(peer, inputs.shape[1])
                 t0 = time.perf_counter()
+                extra = {}
+                if getattr(h.stream, "supports_push", False):  # the peer may be pushed into
+                    extra["prev_peer"] = str(self._hops[i - 1].hop.peer_id) if i else ""
+                    if send_from < pos and self._exact_replay():
+                        # The inputs as the peer first saw them, in the shapes first used
+                        extra["codec"] = "none"
+                        extra["steps"] = self._replay_steps(send_from, end_pos)
+                    elif send_from == pos:  # keep what the peer decodes, for a replay
+                        h.buffer[:, send_from : h.length] = h.stream.as_seen(inputs)
                 # The stream's own timeout shuts it down cleanly; ours is the safety net. The
                 # stream checks the reply (swarm.peer.wire.decode): it has the inputs' shape.
                 out = await self.router.guarded(
                     peer,
-                    h.stream.step(inputs, send_from, timeout=timeout),
+                    h.stream.step(inputs, send_from, timeout=timeout, **extra),
                     timeout + 0.5,
                     self.router.probe_after(peer, inputs.shape[1]),
                 )
@@ -471,6 +586,30 @@ class RemoteInferenceSession:
 
 def _span(h: _HopState) -> tuple[int, int]:
     return h.hop.start, h.hop.end
+
+
+async def _first_failure(
+    tasks: list[asyncio.Future], pushes: list[asyncio.Future]
+) -> tuple[int | None, BaseException | None]:
+    """Wait for every hop's step, or the first failure: (the lost hop's index, why).
+
+    A hop's own error names it; a failed push from hop i names hop i + 1 (the pushing peer
+    tells us at once, where the lost peer's stream may just hang).
+    """
+    while True:
+        for i, t in enumerate(tasks):
+            if t.done() and t.exception() is not None:
+                e = t.exception()
+                if not is_peer_failure(e):
+                    raise e
+                return i, e
+        for i, f in enumerate(pushes[:-1]):
+            if f.done():
+                return i + 1, f.result()
+        if all(t.done() for t in tasks):
+            return None, None
+        waiting = [t for t in tasks if not t.done()] + [f for f in pushes[:-1] if not f.done()]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
 
 
 async def _close_quietly(stream: StepStream, timeout: float) -> None:

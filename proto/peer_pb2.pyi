@@ -150,7 +150,7 @@ class BackwardResponse(_message.Message):
     def __init__(self, grad_input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., step: _Optional[int] = ..., adapter_grads: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "first", "last", "max_length", "batch_size", "reply_codec", "adapter")
+    __slots__ = ("session_id", "first", "last", "max_length", "batch_size", "reply_codec", "adapter", "prev_peer")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class OpenSession(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PREV_PEER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     first: int
     last: int
@@ -165,19 +166,48 @@ class OpenSession(_message.Message):
     batch_size: int
     reply_codec: str
     adapter: Adapter
-    def __init__(self, session_id: _Optional[str] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., reply_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
+    prev_peer: str
+    def __init__(self, session_id: _Optional[str] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., reply_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., prev_peer: _Optional[str] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
-    __slots__ = ("session_id", "hidden", "position", "step_id")
+    __slots__ = ("session_id", "hidden", "position", "step_id", "pushed", "length", "prev_peer", "push_peer", "push_session", "steps")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PREV_PEER_FIELD_NUMBER: _ClassVar[int]
+    PUSH_PEER_FIELD_NUMBER: _ClassVar[int]
+    PUSH_SESSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     hidden: _tensor_pb2.Tensor
     position: int
     step_id: int
-    def __init__(self, session_id: _Optional[str] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ...) -> None: ...
+    pushed: bool
+    length: int
+    prev_peer: str
+    push_peer: str
+    push_session: str
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., pushed: _Optional[bool] = ..., length: _Optional[int] = ..., prev_peer: _Optional[str] = ..., push_peer: _Optional[str] = ..., push_session: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PushStep(_message.Message):
+    __slots__ = ("session_id", "hidden", "position")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    hidden: _tensor_pb2.Tensor
+    position: int
+    def __init__(self, session_id: _Optional[str] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class CloseSession(_message.Message):
     __slots__ = ("session_id",)
@@ -196,7 +226,7 @@ class InferenceRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("hidden", "step_id", "error", "opened", "closed", "length", "adapter")
+    __slots__ = ("hidden", "step_id", "error", "opened", "closed", "length", "adapter", "push", "push_failed")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +234,8 @@ class InferenceResponse(_message.Message):
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FAILED_FIELD_NUMBER: _ClassVar[int]
     hidden: _tensor_pb2.Tensor
     step_id: int
     error: Error
@@ -211,4 +243,6 @@ class InferenceResponse(_message.Message):
     closed: bool
     length: int
     adapter: str
-    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., opened: _Optional[bool] = ..., closed: _Optional[bool] = ..., length: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
+    push: bool
+    push_failed: Error
+    def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., opened: _Optional[bool] = ..., closed: _Optional[bool] = ..., length: _Optional[int] = ..., adapter: _Optional[str] = ..., push: _Optional[bool] = ..., push_failed: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

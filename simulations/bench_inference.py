@@ -126,8 +126,8 @@ def run_failover(model_name, boot, swarm: LocalSwarm, prompt, new, reference, ki
 
 
 def run_wan(args, source, spans, local, log) -> list[Row]:
-    """A swarm whose every link pays --link-delay one way: plain and speculative greedy."""
-    from petals_like.model import DistributedModelForCausalLM
+    """A swarm whose every link pays --link-delay one way: plain and speculative greedy, each
+    relayed through the client and pushed from peer to peer (server-to-server push)."""
     from swarm.model.loading import load_tokenizer
 
     d = args.link_delay
@@ -135,42 +135,56 @@ def run_wan(args, source, spans, local, log) -> list[Row]:
     new = max(8, args.new_tokens // 2)
     log(f"starting {len(spans)} peers with --link-delay {d}: {spans}")
     swarm, boot = start_swarm(args.model, "none", spans, source_blocks(source), source.name, d)
-    rows, plain = [], None
+    rows: list[Row] = []
     try:
-        with DistributedModelForCausalLM.from_pretrained(
-            args.model, boot, compression="none", link_delay=d
-        ) as model:
-            model.generate(prompt, max_new_tokens=2, stop_on_eos=False)  # routes and dials
-            for spec in (None, "ngram"):
-                out = model.generate(
-                    prompt, max_new_tokens=new, stop_on_eos=False, speculative=spec
-                )
-                st = model.last_stats
-                toks = out[0, len(prompt) :].tolist()
-                hops = len(st.route)
-                bound = 1.0 / (hops * 2 * d)  # a relayed token: a round trip per hop
-                tps = st.decode_tokens_per_s
-                extra = {"bound_tokens_per_s": bound, "of_bound": tps / bound, "hops": hops}
-                if spec:
-                    extra["same_text_as_plain"] = toks == plain
-                    extra["tokens_per_round_trip"] = st.speculative.tokens_per_round
-                else:
-                    plain = toks
-                rows.append(
-                    Row(
-                        "wan" if spec is None else "wan+ngram",
-                        "none",
-                        "none",
-                        link_delay_ms=d * 1000,
-                        tokens_per_s=tps,
-                        first_token_ms=st.first_token_s * 1000,
-                        vs_local=tps / local["none"][0],
-                        extra=extra,
-                    )
-                )
-                log(f"{d * 1000:.0f} ms one way, speculative {spec}: {tps:.2f} tok/s")
+        for push in (False, True):
+            rows += _wan_rows(args.model, boot, prompt, new, d, push, local, log)
     finally:
         swarm.close()
+    relay, pushed = (next(r for r in rows if r.name == n) for n in ("wan", "wan-push"))
+    pushed.extra["same_text_as_relay"] = pushed.extra.pop("text") == relay.extra["text"]
+    for r in rows:
+        r.extra.pop("text", None)
+    return rows
+
+
+def _wan_rows(model_name, boot, prompt, new, d, push, local, log) -> list[Row]:
+    from petals_like.model import DistributedModelForCausalLM
+    from petals_like.router import RouterConfig
+
+    rows, plain = [], None
+    name = "wan-push" if push else "wan"
+    with DistributedModelForCausalLM.from_pretrained(
+        model_name, boot, compression="none", link_delay=d, router_config=RouterConfig(push=push)
+    ) as model:
+        model.generate(prompt, max_new_tokens=2, stop_on_eos=False)  # routes and dials
+        for spec in (None, "ngram"):
+            out = model.generate(prompt, max_new_tokens=new, stop_on_eos=False, speculative=spec)
+            st = model.last_stats
+            toks = out[0, len(prompt) :].tolist()
+            hops = len(st.route)
+            # A relayed token: a round trip per hop; a pushed one: hops + 1 one-way delays.
+            bound = 1.0 / ((hops + 1) * d if push else hops * 2 * d)
+            tps = st.decode_tokens_per_s
+            extra = {"bound_tokens_per_s": bound, "of_bound": tps / bound, "hops": hops}
+            if spec:
+                extra["same_text_as_plain"] = toks == plain
+                extra["tokens_per_round_trip"] = st.speculative.tokens_per_round
+            else:
+                plain = extra["text"] = toks
+            rows.append(
+                Row(
+                    name if spec is None else f"{name}+ngram",
+                    "none",
+                    "none",
+                    link_delay_ms=d * 1000,
+                    tokens_per_s=tps,
+                    first_token_ms=st.first_token_s * 1000,
+                    vs_local=tps / local["none"][0],
+                    extra=extra,
+                )
+            )
+            log(f"{d * 1000:.0f} ms one way, push {push}, speculative {spec}: {tps:.2f} tok/s")
     return rows
 
 
@@ -233,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--codec", default="int8-block64", help="the compressed activation codec")
     p.add_argument("--skip-int8-weights", action="store_true", help="only the fp32 swarm")
     p.add_argument("--json", action="store_true", help="also print one JSON object")
+    p.add_argument(
+        "--wan-only", action="store_true", help="only local fp32 and the WAN rows (relay, push)"
+    )
     args = p.parse_args(argv)
     with Progress("bench_inference") as progress:
         try:
@@ -259,7 +276,8 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
 
     log(f"{args.model}: {n} blocks, spans {thirds}, prompt {len(prompt)} tokens, {new} new")
     local = {}
-    for quant in ("none",) if args.skip_int8_weights else ("none", "int8"):
+    quants = ("none",) if args.skip_int8_weights or args.wan_only else ("none", "int8")
+    for quant in quants:
         tps, ftm, toks = run_local(source, quant, prompt, new, reps)
         local[quant] = (tps, toks)
         rows.append(
@@ -275,7 +293,7 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
         )
         log(f"local {quant}: {tps:.1f} tok/s")
 
-    for quant in ("none",) if args.skip_int8_weights else ("none", "int8"):
+    for quant in () if args.wan_only else quants:
         # The fp32 swarm gets backups of the middle span for the failover trials.
         middle = thirds[1]
         spans = thirds + ([middle] * args.failover_trials if quant == "none" else [])
@@ -337,7 +355,8 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
         notes = ""
         if "of_bound" in r.extra:
             x = r.extra
-            notes = f"relay bound {x['bound_tokens_per_s']:.2f} tok/s ({x['hops']} hops): "
+            kind = "push" if r.name.startswith("wan-push") else "relay"
+            notes = f"{kind} bound {x['bound_tokens_per_s']:.2f} tok/s ({x['hops']} hops): "
             notes += f"{x['of_bound']:.0%} of it"
             if "tokens_per_round_trip" in x:
                 notes += f"; {x['tokens_per_round_trip']:.2f} tokens per chain round trip"
@@ -367,13 +386,20 @@ def summary(rows: list[Row], failovers: list[dict]) -> dict:
             out["local_tokens_per_s"] = r.tokens_per_s
         elif r.name == "swarm":
             out["swarm_tokens_per_s"], out["swarm_vs_local"] = r.tokens_per_s, r.vs_local
-        elif r.name in ("wan", "wan+ngram"):
-            key = "wan_plain" if r.name == "wan" else "wan_speculative"
+        elif r.name in ("wan", "wan+ngram", "wan-push", "wan-push+ngram"):
+            key = {
+                "wan": "wan_plain",
+                "wan+ngram": "wan_speculative",
+                "wan-push": "wan_push",
+                "wan-push+ngram": "wan_push_speculative",
+            }[r.name]
             out[f"{key}_tokens_per_s"] = r.tokens_per_s
+            if "same_text_as_relay" in r.extra:
+                out["wan_push_same_text_as_relay"] = r.extra["same_text_as_relay"]
             out["wan_link_delay_ms"] = r.link_delay_ms
             if "tokens_per_round_trip" in r.extra:
-                out["wan_speculative_tokens_per_round_trip"] = r.extra["tokens_per_round_trip"]
-                out["wan_speculative_same_text"] = r.extra["same_text_as_plain"]
+                out[f"{key}_tokens_per_round_trip"] = r.extra["tokens_per_round_trip"]
+                out[f"{key}_same_text"] = r.extra["same_text_as_plain"]
     if failovers:
         out["failover_next_token_ms_max"] = max(f["gap_ms"] for f in failovers)
         out["failover_same_text"] = all(f["same_tokens"] for f in failovers)

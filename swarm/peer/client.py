@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -345,11 +344,15 @@ class PeerClient:
         timeout: float = 10.0,
         codec: str | None = None,
         adapter: AdapterPayload | None = None,
+        session_id: str | None = None,
+        prev_peer: str = "",
     ) -> InferenceStream:
         """Open a session holding up to `max_length` positions of blocks [first, last).
 
         codec: of every step's input and output (default: this client's `compression`).
         adapter: served with this session's steps only (for exactly blocks [first, last)).
+        session_id: the session's id on the peer (default: a fresh one); push mode names it.
+        prev_peer: the previous hop's peer id, the only peer that may push into this session.
         Raises CacheFull at once if the peer's cache budget cannot hold batch_size * max_length.
         """
 
@@ -362,8 +365,9 @@ class PeerClient:
                 max_length,
                 batch_size,
                 codec or self.compression,
+                session_id,
             )
-            await stream._open(timeout, msg)
+            await stream._open(timeout, msg, prev_peer)
             return stream
 
         return await self._with_adapter(as_peer_id(peer_id), adapter, call)
@@ -426,15 +430,22 @@ class InferenceStream:
         max_length: int,
         batch: int,
         codec: str,
+        session_id: str | None = None,
     ):
         self.client, self.peer, self.codec = client, peer, codec
         self.first, self.last, self.max_length, self.batch_size = first, last, max_length, batch
-        self.session_id = uuid.uuid4().hex
+        self.session_id = session_id or uuid.uuid4().hex
         self.length = 0  # positions the peer's cache holds
         self.closed = False
+        self.supports_push = False  # the peer said so when the session opened
+        # Set when the peer reports that pushing a step's output to the next hop failed.
+        self.push_failed: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._responses = None
-        self._step_ids = itertools.count()
+        self._replies: asyncio.Queue = asyncio.Queue()  # filled by _read, in stream order
+        self._reader: asyncio.Task | None = None
+        self._next_step = 0  # the id of the coming step
+        self._watched = -1  # the step whose push failure watch_push() reports
         self._lock = asyncio.Lock()
 
     async def _requests(self) -> AsyncIterator[peer_pb2.Part]:
@@ -442,15 +453,44 @@ class InferenceStream:
             for part in wire.split(msg):
                 yield part
 
+    def as_seen(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` as the peer decodes it from a step (kept for a bit-exact replay)."""
+        if self.codec == "none":
+            return hidden
+        return _decoded(wire.encode(hidden, self.codec), hidden, self.peer)
+
+    def watch_push(self) -> asyncio.Future:
+        """A future set if the peer reports that the coming step's push failed (reports of
+        earlier steps come late and were handled: such a step was re-routed)."""
+        self._watched = self._next_step
+        self.push_failed = asyncio.get_running_loop().create_future()
+        return self.push_failed
+
+    async def _read(self) -> None:
+        """Read every reply as it comes: push failures are set aside, the rest queued in order."""
+        try:
+            while True:
+                reply = await wire.join(self._responses, peer_pb2.InferenceResponse)
+                if reply is not None and reply.HasField("push_failed"):
+                    if reply.step_id == self._watched and not self.push_failed.done():
+                        error = wire.error_from_wire(reply.push_failed, str(self.peer))
+                        self.push_failed.set_result(error)
+                    continue
+                self._replies.put_nowait(reply)
+                if reply is None:
+                    return
+        except BaseException as e:
+            self._replies.put_nowait(e)
+
     async def _exchange(self, request: peer_pb2.InferenceRequest, timeout: float):
         if self.closed:
             raise PeerUnavailable(f"the session on peer {self.peer} is closed")
         await self.client.link.send(request.ByteSize())
         self._queue.put_nowait(request)
         try:
-            reply = await asyncio.wait_for(
-                wire.join(self._responses, peer_pb2.InferenceResponse), timeout
-            )
+            reply = await asyncio.wait_for(self._replies.get(), timeout)
+            if isinstance(reply, BaseException):
+                raise reply
         except (BadRequest, *TRANSPORT_ERRORS) as e:
             await self._shutdown()
             raise _transport_error(e, self.peer, "inference") from None
@@ -462,7 +502,9 @@ class InferenceStream:
             raise wire.error_from_wire(reply.error, str(self.peer))
         return reply
 
-    async def _open(self, timeout: float, adapter: peer_pb2.Adapter | None = None) -> None:
+    async def _open(
+        self, timeout: float, adapter: peer_pb2.Adapter | None = None, prev_peer: str = ""
+    ) -> None:
         await self.client._dial(self.peer)
         stub = self.client._stub(self.peer)
         try:
@@ -470,7 +512,9 @@ class InferenceStream:
         except TRANSPORT_ERRORS as e:
             self.closed = True
             raise _transport_error(e, self.peer, "open inference") from None
+        self._reader = asyncio.ensure_future(self._read())
         open_msg = peer_pb2.OpenSession(
+            prev_peer=prev_peer,
             session_id=self.session_id,
             first=self.first,
             last=self.last,
@@ -483,22 +527,44 @@ class InferenceStream:
         if adapter is not None and reply.adapter != adapter.hash:
             await self._shutdown()
             _check_applied(reply.adapter, adapter, self.peer)
+        self.supports_push = reply.push
 
     async def step(
-        self, hidden: torch.Tensor, position: int, timeout: float = 30.0
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        timeout: float = 30.0,
+        pushed: bool = False,
+        push_to: tuple[str, str] | None = None,
+        prev_peer: str = "",
+        steps: Sequence[int] = (),
+        codec: str | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] for positions [position, position + T) through the span.
 
         `position` may be below `self.length` to replay after a failure; never above it.
+        Push mode: with `pushed`, `hidden` is not sent (only its shape matters): the previous
+        hop pushes it; `push_to` (peer id, session id): the peer pushes its output there;
+        `prev_peer`: the previous hop from now on. The reply is the output all the same.
+        `steps`: a replay's lengths of the steps that first built these positions (summing
+        to T): the peer runs them one by one, rebuilding its cache bit for bit.
+        `codec`: of this step's input only (a replay sends "none": what the peer first saw).
         """
         async with self._lock:
-            step_id = next(self._step_ids)
+            step_id, self._next_step = self._next_step, self._next_step + 1
             msg = peer_pb2.InferenceStep(
                 session_id=self.session_id,
-                hidden=wire.encode(hidden, self.codec),
                 position=position,
                 step_id=step_id,
+                pushed=pushed,
+                length=hidden.shape[1] if pushed else 0,
+                prev_peer=prev_peer,
+                steps=list(steps),
             )
+            if not pushed:
+                msg.hidden.CopyFrom(wire.encode(hidden, codec or self.codec))
+            if push_to is not None:
+                msg.push_peer, msg.push_session = push_to
             reply = await self._exchange(peer_pb2.InferenceRequest(step=msg), timeout)
             if reply.step_id != step_id:
                 await self._shutdown()
@@ -526,6 +592,8 @@ class InferenceStream:
         self.closed = True
         self._queue.put_nowait(None)  # ends our request stream after the peer has replied
         await asyncio.sleep(0)
+        if self._reader is not None:
+            self._reader.cancel()
         if self._responses is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._responses.aclose(), 1.0)

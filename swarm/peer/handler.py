@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import math
 import time
@@ -17,7 +18,7 @@ from collections.abc import Hashable
 from typing import AsyncIterator  # noqa: UP035 - hivemind reads typing.AsyncIterator hints
 
 import torch
-from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 
 import kernels
 from proto import peer_pb2
@@ -44,6 +45,11 @@ PART_MESSAGE_BYTES = wire.PART_BYTES + 1024  # a Part message: its data and a fe
 TRIM_AFTER_BYTES = 32 << 20  # after freeing a request this large, hand freed heap back to the OS
 # A refusal that ends the stream unread: draining it would read what we refused.
 REFUSED = (wire.RequestTooLarge, streams.MessageTooLarge, PeerBusy)
+# Server-to-server push: a pushed step waits in its session's inbox (bounded) for its step
+# message; a push that is not acknowledged within PUSH_TIMEOUT (plus the emulated link's
+# round trip) is reported to the client at once, which re-routes the next hop.
+PUSH_INBOX = 4
+PUSH_TIMEOUT = 2.0
 
 
 class PeerHandler(ServicerBase):
@@ -73,6 +79,10 @@ class PeerHandler(ServicerBase):
         self.draining = False
         self.sessions: dict[str, Session] = {}
         self._owners: dict[str, Hashable] = {}  # session id -> the client that opened it
+        # Push mode: each session's inbox of pushed inputs and the one peer allowed to push
+        self._inbox: dict[str, asyncio.Queue] = {}
+        self._prev: dict[str, str] = {}
+        self.p2p: P2P | None = None  # set by add_p2p_handlers: pushes go out through it
         self.inflight = 0
         self.clients = ClientLedger(
             max_sessions=config.client_sessions,
@@ -98,6 +108,7 @@ class PeerHandler(ServicerBase):
         """As ServicerBase's, but streams read through bounded readers (hivemind's take any
         length prefix and buffer it whole)."""
         self._collect_rpc_handlers()
+        self.p2p = p2p
         for h in self._rpc_handlers:
             name = self._get_handle_name(namespace, h.method_name)
             method = getattr(self if wrapper is None else wrapper, h.method_name)
@@ -320,13 +331,24 @@ class PeerHandler(ServicerBase):
                 if kind == "open" and session is None:
                     session = await self._open(request.open, client)
                     reply = peer_pb2.InferenceResponse(
-                        opened=True, length=0, adapter=session.adapter_key
+                        opened=True, length=0, adapter=session.adapter_key, push=True
                     )
                 elif kind == "open":
                     raise BadRequest("this stream already has a session open")
                 elif kind == "step":
                     session = self._check_session(session, request.step.session_id)
-                    reply = await self._step(session, request.step, client)
+                    reply, push = await self._step(session, request.step, client)
+                    async for part in self._parts(reply):
+                        yield part
+                    # The next request cannot come before the pushed output went on anyway.
+                    failed = await self._push_failure(push)
+                    if failed is not None:
+                        reply = peer_pb2.InferenceResponse(
+                            push_failed=failed, step_id=request.step.step_id
+                        )
+                        async for part in self._parts(reply):
+                            yield part
+                    continue
                 elif kind == "close":
                     self._check_session(session, request.close.session_id)
                     reply = peer_pb2.InferenceResponse(closed=True, length=session.length)
@@ -402,10 +424,23 @@ class PeerHandler(ServicerBase):
             session.adapter = adapter
         self.sessions[session_id] = session
         self._owners[session_id] = client
+        self._inbox[session_id] = asyncio.Queue(PUSH_INBOX)
+        self._prev[session_id] = req.prev_peer
         return session
 
     async def _step(self, session: Session, step: peer_pb2.InferenceStep, client: Hashable):
-        hidden = self._decode(step.hidden, "hidden", batch_size=session.batch_size)
+        """One step: its reply, and the push of its output to the next hop (a task) if asked."""
+        if step.prev_peer:
+            self._prev[session.session_id] = step.prev_peer
+        if step.push_peer:
+            try:
+                next_peer = PeerID.from_base58(step.push_peer)
+            except Exception:
+                raise BadRequest(f"push_peer {step.push_peer[:64]!r} is not a peer id") from None
+        if step.pushed:
+            hidden = await self._pushed_input(session, step)
+        else:
+            hidden = self._decode(step.hidden, "hidden", batch_size=session.batch_size)
         t = hidden.shape[1]
         if step.position > session.length:
             raise BadRequest(
@@ -417,26 +452,107 @@ class PeerHandler(ServicerBase):
                 f"positions {step.position}..{step.position + t} exceed the session's "
                 f"max_length {session.max_length}"
             )
+        chunks = _chunks(step.steps, t)
+        outs = []
         with self.clients.request(client):
             self.inflight += 1
             try:
-                out = await asyncio.wait_for(
-                    self.worker.step(StepItem(session, hidden, step.position), client),
-                    self.config.request_timeout,
-                )
+                for a, b in chunks:  # a replay runs in the shapes that first built the cache
+                    item = StepItem(session, hidden[:, a:b], step.position + a)
+                    outs.append(
+                        await asyncio.wait_for(
+                            self.worker.step(item, client), self.config.request_timeout
+                        )
+                    )
+                    session.length = step.position + b
             finally:
                 self.inflight -= 1
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         session.length = step.position + t
-        encoded = await self._encode(out, session.reply_codec)
-        return peer_pb2.InferenceResponse(
+        encoded = await self._encode(out, session.reply_codec)  # once: for the client and the push
+        push = None
+        if step.push_peer:
+            msg = peer_pb2.PushStep(
+                session_id=step.push_session, hidden=encoded, position=step.position
+            )
+            push = asyncio.ensure_future(self._push(next_peer, msg))
+        reply = peer_pb2.InferenceResponse(
             hidden=encoded, step_id=step.step_id, length=session.length
         )
+        return reply, push
+
+    # ---- server-to-server push ------------------------------------------------------------------
+    async def rpc_push(
+        self, request: peer_pb2.PushStep, context: P2PContext
+    ) -> peer_pb2.PushResponse:
+        """A previous hop's output for one of our sessions: queued for its pushed step."""
+        try:
+            self._accept_push(request, context.remote_id)
+            reply = peer_pb2.PushResponse()
+        except Exception as e:
+            reply = peer_pb2.PushResponse(error=self._report(e, "push", context))
+        return await self._unary(reply)
+
+    def _accept_push(self, request: peer_pb2.PushStep, sender: PeerID) -> None:
+        session = self.sessions.get(request.session_id)
+        inbox = self._inbox.get(request.session_id)
+        if session is None or inbox is None:
+            raise SessionExpired(f"unknown session {request.session_id[:64]!r}: nothing to push to")
+        prev = self._prev.get(request.session_id, "")
+        if not prev or prev != sender.to_base58():
+            raise BadRequest(
+                f"peer {sender} is not the previous hop of session {request.session_id}: "
+                "only the peer its client declared may push into it"
+            )
+        hidden = self._decode(request.hidden, "pushed hidden", batch_size=session.batch_size)
+        if inbox.full():
+            raise BadRequest(f"session {request.session_id} already holds {PUSH_INBOX} pushes")
+        inbox.put_nowait((request.position, hidden))
+
+    async def _pushed_input(self, session: Session, step: peer_pb2.InferenceStep) -> torch.Tensor:
+        """The input the previous hop pushed for this step (bounded wait)."""
+        inbox = self._inbox[session.session_id]
+        wait = self.config.request_timeout
+        try:
+            position, hidden = await asyncio.wait_for(inbox.get(), wait)
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"the previous hop pushed nothing in {wait:.0f} s") from None
+        if position != step.position or hidden.shape[1] != step.length:
+            raise BadRequest(
+                f"the pushed input holds positions {position}..{position + hidden.shape[1]}, "
+                f"the step asked for {step.position}..{step.position + step.length}"
+            )
+        return hidden
+
+    async def _push(self, peer: PeerID, msg: peer_pb2.PushStep) -> None:
+        if self.p2p is None:
+            raise PeerUnavailable("this peer has no P2P to push through")
+        await self.link.send(msg.ByteSize())
+        timeout = PUSH_TIMEOUT + 2 * self.link.delay
+        reply = await self.get_stub(self.p2p, peer).rpc_push(msg, timeout=timeout)
+        if reply.HasField("error"):
+            raise wire.error_from_wire(reply.error, str(peer))
+
+    async def _push_failure(self, push: asyncio.Future | None) -> peer_pb2.Error | None:
+        """None if there was no push or it went through; else the error for the client."""
+        if push is None:
+            return None
+        try:
+            await asyncio.wait_for(push, PUSH_TIMEOUT + 4 * self.link.delay)
+        except Exception as e:
+            logger.info("push to the next hop failed: %r", e)
+            if not isinstance(e, (BadRequest, SessionExpired, PeerUnavailable)):
+                e = PeerUnavailable(f"the next hop did not take the push: {type(e).__name__}: {e}")
+            return wire.error_to_wire(e)
+        return None
 
     def _free(self, session: Session | None) -> None:
         if session is None:
             return
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
+            self._inbox.pop(session.session_id, None)
+            self._prev.pop(session.session_id, None)
             self.clients.close_session(self._owners.pop(session.session_id), session.tokens)
         self.budget.free(session.tokens)
         session.tokens = 0
@@ -515,6 +631,16 @@ class PeerHandler(ServicerBase):
     async def close_all_sessions(self) -> None:
         for session in list(self.sessions.values()):
             self._free(session)
+
+
+def _chunks(steps, t: int) -> list[tuple[int, int]]:
+    """[start, end) of each step a replay's T positions were first built in (one if none)."""
+    if not steps:
+        return [(0, t)]
+    if len(steps) > t or any(n <= 0 for n in steps) or sum(steps) != t:
+        raise BadRequest(f"a step's `steps` must be {t} positions in up to {t} positive parts")
+    bounds = [0, *itertools.accumulate(steps)]
+    return list(itertools.pairwise(bounds))
 
 
 async def _drain(requests: AsyncIterator) -> None:

@@ -44,3 +44,8 @@ def test_distributed_flags():
     assert (a.compression, a.link_delay, a.link_bandwidth) == ("none", 0.05, 20.0)
     assert p.parse_args(["--adapter", "dir"]).adapter == "dir"
     assert p.parse_args([]).compression == "auto" and p.parse_args([]).adapter is None
+    # Push is the default, as RouterConfig's; --no-push relays every hop through the client.
+    from petals_like.router import RouterConfig
+
+    assert p.parse_args([]).no_push is not RouterConfig.push
+    assert p.parse_args(["--no-push"]).no_push

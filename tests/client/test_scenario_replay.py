@@ -1,0 +1,113 @@
+"""Bit-exact replay with real int8 peers and the default wire codec: a SIGKILLed peer's span is
+rebuilt in the step shapes first used, so every output (and the text) is that of a run without
+failure.
+
+One swarm (module scope: a 0:3, b, c and d 3:6, int8 weights): each test kills one of b, c, d.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from petals_like.model import DistributedModelForCausalLM
+from tests.client.test_scenarios import Swarm
+from tests.conftest import PeerProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [5, 17, 42, 8, 60, 11, 99, 23, 3, 71]
+NEW = 24
+KILL_AT = 12
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
+    from swarm.dht import make_dht
+    from swarm.model.loading import resolve_model
+
+    logs = tmp_path_factory.mktemp("replay-scenarios")
+    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
+    base = ["join", "--model", str(tiny_model_dir), "--quant", "int8", "--max-start-delay", "0"]
+    peers: dict[str, PeerProcess] = {}
+    dht = None
+    try:
+        peers["a"] = PeerProcess([*base, "--stage", "0:3"], env, logs / "a.log")
+        boot = peers["a"].wait_maddrs(180)
+        for name in ("b", "c", "d"):
+            args = [*base, "--stage", "3:6", "--initial-peers", *boot]
+            peers[name] = PeerProcess(args, env, logs / f"{name}.log")
+        for p in peers.values():
+            p.wait_maddrs(180)
+        dht = make_dht(initial_peers=boot, client_mode=True)
+        s = Swarm(boot, peers, dht, resolve_model(str(tiny_model_dir)).name)
+        wait_for(lambda: len(s.online()) == 4, 240, 0.5, "four peers online")
+        yield s
+    finally:
+        if dht is not None:
+            dht.shutdown()
+        for p in peers.values():
+            p.kill()
+
+
+def connect(swarm: Swarm, model_dir) -> DistributedModelForCausalLM:
+    # The defaults a new user gets (compression "auto": int8-block64), but no verification:
+    # it holds tokens back, so on_token would not count steps.
+    return DistributedModelForCausalLM.from_pretrained(str(model_dir), swarm.boot, verify=0.0)
+
+
+@pytest.mark.timeout(300)
+def test_scenario_int8_failover_outputs_are_bit_for_bit(swarm, tiny_model_dir):
+    """Hidden states in, hidden states out: after the kill every output equals, bit for bit,
+    the output of a run without failure (tokens alone hide small differences on this model)."""
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.randn(1, 10, 64, generator=gen)]
+    steps += [torch.randn(1, 1, 64, generator=gen) for _ in range(12)]
+    runs = []
+    with connect(swarm, tiny_model_dir) as model:
+        for kill in (False, True):
+            outs = []
+            with model.inference_session(max_length=32) as session:
+                for i, x in enumerate(steps):
+                    if kill and i == 6:
+                        hop = next(h for h in session.route if h.start == 3)
+                        os.kill(swarm.by_peer_id(hop.peer_id).pid, signal.SIGKILL)
+                    t0 = time.monotonic()
+                    outs.append(session.step(x))
+                    if kill and i == 6:
+                        print(
+                            f"the step after the kill (replay of 16 positions): "
+                            f"{(time.monotonic() - t0) * 1000:.0f} ms"
+                        )
+                failovers = list(session.failovers)
+            runs.append(outs)
+            assert len(failovers) == int(kill), [f.summary() for f in failovers]
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert torch.equal(a, b), f"step {i}: max difference {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.timeout(300)
+def test_scenario_int8_failover_replays_bit_for_bit(swarm, tiny_model_dir):
+    with connect(swarm, tiny_model_dir) as model:
+        want = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False)[0].tolist()
+        assert not model.last_stats.failovers
+        killed: list[float] = []
+        with model.inference_session(max_length=len(PROMPT) + NEW) as session:
+
+            def on_token(_token) -> None:
+                on_token.count = getattr(on_token, "count", 0) + 1
+                if on_token.count == KILL_AT:
+                    hop = next(h for h in session.route if h.start == 3)
+                    os.kill(swarm.by_peer_id(hop.peer_id).pid, signal.SIGKILL)
+                    killed.append(time.monotonic())
+
+            out = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False, on_token=on_token)
+        stats = model.last_stats
+    assert killed, "the peer was not killed"
+    assert len(stats.failovers) == 1, [f.summary() for f in stats.failovers]
+    print(f"int8 failover: {stats.failovers[0].summary()}")
+    assert out[0].tolist() == want
