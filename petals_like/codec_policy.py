@@ -2,12 +2,13 @@
 
 Used by the client's router (petals_like.router.SwarmRouter.session_codec) when a stream opens.
 
-The estimator: two forward probes through the first block of the hop's peer, of 1 and of
-`probe_tokens` tokens (about 32 KiB of fp32 activations), each twice, keeping the fastest. The
-difference of the two times over the extra bytes is the seconds a payload byte costs when it
-travels to the peer and back, as every step's activations do; one block's compute of a few
-tokens rides along and only biases toward compression. The small probe also gives the round
-trip. No peer change is needed and nothing but a real forward is asked of it.
+The estimator: forward probes to the hop's peer, each twice, keeping the fastest: 1 token and
+`probe_tokens` tokens (about 32 KiB of fp32 activations) through its first block, and 1 token
+through the hop's whole span. The difference of the first two over the extra bytes is the
+seconds a payload byte costs when it travels to the peer and back, as every step's activations
+do (one block's compute of a few tokens rides along and only biases toward compression); the
+third is a decoding step's compute and round trip on the hop. No peer change is needed and
+nothing but real forwards is asked of it.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class LinkEstimate:
     """What the probes measured of one peer's link.
 
     seconds_per_byte: cost of one payload byte sent to the peer and one sent back (0: too fast
-        to measure); rtt: seconds of the small probe (round trip plus one block of one token).
+        to measure); rtt: seconds of the small probe (round trip plus one block of one token);
+    step: seconds of one token through the hop's whole span (0: not measured).
     """
 
     seconds_per_byte: float
     rtt: float
+    step: float = 0.0
 
     @property
     def mbit_per_s(self) -> float:
@@ -78,8 +81,9 @@ def codec_cpu_seconds(codec: str, numel: int) -> float:
     key = (codec, numel)
     if key not in _cpu_seconds:
         x = torch.randn(numel)
+        kernels.dequantize(kernels.quantize(x, codec))  # first calls pay one-time dispatch
         best = math.inf
-        for _ in range(3):
+        for _ in range(5):  # the fastest: other threads and processes only add
             t0 = time.perf_counter()
             kernels.dequantize(kernels.quantize(x, codec))
             best = min(best, time.perf_counter() - t0)
@@ -117,24 +121,26 @@ def probe_tokens(hidden_size: int, max_tokens: int = 64) -> int:
 
 
 async def measure_link(
-    client: Any, peer_id: Any, block: int, hidden_size: int, timeout: float
+    client: Any, peer_id: Any, start: int, end: int, hidden_size: int, timeout: float
 ) -> LinkEstimate:
-    """Probe the link to `peer_id` with forwards through its block `block` (see the module).
+    """Probe the link to `peer_id` with forwards through its blocks [start, end) (see the module).
 
     client: a swarm.peer.client.PeerClient; timeout: bound on each probe. Raises what the
     forwards raise (PeerUnavailable, asyncio.TimeoutError, ...).
     """
     big = probe_tokens(hidden_size)
     gen = torch.Generator().manual_seed(0)
-    best = {1: math.inf, big: math.inf}
+    probes = {"small": (1, start + 1), "big": (big, start + 1), "step": (1, end)}
+    best = dict.fromkeys(probes, math.inf)
     for _ in range(PROBE_REPEATS):
-        for n in best:
+        for name, (n, last) in probes.items():
             x = torch.randn(1, n, hidden_size, generator=gen)
             t0 = time.perf_counter()
             await asyncio.wait_for(
-                client.forward(peer_id, x, block, block + 1, timeout=timeout, codec=LOSSLESS),
+                client.forward(peer_id, x, start, last, timeout=timeout, codec=LOSSLESS),
                 timeout + 0.5,
             )
-            best[n] = min(best[n], time.perf_counter() - t0)
+            best[name] = min(best[name], time.perf_counter() - t0)
     extra = wire_bytes(LOSSLESS, (big - 1) * hidden_size, hidden_size)
-    return LinkEstimate(max(0.0, best[big] - best[1]) / extra, best[1])
+    per_byte = max(0.0, best["big"] - best["small"]) / extra
+    return LinkEstimate(per_byte, best["small"], best["step"])

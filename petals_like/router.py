@@ -112,6 +112,7 @@ class SwarmRouter:
         self.hidden_size = 0  # the model's (set by DistributedModelForCausalLM); 0: ask peers
         self.codec_choices: dict[Any, CodecChoice] = {}  # "auto": fixed per peer once measured
         self._choosing: dict[Any, asyncio.Future] = {}
+        self._probing: asyncio.Lock | None = None  # one link probe at a time: they share our uplink
 
     # ---- the swarm's state ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -312,17 +313,22 @@ class SwarmRouter:
         if not any(c in offered for c in AUTO_CODECS):  # nothing to choose from
             self.codec_choices[hop.peer_id] = CodecChoice("none", None)
             return "none"
+        budget = self.config.open_timeout / 2  # the open that follows must fit in what is left
+        if self._probing is None:
+            self._probing = asyncio.Lock()
         try:
-            hidden = self.hidden_size or int(
-                (await self.client.info(hop.peer_id, timeout=self.config.ping_timeout)).hidden_size
-            )
-            link = await codec_policy.measure_link(
-                self.client, hop.peer_id, hop.start, hidden, self.config.open_timeout
-            )
+            link, hidden = await asyncio.wait_for(self._measure(hop), budget)
+        except asyncio.TimeoutError:  # a link too slow to probe in time is slow: compress
+            codec = self.codec_for(hop.peer_id)
+            self.codec_choices[hop.peer_id] = CodecChoice(codec, None)
+            logger.info("probing the link to %s took over %.1f s: %s", hop.peer_id, budget, codec)
+            return codec
         except Exception as e:  # the open that follows reports a dead peer properly
             logger.info("could not measure the link to %s (%r): lossy default", hop.peer_id, e)
             return self.codec_for(hop.peer_id)
-        hop_s = link.rtt + max(0, hop.end - hop.start - 1) * block_time(record, self.costs)
+        # The measured step; advertised speeds (often measured under other load) otherwise.
+        blocks = max(0, hop.end - hop.start - 1)
+        hop_s = link.step or link.rtt + blocks * block_time(record, self.costs)
         choice = codec_policy.choose(offered, hidden, link, hop_s)
         self.codec_choices[hop.peer_id] = choice
         logger.info(
@@ -334,6 +340,17 @@ class SwarmRouter:
             choice.lossless_share * 100,
         )
         return choice.codec
+
+    async def _measure(self, hop: Hop) -> tuple[codec_policy.LinkEstimate, int]:
+        """The link to hop's peer (codec_policy.measure_link) and the model's hidden size."""
+        async with self._probing:  # concurrent probes would time each other's bytes
+            hidden = self.hidden_size or int(
+                (await self.client.info(hop.peer_id, timeout=self.config.ping_timeout)).hidden_size
+            )
+            link = await codec_policy.measure_link(
+                self.client, hop.peer_id, hop.start, hop.end, hidden, self.config.open_timeout
+            )
+            return link, hidden
 
     async def open(self, hop: Hop, max_length: int, batch_size: int, adapter: Any = None) -> Any:
         """An inference stream on hop's peer for its blocks (with an adapter for them, if any)."""

@@ -71,12 +71,13 @@ def test_scenario_auto_codec_on_loopback_is_lossless_and_equals_local(boot, tiny
 
 @pytest.mark.timeout(300)
 def test_scenario_auto_codec_behind_a_slow_uplink_takes_int8(boot, tiny_model_dir):
-    # 0.5 Mbit/s: fp32 of one token (256 bytes) costs ~4 ms, over a tenth of a loopback step.
+    # 0.25 Mbit/s: fp32 of one token (256 bytes) costs 8 ms, int8 2 ms and ~0.2 ms of CPU.
     with DistributedModelForCausalLM.from_pretrained(
-        str(tiny_model_dir), boot, link_bandwidth=0.5
+        str(tiny_model_dir), boot, link_bandwidth=0.25
     ) as model:
         out = model.generate(PROMPT, max_new_tokens=4, stop_on_eos=False)
         choices = dict(model.router.codec_choices)
     assert out.shape[1] == len(PROMPT) + 4
     assert len(choices) == 2 and {c.codec for c in choices.values()} == {"int8-block64"}, choices
-    assert all(c.link.mbit_per_s < 2 for c in choices.values())
+    # Measured (about 0.25 Mbit/s), or too slow to probe within half the open's bound.
+    assert all(c.link is None or c.link.mbit_per_s < 1 for c in choices.values())
