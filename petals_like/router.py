@@ -294,7 +294,8 @@ class SwarmRouter:
         """The codec of a stream on hop's peer: under "auto", measured once per peer and kept.
 
         Kept for the router's life, so a peer's streams (and replays to it) never change codec.
-        A failed probe is not remembered: the lossy default is used and the next open retries.
+        Probing takes at most half of open_timeout; a link too slow for that gets the lossy
+        default, kept. A failed probe (peer gone) is not kept: the lossy default this time.
         """
         if self.config.compression != "auto":
             return self.codec_for(hop.peer_id)
