@@ -24,8 +24,9 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compression",
         default="auto",
-        help="activation codec on the wire: auto (int8-block64 where the peer offers it), none "
-        "(exact fp32) or a codec name such as dynamic8-block64 (default: %(default)s)",
+        help="activation codec on the wire: auto (per peer, by its measured link: exact fp32 "
+        "unless that costs over a tenth of a step, then int8-block64), none (exact fp32) or a "
+        "codec name such as int8-block64 (default: %(default)s)",
     )
     parser.add_argument(
         "--adapter",
@@ -62,7 +63,8 @@ def _summary(model, args: argparse.Namespace, prompt_len: int, load_s: float) ->
         f"model {model.model_prefix}: joined in {load_s:.2f}s, prompt {prompt_len} tokens, "
         f"generated {st.new_tokens} tokens in {st.total_s:.2f}s, first token "
         f"{st.first_token_s * 1000:.0f} ms, {st.decode_tokens_per_s:.1f} tokens/s",
-        f"route: {describe(st.route)} (compression {getattr(args, 'compression', 'auto')})",
+        f"route: {describe(st.route)} (compression {getattr(args, 'compression', 'auto')}: "
+        f"{', '.join(model.router.codec_for(h.peer_id) for h in st.route)})",
     ]
     if st.speculative is not None:
         lines.append(st.speculative.summary(args.speculative))

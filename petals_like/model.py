@@ -203,8 +203,9 @@ class DistributedModelForCausalLM(FineTuningMixin):
         model: an alias (smollm2-135m), a Hugging Face folder or a .gguf file; its name is the
             DHT prefix the peers announce under.
         initial_peers: multiaddrs of any peers of the swarm.
-        compression: activation codec: "auto" (int8-block64 where a peer offers it), "none"
-            (exact: fp32 on the wire) or a codec name; by default router_config's ("auto").
+        compression: activation codec: "auto" (per peer by its measured link: exact fp32 unless
+            that costs over a tenth of the step, then int8-block64; petals_like.codec_policy),
+            "none" (exact: fp32 on the wire) or a codec name; by default router_config's.
         link_delay, link_bandwidth: WAN emulation (swarm.link): seconds added to every message
             this client sends to a peer (one way; peers add theirs with `--link-delay`), and
             this client's uplink in Mbit/s (0: no cap).
@@ -262,6 +263,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
                 config=rc,
                 costs=costs,
             )
+            router.hidden_size = config.hidden_size  # "auto" codec probes (codec_policy)
             loop.run(router.start(), timeout=start_timeout)
         except BaseException:
             loop.close()

@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 
 import torch
 
+from petals_like import codec_policy
 from petals_like.bans import BanList
+from petals_like.codec_policy import CodecChoice
 from petals_like.latency import StepLatency
 from petals_like.probing import guarded, is_timeout
 from petals_like.routing import Hop, RouteCosts, block_time, find_route, missing_blocks, usable
@@ -26,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Codecs tried in this order when the client asks for compression "auto".
-AUTO_CODECS = ("int8-block64", "dynamic8-block64", "int8-row")
+# Lossy codecs "auto" may fall back to, best first (petals_like.codec_policy).
+AUTO_CODECS = codec_policy.LOSSY
 
 
 @dataclass
@@ -50,8 +52,10 @@ class RouterConfig:
         stream open), so the loss is seen in milliseconds rather than at the timeout.
     per_token_default: seconds per token per block assumed before a peer was measured.
     ban_period, ban_growth, max_ban: ban of a failed peer: first period, growth, longest.
-    compression: wire codec of activations: "none", "auto" (the first of AUTO_CODECS the peer
-        advertises) or a codec name (used where the peer advertises it, else "none").
+    compression: wire codec of activations: "none", "auto" (per peer, measured when its first
+        stream opens: fp32 unless its link makes that cost over a tenth of the step, then the
+        first of AUTO_CODECS it advertises; petals_like.codec_policy) or a codec name (used
+        where the peer advertises it, else "none").
     push: each peer pushes a step's output straight to the next hop (a token costs hops + 1
         one-way delays, not 2 x hops) where every hop's peer offers it; False: relay via us.
     exact_replay: a failover's replay runs in the step shapes first used, uncompressed, so the
@@ -113,6 +117,10 @@ class SwarmRouter:
         self._task: asyncio.Task | None = None
         self._refresh_lock: asyncio.Lock | None = None
         self._rng = random.Random()
+        self.hidden_size = 0  # the model's (set by DistributedModelForCausalLM); 0: ask peers
+        self.codec_choices: dict[Any, CodecChoice] = {}  # "auto": fixed per peer once measured
+        self._choosing: dict[Any, asyncio.Future] = {}
+        self._probing: asyncio.Lock | None = None  # one link probe at a time: they share our uplink
 
     # ---- the swarm's state ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -274,19 +282,89 @@ class SwarmRouter:
             return False
 
     def codec_for(self, peer_id: str) -> str:
-        """The activation codec to use with `peer_id`: what we want, if it advertises it."""
+        """The activation codec to use with `peer_id`: what we want, if it advertises it.
+
+        Under "auto", the codec measured for the peer (session_codec), else the lossy default
+        (stateless calls: training, verification, before any stream was opened).
+        """
         want = self.config.compression
         if want == "none":
             return "none"
+        if want == "auto" and peer_id in self.codec_choices:
+            return self.codec_choices[peer_id].codec
         record = next((r for r in self.records if r.peer_id == peer_id), None)
         offered = tuple(getattr(record, "codecs", ()) or ())
         if want == "auto":
             return next((c for c in AUTO_CODECS if c in offered), "none")
         return want if want in offered else "none"
 
+    async def session_codec(self, hop: Hop) -> str:
+        """The codec of a stream on hop's peer: under "auto", measured once per peer and kept.
+
+        Kept for the router's life, so a peer's streams (and replays to it) never change codec.
+        Probing takes at most half of open_timeout; a link too slow for that gets the lossy
+        default, kept. A failed probe (peer gone) is not kept: the lossy default this time.
+        """
+        if self.config.compression != "auto":
+            return self.codec_for(hop.peer_id)
+        peer_id = hop.peer_id
+        if peer_id in self.codec_choices:
+            return self.codec_choices[peer_id].codec
+        pending = self._choosing.get(peer_id)
+        if pending is None:
+            pending = self._choosing[peer_id] = asyncio.ensure_future(self._choose_codec(hop))
+            pending.add_done_callback(lambda _f: self._choosing.pop(peer_id, None))
+        return await asyncio.shield(pending)
+
+    async def _choose_codec(self, hop: Hop) -> str:
+        record = next((r for r in self.records if r.peer_id == hop.peer_id), None)
+        offered = tuple(getattr(record, "codecs", ()) or ())
+        if not any(c in offered for c in AUTO_CODECS):  # nothing to choose from
+            self.codec_choices[hop.peer_id] = CodecChoice("none", None)
+            return "none"
+        budget = self.config.open_timeout / 2  # the open that follows must fit in what is left
+        if self._probing is None:
+            self._probing = asyncio.Lock()
+        try:
+            link, hidden = await asyncio.wait_for(self._measure(hop), budget)
+        except asyncio.TimeoutError:  # a link too slow to probe in time is slow: compress
+            codec = self.codec_for(hop.peer_id)
+            self.codec_choices[hop.peer_id] = CodecChoice(codec, None)
+            logger.info("probing the link to %s took over %.1f s: %s", hop.peer_id, budget, codec)
+            return codec
+        except Exception as e:  # the open that follows reports a dead peer properly
+            logger.info("could not measure the link to %s (%r): lossy default", hop.peer_id, e)
+            return self.codec_for(hop.peer_id)
+        # The measured step; advertised speeds (often measured under other load) otherwise.
+        blocks = max(0, hop.end - hop.start - 1)
+        hop_s = link.step or link.rtt + blocks * block_time(record, self.costs)
+        choice = codec_policy.choose(offered, hidden, link, hop_s)
+        self.codec_choices[hop.peer_id] = choice
+        logger.info(
+            "codec for %s: %s (link %.1f Mbit/s, step %.1f ms, fp32 transfer %.1f%% of it)",
+            hop.peer_id,
+            choice.codec,
+            link.mbit_per_s,
+            hop_s * 1000,
+            choice.lossless_share * 100,
+        )
+        return choice.codec
+
+    async def _measure(self, hop: Hop) -> tuple[codec_policy.LinkEstimate, int]:
+        """The link to hop's peer (codec_policy.measure_link) and the model's hidden size."""
+        async with self._probing:  # concurrent probes would time each other's bytes
+            hidden = self.hidden_size or int(
+                (await self.client.info(hop.peer_id, timeout=self.config.ping_timeout)).hidden_size
+            )
+            link = await codec_policy.measure_link(
+                self.client, hop.peer_id, hop.start, hop.end, hidden, self.config.open_timeout
+            )
+            return link, hidden
+
     async def open(self, hop: Hop, max_length: int, batch_size: int, adapter: Any = None) -> Any:
         """An inference stream on hop's peer for its blocks (with an adapter for them, if any)."""
         extra = {} if adapter is None else {"adapter": adapter}
+        codec = await self.session_codec(hop)
         return await asyncio.wait_for(
             self.client.open_inference(
                 hop.peer_id,
@@ -295,7 +373,7 @@ class SwarmRouter:
                 max_length=max_length,
                 batch_size=batch_size,
                 timeout=self.config.open_timeout,
-                codec=self.codec_for(hop.peer_id),
+                codec=codec,
                 **extra,
             ),
             self.config.open_timeout + 0.5,

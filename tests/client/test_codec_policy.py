@@ -1,0 +1,56 @@
+"""The "auto" codec's choice from measured link figures (petals_like.codec_policy.choose)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from petals_like.codec_policy import LinkEstimate, choose, probe_tokens, wire_bytes
+
+SMOL = 576  # SmolLM2-135M's hidden size
+OFFERED = ("fp16", "int8-block64", "dynamic8-block64", "none")
+HOP = 0.020  # a hop's compute + round trip for one token, seconds
+
+
+def link(mbit_each_way: float) -> LinkEstimate:
+    """A symmetric link: a byte goes there and back, each way at `mbit_each_way`."""
+    return LinkEstimate(2 * 8 / (mbit_each_way * 1e6), rtt=0.001)
+
+
+@pytest.mark.parametrize("mbit", [10_000, 1000, 100])
+def test_fast_links_keep_the_lossless_codec(mbit):
+    choice = choose(OFFERED, SMOL, link(mbit), HOP)
+    assert choice.codec == "none" and choice.lossless_share < 0.1
+
+
+def test_an_unmeasurably_fast_link_is_lossless():
+    choice = choose(OFFERED, SMOL, LinkEstimate(0.0, 0.0005), HOP)
+    assert choice.codec == "none" and choice.link.mbit_per_s == math.inf
+
+
+@pytest.mark.parametrize("mbit", [10, 1])
+def test_slow_links_take_int8(mbit):
+    choice = choose(OFFERED, SMOL, link(mbit), HOP)
+    assert choice.codec == "int8-block64" and choice.lossless_share > 0.1
+
+
+def test_the_threshold_is_a_tenth_of_the_step():
+    # fp32 of one token: 2304 bytes; at 1e-6 s per byte that is 2.3 ms of the hop's time.
+    per_byte = LinkEstimate(1e-6, 0.001)
+    assert choose(OFFERED, SMOL, per_byte, hop_seconds=0.030).codec == "none"  # 7.7%
+    assert choose(OFFERED, SMOL, per_byte, hop_seconds=0.015).codec == "int8-block64"  # 15%
+
+
+def test_a_peer_without_lossy_codecs_gets_lossless_on_any_link():
+    assert choose(("none",), SMOL, link(1), HOP).codec == "none"
+    # The fallback order of lossy codecs follows what the peer offers.
+    assert choose(("none", "dynamic8-block64"), SMOL, link(1), HOP).codec == "dynamic8-block64"
+
+
+def test_wire_bytes_and_probe_size():
+    assert wire_bytes("none", SMOL, SMOL) == 4 * SMOL
+    assert wire_bytes("fp16", SMOL, SMOL) == 2 * SMOL
+    assert wire_bytes("int8-block64", SMOL, SMOL) == SMOL + 2 * SMOL / 64
+    assert wire_bytes("int8-row", 2 * SMOL, SMOL) == 2 * SMOL + 4
+    assert probe_tokens(SMOL) == 14 and probe_tokens(64) == 64 and probe_tokens(1 << 16) == 2
