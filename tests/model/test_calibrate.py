@@ -54,7 +54,7 @@ def test_calibration_is_deterministic(fp32_model):
 def test_calibrated_checkpoint_model(tiny_model_dir):
     fp32 = load_model(str(tiny_model_dir), progress=False)
     calibrated = quantize_calibrated(copy.deepcopy(fp32), "nf4", CONFIG)
-    rtn = load_model(str(tiny_model_dir), quant="nf4", progress=False)
+    rtn = load_model(str(tiny_model_dir), quant="nf4-rtn", progress=False)
     held_out = sample_calibration_ids(fp32, 8, 32, seed=1)
     assert logits_error(calibrated, fp32, held_out) < logits_error(rtn, fp32, held_out)
 
