@@ -2,7 +2,7 @@
 fp32, int8 and 4-bit (nf4, fp4, int4) blocks, all measured in one run.
 
 4-bit modes are GPTQ-calibrated (swarm.model.calibrate, on text the fp32 model samples itself,
-never the perplexity text); `nf4-rtn`, `fp4-rtn`, `int4-rtn` are round-to-nearest, as loaded.
+never the perplexity text); `nf4-rtn`, `fp4-rtn`, `int4-rtn` are round-to-nearest.
 Run `python -m simulations.bench_local` (SmolLM2 by default); prints a table, or with --json one
 JSON object per line per mode (mode, tok_s, tok_s_b1/b4/b16, ppl, bytes_per_param, calib_s...).
 """

@@ -1,11 +1,13 @@
 """Calibrated 4-bit quantization of a whole model (GPTQ, kernels.gptq) on text the fp32 model
-samples itself: data-free, so no evaluation text can leak in. Used by bench_local and local runs.
+samples itself: data-free, so no evaluation text can leak in. Used by loading and bench_local.
 
-It needs the whole model (the sampler, and every earlier block for a block's inputs), so peers,
-which read only their own blocks, still load round-to-nearest codes (swarm.model.quantize).
-With sequential=False a block is calibrated on the inputs the *fp32* model gives it, so its
-codes depend only on the checkpoint and the seed: the way a peer could calibrate its span
-alone from the checkpoint; sequential=True (the quantized blocks' outputs) measured better.
+Loading (swarm.model.loading) calibrates a peer's span alone with sequential=False: a block is
+calibrated on the inputs the *fp32* model gives it, so its codes depend only on the checkpoint,
+the config and the seed, and a peer's equal a local model's. sequential=True (the quantized
+blocks' outputs, GPTQ's way) needs every earlier block quantized; bench_local uses it.
+SmolLM2-135M, Pride and Prejudice ch. 1 (fp32 21.350), seeds 0/1: sequential +6.00%/+6.78%,
+non-sequential +6.52%/+7.09%; 64x64 or 16x256 tokens, temperature 0.9/top-p 0.95, or keep=0
+with three int8 down_proj instead were all worse (+7.8..+8.8%, seed 0).
 """
 
 from __future__ import annotations
