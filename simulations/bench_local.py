@@ -2,7 +2,7 @@
 fp32, int8 and 4-bit (nf4, fp4, int4) blocks, all measured in one run.
 
 4-bit modes are GPTQ-calibrated (swarm.model.calibrate, on text the fp32 model samples itself,
-never the perplexity text); `nf4-rtn`, `fp4-rtn`, `int4-rtn` are round-to-nearest, as loaded.
+never the perplexity text); `nf4-rtn`, `fp4-rtn`, `int4-rtn` are round-to-nearest.
 Run `python -m simulations.bench_local` (SmolLM2 by default); prints a table, or with --json one
 JSON object per line per mode (mode, tok_s, tok_s_b1/b4/b16, ppl, bytes_per_param, calib_s...).
 """
@@ -84,9 +84,14 @@ def decode_speed(model: LlamaModel, prompt: list[int], new_tokens: int, batch: i
 
 
 def calib_note(calib: CalibrationConfig) -> str:
-    int8 = f", {'/'.join(n.rsplit('.', 1)[-1] for n in calib.int8)} int8" if calib.int8 else ""
+    names = "/".join(
+        n.rsplit(".", 1)[-1] if ":" not in n else n.replace("mlp.", "").replace("self_attn.", "")
+        for n in calib.int8
+    )
+    int8 = f", {names} int8" if calib.int8 else ""
     keep = f", {100 * calib.keep:g}% columns fp16" if calib.keep else ""
-    return f"GPTQ on {calib.sequences}x{calib.length} sampled tokens{int8}{keep}"
+    seq = "" if calib.sequential else ", non-sequential"
+    return f"GPTQ on {calib.sequences}x{calib.length} sampled tokens{int8}{keep}{seq}"
 
 
 def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], Path, list[int]]:
@@ -106,13 +111,17 @@ def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], P
         length=args.calib_length,
         int8=tuple(args.calib_int8),
         keep=args.calib_keep,
+        seed=args.calib_seed,
+        sequential=args.calib_sequential,
+        temperature=args.calib_temperature,
+        top_p=args.calib_top_p,
     )
     calib_ids, sample_s = None, 0.0  # sampled once, shared by every calibrated mode
     for mode in args.modes:
         progress.update(f"loading {source.name} ({mode} block weights)")
         rss0 = rss_mb()
         t0 = time.perf_counter()
-        quant = "none" if mode in ("fp32", *CALIBRATED) else mode.removesuffix("-rtn")
+        quant = "none" if mode in ("fp32", *CALIBRATED) else mode
         model = load_model(source, quant=quant, progress=False)
         load_s = time.perf_counter() - t0
         calib_s = None
@@ -120,7 +129,14 @@ def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], P
             if calib_ids is None:
                 progress.update(f"sampling {calib.sequences}x{calib.length} calibration tokens")
                 t1 = time.perf_counter()
-                calib_ids = sample_calibration_ids(model, calib.sequences, calib.length, 0)
+                calib_ids = sample_calibration_ids(
+                    model,
+                    calib.sequences,
+                    calib.length,
+                    calib.seed,
+                    calib.temperature,
+                    calib.top_p,
+                )
                 sample_s = time.perf_counter() - t1
             progress.update(f"{mode}: GPTQ calibration")
             t1 = time.perf_counter()
@@ -194,7 +210,18 @@ def main(argv: list[str] | None = None) -> None:
         "--calib-int8",
         nargs="*",
         default=list(CalibrationConfig.int8),
-        help="calibration: block linear layers kept in int8 (e.g. self_attn.v_proj)",
+        help="calibration: block linear layers kept in int8 (e.g. self_attn.v_proj, or "
+        "1:mlp.down_proj for block 1's only)",
+    )
+    p.add_argument("--calib-seed", type=int, default=CalibrationConfig.seed)
+    p.add_argument("--calib-temperature", type=float, default=CalibrationConfig.temperature)
+    p.add_argument("--calib-top-p", type=float, default=CalibrationConfig.top_p)
+    p.add_argument(
+        "--calib-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=CalibrationConfig.sequential,
+        help="calibrate each block on the quantized earlier blocks' outputs (--no-...: on the "
+        "fp32 ones, as loading does so that a peer's codes equal a local model's)",
     )
     p.add_argument(
         "--calib-keep",

@@ -1,11 +1,14 @@
 """Calibrated 4-bit quantization of a whole model (GPTQ, kernels.gptq) on text the fp32 model
-samples itself: data-free, so no evaluation text can leak in. Used by bench_local and local runs.
+samples itself: data-free, so no evaluation text can leak in. Used by loading and bench_local.
 
-It needs the whole model (the sampler, and every earlier block for a block's inputs), so peers,
-which read only their own blocks, still load round-to-nearest codes (swarm.model.quantize).
-With sequential=False a block is calibrated on the inputs the *fp32* model gives it, so its
-codes depend only on the checkpoint and the seed: the way a peer could calibrate its span
-alone from the checkpoint; sequential=True (the quantized blocks' outputs) measured better.
+Loading (swarm.model.loading) calibrates a peer's span alone with sequential=False: a block is
+calibrated on the inputs the *fp32* model gives it, so its codes depend only on the checkpoint,
+the config and the seed, and a peer's equal a local model's. sequential=True (the quantized
+blocks' outputs, GPTQ's way) needs every earlier block quantized; bench_local uses it.
+SmolLM2-135M, Pride and Prejudice ch. 1 (fp32 21.350), seeds 0/1, k/v int8: sequential
++6.00%/+6.78%, non-sequential +6.52%/+7.09%; block 3's down_proj int8 too (the default):
+sequential +5.14%/+4.83% at 0.5587 bytes/param; 64x64 or 16x256 tokens, temperature 0.9 and
+top-p 0.95, or keep=0 with three int8 down_proj instead were all worse (+7.8..+8.8%, seed 0).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class CalibrationConfig:
     act_order: GPTQ quantizes the inputs of largest Hessian diagonal first. skip_first: positions
     at the start of each sequence left out of the Hessians (the first token's huge activations).
     keep: fraction of each layer's input columns kept in float16 (kernels.gptq; 2 bytes each).
+    Names in int8 may also be "BLOCK:name" (e.g. "0:mlp.down_proj", "-1:mlp.down_proj" for the
+    last block): that one layer of that one block only.
+    temperature, top_p: of the sampler (1.0, 1.0: plain sampling from the model).
     """
 
     sequences: int = 32
@@ -57,16 +63,42 @@ class CalibrationConfig:
     damp: float = 0.1
     clip: bool = False
     sequential: bool = True
-    int8: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
+    # Block 3's down_proj: the most sensitive 4-bit layer of SmolLM2-135M by the KL on held-out
+    # sampled text (per-layer ablation); +0.004 bytes/param, -0.9/-1.9 perplexity points.
+    int8: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj", "3:mlp.down_proj")
     act_order: bool = True
     skip_first: int = 0
     keep: float = 0.005
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def int8_names(self, index: int, num_layers: int) -> set[str]:
+        """Names of the linear layers of block `index` (of `num_layers`) kept in int8."""
+        names = set()
+        for spec in self.int8:
+            block, sep, name = spec.rpartition(":")
+            if not sep:
+                names.add(name)
+            elif int(block) % num_layers == index:
+                names.add(name)
+        return names
+
+
+# What loading uses (swarm.model.loading): each block calibrated alone, on fp32 activations.
+LOAD_CALIBRATION = CalibrationConfig(sequential=False)
 
 
 @torch.inference_mode()
-def sample_calibration_ids(model: LlamaModel, sequences: int, length: int, seed: int = 0):
-    """[sequences, length] token ids sampled from `model` at temperature 1, each sequence
-    started by a uniformly drawn token (a diverse, data-free calibration set).
+def sample_calibration_ids(
+    model: LlamaModel,
+    sequences: int,
+    length: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """[sequences, length] token ids sampled from `model` (at `temperature`, nucleus `top_p`),
+    each sequence started by a uniformly drawn token (a diverse, data-free calibration set).
     """
     if sequences < 1 or length < 2:
         raise BadRequest(
@@ -77,8 +109,13 @@ def sample_calibration_ids(model: LlamaModel, sequences: int, length: int, seed:
     caches = model.new_caches(sequences, length)
     out = [ids]
     for pos in range(length - 1):
-        logits = model(out[-1], pos, caches)[:, -1].float()
-        out.append(torch.multinomial(logits.softmax(-1), 1, generator=g))
+        probs = (model(out[-1], pos, caches)[:, -1].float() / temperature).softmax(-1)
+        if top_p < 1.0:
+            # Nucleus: keep the most likely tokens whose mass reaches top_p (at least one).
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        out.append(torch.multinomial(probs, 1, generator=g))
     return torch.cat(out, dim=1)
 
 
@@ -110,6 +147,48 @@ def _block_hessians(block: Block, hidden, cos, sin, skip: int = 0) -> tuple[torc
     return out, hessians
 
 
+def calibrate_block(
+    block: Block,
+    index: int,
+    num_layers: int,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    quant: str,
+    config: CalibrationConfig,
+) -> torch.Tensor:
+    """Replace, in place, the nn.Linear layers of the float `block` (number `index` of
+    `num_layers`) by GPTQ-calibrated ones, on its inputs `hidden` [B, T, H]. Returns the inputs
+    of the next block: the quantized block's output if config.sequential, else the float one's.
+    """
+    int8 = config.int8_names(index, num_layers)
+    out, hessians = _block_hessians(block, hidden, cos, sin, config.skip_first)
+    for group in _SHARED_INPUT:
+        fourbit = [name for name in group if name not in int8]
+        qs = gptq_quantize_4bit(
+            [_linear(block, name).weight.detach().float() for name in fourbit],
+            hessians[group[0]],
+            quant,
+            config.damp,
+            config.clip,
+            config.act_order,
+            config.keep,
+        )
+        for name in group:
+            lin = _linear(block, name)
+            if name in int8:
+                new: nn.Module = Int8Linear.from_linear(lin)
+            else:
+                bias = None if lin.bias is None else lin.bias.detach().clone()
+                new = FourBitLinear.from_weight(qs[fourbit.index(name)], bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent), attr, new)
+    if config.sequential:
+        with torch.inference_mode():
+            out = block(hidden, cos, sin)
+    return out
+
+
 def quantize_calibrated(
     model: LlamaModel,
     quant: str = "nf4",
@@ -127,39 +206,19 @@ def quantize_calibrated(
     config = config or CalibrationConfig()
     t0 = time.perf_counter()
     if ids is None:
-        ids = sample_calibration_ids(model, config.sequences, config.length, config.seed)
+        ids = sample_calibration_ids(
+            model, config.sequences, config.length, config.seed, config.temperature, config.top_p
+        )
     t_sample = time.perf_counter() - t0
     span = model.span
     with torch.inference_mode():
         hidden = model.client.embed(ids).float()
         positions = torch.arange(ids.shape[1])
         cos, sin = rope_cos_sin(span.inv_freq, positions, hidden.dtype)
-    for block in span.blocks:
-        out, hessians = _block_hessians(block, hidden, cos, sin, config.skip_first)
-        for group in _SHARED_INPUT:
-            fourbit = [name for name in group if name not in config.int8]
-            qs = gptq_quantize_4bit(
-                [_linear(block, name).weight.detach().float() for name in fourbit],
-                hessians[group[0]],
-                quant,
-                config.damp,
-                config.clip,
-                config.act_order,
-                config.keep,
-            )
-            for name in group:
-                lin = _linear(block, name)
-                if name in config.int8:
-                    new: nn.Module = Int8Linear.from_linear(lin)
-                else:
-                    bias = None if lin.bias is None else lin.bias.detach().clone()
-                    new = FourBitLinear.from_weight(qs[fourbit.index(name)], bias)
-                parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent), attr, new)
-        if config.sequential:
-            with torch.inference_mode():
-                out = block(hidden, cos, sin)
-        hidden = out
+    for index, block in enumerate(span.blocks, start=span.start):
+        hidden = calibrate_block(
+            block, index, model.config.num_layers, hidden, cos, sin, quant, config
+        )
     logger.info(
         "calibrated %s on %dx%d sampled tokens: sampling %.1fs, GPTQ %.1fs",
         quant,

@@ -1,7 +1,10 @@
 """Load config, tokenizer, client parts or a span of blocks from a HF folder or a GGUF file.
 
 Used by the peer (`load_span`), the client (`load_client_parts`, `load_tokenizer`) and local runs.
-Only the tensors asked for are read: loading blocks 10..19 never touches the other blocks.
+Only the tensors asked for are read: loading blocks 10..19 never touches the other blocks,
+except for calibrated 4-bit ("nf4", "fp4", "int4"): their GPTQ codes need the fp32 activations
+of every earlier block (streamed one block at a time) and text the model samples once; both are
+cached on disk (swarm.model.calibration_cache). "nf4-rtn" etc. load round-to-nearest codes.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ import torch
 from torch import nn
 
 from swarm.errors import BadRequest, CheckpointError
+from swarm.model import calibration_cache
+from swarm.model.calibrate import (
+    LOAD_CALIBRATION,
+    CalibrationConfig,
+    calibrate_block,
+    sample_calibration_ids,
+)
 from swarm.model.config import ModelConfig
-from swarm.model.llama import BlockSpan, ClientParts, LlamaModel, rope_inv_freq
+from swarm.model.llama import Block, BlockSpan, ClientParts, LlamaModel, rope_cos_sin, rope_inv_freq
 from swarm.model.loaders.gguf import BLOCK_TENSORS, CLIENT_TENSORS, GGUFFile, unpermute_qk
 from swarm.model.loaders.hf import HFCheckpoint, read_json
 from swarm.model.loaders.resolve import DEFAULT_MODEL, ModelSource, resolve_model
 from swarm.model.quantize import quantize_blocks_as
 from swarm.model.tokenizer import Tokenizer
-from swarm.quant import QUANT_MODES
+from swarm.quant import FOURBIT_MODES, QUANT_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +169,91 @@ def _release_freed_memory() -> None:
         pass
 
 
+def _float_block(r: _Reader, index: int, dtype: torch.dtype) -> Block:
+    with torch.device("meta"):
+        block = Block(r.config)
+    block = block.to_empty(device="cpu").to(dtype)
+    tensors = {n: r.block_tensor(index, n, dtype) for n, _ in block.named_parameters()}
+    _fill(block, tensors, f"block {index}")
+    return block
+
+
+def _calibration_ids(r: _Reader, identity: str, config: CalibrationConfig) -> torch.Tensor:
+    """The calibration text for `config`: cached, else sampled by the whole fp32 model once."""
+    path = calibration_cache.ids_path(identity, config)
+    ids = calibration_cache.load_ids(path)
+    if ids is not None and tuple(ids.shape) == (config.sequences, config.length):
+        return ids
+    t0 = time.perf_counter()
+    client = _load_client(r, torch.float32)
+    span = _load_span(r, 0, r.config.num_layers, "none", torch.float32, False, None)
+    model = LlamaModel(r.config, client, span).eval()
+    ids = sample_calibration_ids(
+        model, config.sequences, config.length, config.seed, config.temperature, config.top_p
+    )
+    calibration_cache.save_ids(path, ids)
+    logger.info("sampled %dx%d calibration tokens in %.1fs", *ids.shape, time.perf_counter() - t0)
+    return ids
+
+
+def _calibrated_blocks(
+    r: _Reader, start: int, end: int, quant: str, config: CalibrationConfig, bar
+) -> dict[int, Block]:
+    """Blocks start..end-1 with GPTQ-calibrated float32 codes, from the cache where it has them.
+
+    Each block is calibrated on the fp32 model's activations (non-sequential), so its codes
+    depend only on the checkpoint, `quant` and `config`: a peer's equal a local model's.
+    """
+    if config.sequential:
+        raise BadRequest("loading calibrates each block alone: it needs sequential=False")
+    identity = calibration_cache.checkpoint_identity(r.source.path)
+    paths = {i: calibration_cache.block_path(identity, quant, config, i) for i in range(start, end)}
+    blocks = {}
+    for i, path in paths.items():
+        block = _float_block(r, i, torch.float32)
+        if calibration_cache.load_block(path, block):
+            blocks[i] = block
+            if bar is not None:
+                bar.update(1)
+    missing = [i for i in paths if i not in blocks]
+    if not missing:
+        return blocks
+    t0 = time.perf_counter()
+    ids = _calibration_ids(r, identity, config)
+    with torch.inference_mode():
+        hidden = _load_client(r, torch.float32).embed(ids).float()
+        positions = torch.arange(ids.shape[1])
+        cos, sin = rope_cos_sin(rope_inv_freq(r.config), positions, hidden.dtype)
+    # Blocks before the first missing one are streamed in fp32 only for their outputs.
+    for i in range(max(missing) + 1):
+        block = _float_block(r, i, torch.float32)
+        if i in missing:
+            hidden = calibrate_block(block, i, r.config.num_layers, hidden, cos, sin, quant, config)
+            calibration_cache.save_block(paths[i], block)
+            blocks[i] = block
+            if bar is not None:
+                bar.update(1)
+        else:
+            with torch.inference_mode():
+                hidden = block(hidden, cos, sin)
+    logger.info(
+        "calibrated %s blocks %s on %dx%d sampled tokens in %.1fs (cached for the next load)",
+        quant,
+        ",".join(map(str, missing)),
+        *ids.shape,
+        time.perf_counter() - t0,
+    )
+    return blocks
+
+
 def _load_span(
-    r: _Reader, start: int, end: int, quant: str, dtype: torch.dtype, progress: bool
+    r: _Reader,
+    start: int,
+    end: int,
+    quant: str,
+    dtype: torch.dtype,
+    progress: bool,
+    calibration: CalibrationConfig | None,
 ) -> BlockSpan:
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -171,15 +264,19 @@ def _load_span(
     # Blocks start on "meta" and are materialised one at a time: peak is one block over the span.
     span.register_buffer("inv_freq", rope_inv_freq(r.config), persistent=False)
     bar = _progress(end - start, progress, f"loading blocks {start}:{end}")
-    for i in range(start, end):
-        block = span.blocks[i - start].to_empty(device="cpu").to(dtype)
-        names = [n for n, _ in block.named_parameters()]
-        tensors = {n: r.block_tensor(i, n, dtype) for n in names}
-        _fill(block, tensors, f"block {i}")
-        quantize_blocks_as(block, quant)
-        span.blocks[i - start] = block
-        if bar is not None:
-            bar.update(1)
+    if quant in FOURBIT_MODES:
+        blocks = _calibrated_blocks(r, start, end, quant, calibration or LOAD_CALIBRATION, bar)
+        for i, block in blocks.items():
+            for p in block.parameters():  # the norms: what is left in float after quantizing
+                p.data = p.data.to(dtype)
+            span.blocks[i - start] = block
+    else:
+        for i in range(start, end):
+            block = _float_block(r, i, dtype)
+            quantize_blocks_as(block, quant)
+            span.blocks[i - start] = block
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     if quant != "none":
@@ -203,14 +300,17 @@ def load_span(
     quant: str = "none",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    calibration: CalibrationConfig | None = None,
 ) -> BlockSpan:
     """Blocks [start, end) with their weights, reading only those blocks' tensors.
 
-    quant: "none" keeps `dtype` weights; "int8" swaps the blocks' linear layers for `Int8Linear`,
-    "nf4", "fp4" and "int4" for `FourBitLinear` (swarm.model.quantize).
+    quant: "none" keeps `dtype` weights; "int8" swaps the blocks' linear layers for `Int8Linear`;
+    "nf4", "fp4" and "int4" for GPTQ-calibrated `FourBitLinear`s (and int8 k/v projections),
+    cached on disk; "nf4-rtn", "fp4-rtn", "int4-rtn" for round-to-nearest ones.
+    calibration: how 4-bit codes are calibrated (None: swarm.model.calibrate.LOAD_CALIBRATION).
     """
     with _open(source_or_str) as r:
-        return _load_span(r, start, end, quant, dtype, progress)
+        return _load_span(r, start, end, quant, dtype, progress, calibration)
 
 
 def _load_client(r: _Reader, dtype: torch.dtype) -> ClientParts:
@@ -242,9 +342,13 @@ def load_model(
     quant: str = "none",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    calibration: CalibrationConfig | None = None,
 ) -> LlamaModel:
-    """The whole model in this process (local generation, the reference of distributed runs)."""
+    """The whole model in this process (local generation, the reference of distributed runs).
+
+    quant, calibration: as load_span's (4-bit codes equal a peer's for the same blocks).
+    """
     with _open(source_or_str) as r:
         client = _load_client(r, dtype)
-        span = _load_span(r, 0, r.config.num_layers, quant, dtype, progress)
+        span = _load_span(r, 0, r.config.num_layers, quant, dtype, progress, calibration)
         return LlamaModel(r.config, client, span).eval()

@@ -19,8 +19,10 @@ QUANTIZED_LINEARS = (Int8Linear, FourBitLinear)
 def quantize_blocks_as(module: nn.Module, quant: str) -> nn.Module:
     """Replace, in place, every nn.Linear inside the `Block`s of `module` per `quant`.
 
-    quant: one of swarm.quant.QUANT_MODES ("none" leaves the module alone). `module` may be a
-    Block, a BlockSpan or a LlamaModel: the client's embeddings and head stay in float.
+    quant: one of swarm.quant.QUANT_MODES ("none" leaves the module alone); 4-bit modes get
+    round-to-nearest codes here ("nf4" as "nf4-rtn": calibration is swarm.model.calibrate's).
+    `module` may be a Block, a BlockSpan or a LlamaModel: the client's embeddings and head stay
+    in float.
     """
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -31,8 +33,9 @@ def quantize_blocks_as(module: nn.Module, quant: str) -> nn.Module:
             for name, child in list(parent.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
-                if quant in FOURBIT_MODES:
-                    setattr(parent, name, FourBitLinear.from_linear(child, quant))
+                kind = quant.removesuffix("-rtn")
+                if kind in FOURBIT_MODES:
+                    setattr(parent, name, FourBitLinear.from_linear(child, kind))
                 else:
                     setattr(parent, name, Int8Linear.from_linear(child))
     return module

@@ -54,7 +54,7 @@ def test_calibration_is_deterministic(fp32_model):
 def test_calibrated_checkpoint_model(tiny_model_dir):
     fp32 = load_model(str(tiny_model_dir), progress=False)
     calibrated = quantize_calibrated(copy.deepcopy(fp32), "nf4", CONFIG)
-    rtn = load_model(str(tiny_model_dir), quant="nf4", progress=False)
+    rtn = load_model(str(tiny_model_dir), quant="nf4-rtn", progress=False)
     held_out = sample_calibration_ids(fp32, 8, 32, seed=1)
     assert logits_error(calibrated, fp32, held_out) < logits_error(rtn, fp32, held_out)
 
@@ -71,3 +71,23 @@ def test_int8_layers_and_kept_columns_are_counted_in_the_bytes(fp32_model):
     assert all(d.weight.kept == 1 for d in down)
     kept_extra = sum(4 + 2 * d.out_features for d in down)
     assert weight_bytes(mixed.span) == weight_bytes(plain.span) + int8_extra + kept_extra
+
+
+def test_int8_names_with_a_block_index_pick_that_block_only(fp32_model):
+    n = len(fp32_model.span.blocks)
+    config = CalibrationConfig(
+        sequences=4, length=16, int8=("0:mlp.down_proj", "-1:self_attn.q_proj")
+    )
+    mixed = quantize_calibrated(copy.deepcopy(fp32_model), "nf4", config)
+    kinds = [
+        (isinstance(b.mlp.down_proj, Int8Linear), isinstance(b.self_attn.q_proj, Int8Linear))
+        for b in mixed.span.blocks
+    ]
+    assert kinds == [(i == 0, i == n - 1) for i in range(n)]
+
+
+def test_sampling_with_a_tiny_top_p_is_greedy(fp32_model):
+    ids = sample_calibration_ids(fp32_model, 2, 8, seed=3, temperature=0.9, top_p=1e-6)
+    with torch.inference_mode():
+        for t in range(1, 8):
+            assert torch.equal(fp32_model(ids[:, :t])[:, -1].argmax(-1), ids[:, t])

@@ -20,7 +20,7 @@ NEW = 8
 
 @pytest.mark.timeout(300)
 def test_scenario_nf4_peer_generates_what_local_nf4_does(
-    tiny_model_dir, tmp_path, throughput_cache
+    tiny_model_dir, tmp_path, throughput_cache, monkeypatch
 ):
     env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
     args = ["join", "--model", str(tiny_model_dir), "--stage", "0:6", "--quant", "nf4"]
@@ -28,6 +28,8 @@ def test_scenario_nf4_peer_generates_what_local_nf4_does(
     try:
         maddrs = peer.wait_maddrs(90)
         peer.wait_log("serving blocks", 120)
+        # Calibrated here on its own (a cache the peer did not fill): the codes must agree.
+        monkeypatch.setenv("SWARM_MESH_CACHE", str(tmp_path / "local-cache"))
         local = load_model(str(tiny_model_dir), quant="nf4", progress=False)
         fp32 = load_model(str(tiny_model_dir), progress=False)
         want = generate_local(local, None, PROMPT, NEW, stop_on_eos=False)
@@ -43,5 +45,6 @@ def test_scenario_nf4_peer_generates_what_local_nf4_does(
         with torch.inference_mode():
             assert not torch.allclose(local(ids), fp32(ids), atol=1e-4)
         assert "(nf4)" in peer.log_tail(200)  # loading logs the mode
+        assert "calibrated nf4 blocks 0,1,2,3,4,5" in peer.log_tail(200)
     finally:
         peer.kill()
