@@ -227,8 +227,11 @@ def test_scenario_work_of_callers_gone_never_runs(fair_peer):
         t0 = loop.time()
         first = asyncio.create_task(a.forward(peer, long, 0, 3, timeout=60))
         await asyncio.sleep(0.02)
+        # Small, so they reach the peer within milliseconds and queue behind `first` (a long
+        # one could still be on its way when its caller gives up, and never be queued).
+        small = torch.randn(1, 2, HIDDEN)
         gone = [
-            asyncio.create_task(asyncio.wait_for(a.forward(peer, long, 0, 3), t_long / 2))
+            asyncio.create_task(asyncio.wait_for(a.forward(peer, small, 0, 3), t_long / 2))
             for _ in range(4)
         ]  # queued behind `first`, then given up by their caller
         await asyncio.gather(*gone, return_exceptions=True)
