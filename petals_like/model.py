@@ -317,13 +317,18 @@ class DistributedModelForCausalLM(FineTuningMixin):
         step_timeout: float | None = 600.0,
         on_prefill: Callable[[int, int], None] | None = None,
         speculative: Any = None,
+        on_sampled: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Sample up to `max_new_tokens` after `input_ids` [B, T]; returns [B, T + new].
 
         Inside `with model.inference_session(...)` (or with `session=`), the call continues the
         session: `input_ids` are only the new tokens (e.g. the next user turn of a chat).
         temperature 0 is greedy; top_k, top_p and repetition_penalty as in swarm.generation;
-        seed makes sampling reproducible. on_token gets each new [B] tensor of token ids.
+        seed makes sampling reproducible. on_token gets each new [B] tensor of token ids once
+        it is final: with verification on, once the outputs it came from were checked (or no
+        second replica could check them), so it may come a few tokens after it was sampled.
+        on_sampled gets each token as soon as it is sampled (timing, progress, acting at token
+        k); after a rollback over a liar, tokens it saw may be sampled again (differently).
         step_timeout bounds each step, failovers included. Near the end of the context, generation
         cuts `max_new_tokens` down to what fits. on_prefill gets (tokens done, tokens in
         all) while a long prompt is prefilled in steps of `swarm.generation.PREFILL_CHUNK`.
@@ -365,6 +370,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
                 step_timeout,
                 on_prefill,
                 speculative,
+                on_sampled,
             )
         finally:
             if own:
@@ -382,6 +388,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
         step_timeout: float | None,
         on_prefill: Callable[[int, int], None] | None = None,
         speculative: Any = None,
+        on_sampled: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         feed = ids if session.pending is None else torch.cat([session.pending[:, None], ids], 1)
         room = session.max_length - session.position - feed.shape[1] + 1
@@ -427,6 +434,8 @@ class DistributedModelForCausalLM(FineTuningMixin):
             if len(stats.token_times) == 1:
                 stats.first_token_s = stats.token_times[0] - t0
             held.append(nxt)
+            if on_sampled is not None:
+                on_sampled(nxt)
             release()
 
         eos = eos_ids(self.tokenizer, self.config)

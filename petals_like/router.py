@@ -120,6 +120,7 @@ class SwarmRouter:
         self.hidden_size = 0  # the model's (set by DistributedModelForCausalLM); 0: ask peers
         self.codec_choices: dict[Any, CodecChoice] = {}  # "auto": fixed per peer once measured
         self._choosing: dict[Any, asyncio.Future] = {}
+        self.codec_wait: dict[Any, float] = {}  # seconds the last open waited for its codec
         self._probing: asyncio.Lock | None = None  # one link probe at a time: they share our uplink
 
     # ---- the swarm's state ---------------------------------------------------------------------
@@ -361,10 +362,27 @@ class SwarmRouter:
             )
             return link, hidden
 
-    async def open(self, hop: Hop, max_length: int, batch_size: int, adapter: Any = None) -> Any:
-        """An inference stream on hop's peer for its blocks (with an adapter for them, if any)."""
+    async def open(
+        self,
+        hop: Hop,
+        max_length: int,
+        batch_size: int,
+        adapter: Any = None,
+        codec: str | None = None,
+    ) -> Any:
+        """An inference stream on hop's peer for its blocks (with an adapter for them, if any).
+
+        codec: a failover's replacement takes the lost hop's codec, kept for the peer if none was
+        measured yet: the text stays the same and the open does not wait for a link probe.
+        """
         extra = {} if adapter is None else {"adapter": adapter}
+        t0 = time.perf_counter()
+        if codec is not None and self.config.compression == "auto":
+            offered = next((r.codecs for r in self.records if r.peer_id == hop.peer_id), ())
+            if codec == codec_policy.LOSSLESS or codec in (offered or ()):
+                self.codec_choices.setdefault(hop.peer_id, CodecChoice(codec, None))
         codec = await self.session_codec(hop)
+        self.codec_wait[hop.peer_id] = time.perf_counter() - t0
         return await asyncio.wait_for(
             self.client.open_inference(
                 hop.peer_id,
@@ -377,6 +395,21 @@ class SwarmRouter:
                 **extra,
             ),
             self.config.open_timeout + 0.5,
+        )
+
+    async def push(
+        self, peer_id: Any, session_id: str, hidden: torch.Tensor, position: int, timeout: float
+    ) -> None:
+        """Push a step's input into our session on `peer_id`, as its previous hop would (a
+        failover's replacement answers us, not the next hop). Lossless: bits as we hold them."""
+        from proto import peer_pb2
+        from swarm.peer import wire
+
+        msg = peer_pb2.PushStep(
+            session_id=session_id, hidden=wire.encode(hidden, "none"), position=position
+        )
+        await self.client._call(
+            peer_id, "rpc_push", "rpc_push", msg, peer_pb2.PushResponse, timeout
         )
 
     @property

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -81,12 +81,20 @@ class Failover:
     replayed_tokens: int
     started: float  # time.monotonic() when the failure was seen
     seconds: float = 0.0  # from the failure until the step went through
+    kept_hops: int = 0  # hops after the lost one whose sessions went on (push mode)
+    # Seconds from `started` to each stage: "routed", "opened <peer>", "stepped <peer>", ...
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, stage: str) -> None:
+        self.phases[stage] = time.monotonic() - self.started
 
     def summary(self) -> str:
         return (
             f"blocks {self.blocks[0]}:{self.blocks[1]} lost with peer ...{str(self.peer_id)[-6:]}"
             f" ({self.reason}); re-routed via {describe(self.replacement)}, replayed "
-            f"{self.replayed_tokens} tokens, recovered in {self.seconds * 1000:.0f} ms"
+            f"{self.replayed_tokens} tokens"
+            + (f", kept the {self.kept_hops} hops after it" if self.kept_hops else "")
+            + f", recovered in {self.seconds * 1000:.0f} ms"
         )
 
 
@@ -203,19 +211,19 @@ class RemoteInferenceSession:
     def route(self) -> list[Hop]:
         return [h.hop for h in self._hops]
 
-    async def _new_hops(self, start: int, end: int) -> list[_HopState]:
+    async def _new_hops(self, start: int, end: int, codec: str | None = None) -> list[_HopState]:
         hops = await self.router.route(start, end, self.max_length * self.batch_size)
         states = [_HopState(hop) for hop in hops]
         # Open every stream at once: the first step pays one round of dialling, not one per hop.
         for s in states:
-            s.opening = asyncio.ensure_future(self._open(s.hop))
+            s.opening = asyncio.ensure_future(self._open(s.hop, codec))
         return states
 
-    def _open(self, hop: Hop):
-        if self.adapter is None:
-            return self.router.open(hop, self.max_length, self.batch_size)
-        adapter = self.adapter(hop.start, hop.end)
-        return self.router.open(hop, self.max_length, self.batch_size, adapter=adapter)
+    def _open(self, hop: Hop, codec: str | None = None):
+        extra = {} if codec is None else {"codec": codec}
+        if self.adapter is not None:
+            extra["adapter"] = self.adapter(hop.start, hop.end)
+        return self.router.open(hop, self.max_length, self.batch_size, **extra)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run [B, T, H] hidden states for the next T positions through every block."""
@@ -412,16 +420,86 @@ class RemoteInferenceSession:
         pushes = [h.stream.watch_push() for h in hops]
         try:
             failed, error = await _first_failure(tasks, pushes)
+            if failed:  # the hops before the lost one live: their step ends (its push fails)
+                await asyncio.wait(tasks[:failed])
         except BaseException:
+            _cancel(tasks)
             for h in hops:  # steps were cut short: these streams are out of step
                 self._discard(h)
                 h.cached = 0
             raise
-        finally:
-            for t in tasks:
-                t.cancel()
-        x, done = hidden, 0
-        for i, t in enumerate(tasks[: len(hops) if failed is None else failed]):
+        x, done = self._harvest(hops, tasks, hidden, pos, end_pos, failed)
+        if failed is None:
+            self.router.report_success(hops[0].hop.peer_id, time.perf_counter() - t0, n)
+            self.pushed_steps += 1
+            return x
+        tasks[failed].cancel()
+        later, kept = tasks[failed + 1 :], hops[failed + 1 :]
+        if done < failed or not all(_alive(t) for t in later):
+            # Hops cut short, or whose step failed too: open them afresh.
+            _cancel(later)
+            for h in hops[done:]:
+                if h is not hops[failed]:
+                    self._discard(h)
+                    h.cached = 0
+            failures = [await self._fail_over(failed, error, 0)]
+            return await self._run_relay(x, pos, pos, done, failures)
+        return await self._replace_keeping(failed, error, x, pos, later, kept, pushes[failed + 1 :])
+
+    async def _replace_keeping(self, failed, error, x, pos, later, kept, pushes) -> torch.Tensor:
+        """Re-route the lost hop `failed` through us while the hops after it keep their sessions:
+        their pushed steps wait on; we push the replacement's output into the first of them.
+        Only the lost span replays; the next step tells the kept hop its new previous hop."""
+        end_pos = pos + x.shape[1]
+        try:
+            failures = [await self._fail_over(failed, error, 0)]
+            y = await self._run_relay(
+                x, pos, pos, failed, failures, until=kept[0] if kept else None
+            )
+        except BaseException:
+            self._drop(later, kept)
+            raise
+        if not kept:
+            return y
+        first = kept[0]
+        try:
+            if not later[0].done():  # the lost peer did not push before it went
+                timeout = self.router.step_timeout(first.hop.peer_id, y.shape[1])
+                await self.router.guarded(
+                    first.hop.peer_id,
+                    self.router.push(first.hop.peer_id, first.stream.session_id, y, pos, timeout),
+                    timeout + 0.5,
+                    self.router.probe_after(first.hop.peer_id, 1),
+                )
+                failures[-1].mark(f"pushed to ...{str(first.hop.peer_id)[-6:]}")
+            first.append(y)  # its input, as the lost hop would have pushed it
+            lost, _ = await _first_failure(later, pushes)
+        except BaseException as e:
+            if not is_peer_failure(e):
+                self._drop(later, kept)
+                raise
+            lost = 0
+        out, done = self._harvest(kept, later, y, pos, end_pos, lost)
+        failures[-1].kept_hops = len(kept) if lost is None else done
+        if lost is None:
+            self._record(failures)
+            return out
+        # A kept hop failed as well: it and those after it are opened afresh (and replayed).
+        self._drop(later, kept[done:])
+        return await self._run_relay(out, pos, pos, self._hops.index(kept[done]), failures)
+
+    def _drop(self, tasks: list[asyncio.Future], hops: list[_HopState]) -> None:
+        """Cut hops' pushed steps short: their streams are out of step, open them afresh."""
+        _cancel(tasks)
+        for h in hops:
+            self._discard(h)
+            h.cached = 0
+
+    def _harvest(self, hops, tasks, x, pos, end_pos, stop):
+        """Take the results of hops' pushed steps in order, up to the first unfinished one or
+        `stop`: (the last output taken, how many were taken)."""
+        done = 0
+        for i, t in enumerate(tasks[: len(hops) if stop is None else stop]):
             if not t.done() or t.cancelled() or t.exception() is not None:
                 break
             h, x, done = hops[i], t.result(), i + 1
@@ -430,17 +508,7 @@ class RemoteInferenceSession:
                 h.keep_outputs(pos, x)
             if i + 1 < len(hops):
                 hops[i + 1].append(x)
-        if failed is None:
-            self.router.report_success(hops[0].hop.peer_id, time.perf_counter() - t0, n)
-            self.pushed_steps += 1
-            return x
-        # Hops cut short, or waiting for a push that will not come: open them afresh.
-        for h in hops[done:]:
-            if h is not hops[failed]:
-                self._discard(h)
-                h.cached = 0
-        failures = [await self._fail_over(failed, error, 0)]
-        return await self._run_relay(x, pos, pos, done, failures)
+        return x, done
 
     async def _guarded_step(self, h, hidden, pos, timeout, probe, pushed, push_to, prev):
         """One hop's part of a pushed step, probing its peer if it is slow (router.guarded)."""
@@ -450,12 +518,19 @@ class RemoteInferenceSession:
         return await self.router.guarded(h.hop.peer_id, work, timeout + 0.5, probe)
 
     async def _run_relay(
-        self, x: torch.Tensor, x_start: int, pos: int, i: int, failures: list[Failover]
+        self,
+        x: torch.Tensor,
+        x_start: int,
+        pos: int,
+        i: int,
+        failures: list[Failover],
+        until: _HopState | None = None,
     ) -> torch.Tensor:
         """The step through hops i, i+1, ... via us: x holds the input of hop i for positions
-        [x_start, end); hops that lost their cache replay their kept inputs first."""
+        [x_start, end); hops that lost their cache replay their kept inputs first. With `until`,
+        stops before that hop (whose step goes on elsewhere) and leaves `failures` unrecorded."""
         end_pos = x_start + x.shape[1]
-        while i < len(self._hops):
+        while i < len(self._hops) and self._hops[i] is not until:
             h = self._hops[i]
             if h.length < end_pos:
                 if x_start > h.length:
@@ -471,6 +546,8 @@ class RemoteInferenceSession:
                 peer = h.hop.peer_id
                 if h.stream is None:
                     h.stream = await self._await_open(h)
+                    if failures:
+                        failures[-1].mark(f"opened ...{str(peer)[-6:]}")
                 inputs = h.inputs(send_from)
                 timeout = self.router.step_timeout(peer, inputs.shape[1])
                 t0 = time.perf_counter()
@@ -492,6 +569,8 @@ class RemoteInferenceSession:
                     self.router.probe_after(peer, inputs.shape[1]),
                 )
                 self.router.report_success(h.hop.peer_id, time.perf_counter() - t0, inputs.shape[1])
+                if failures:
+                    failures[-1].mark(f"stepped ...{str(peer)[-6:]} ({inputs.shape[1]} positions)")
             except Exception as e:
                 if not is_peer_failure(e):
                     raise
@@ -502,12 +581,16 @@ class RemoteInferenceSession:
                 h.keep_outputs(send_from, out)
             x, x_start = out, send_from
             i += 1
+        if until is None:
+            self._record(failures)
+        return x[:, pos - x_start :]
+
+    def _record(self, failures: list[Failover]) -> None:
         done = time.monotonic()
         for f in failures:
             f.seconds = done - f.started
             logger.warning("failover: %s", f.summary())
         self.failovers.extend(failures)
-        return x[:, pos - x_start :]
 
     async def _await_open(self, h: _HopState) -> StepStream:
         if h.opening is None:
@@ -539,6 +622,7 @@ class RemoteInferenceSession:
                 reason,
             )
             self.router.report_failure(lost.hop.peer_id, error)
+        codec = getattr(lost.stream, "codec", None)  # the replacement's: same bits, no probe
         self._discard(lost)
         lost.lost = error
         if n_before + 1 > self.max_failovers:
@@ -546,10 +630,10 @@ class RemoteInferenceSession:
                 f"gave up after {self.max_failovers} failovers in one step; last: peer "
                 f"{lost.hop.peer_id} on blocks {lost.hop.start}:{lost.hop.end} ({reason})"
             ) from error
-        new = await self._new_hops(lost.hop.start, lost.hop.end)
+        new = await self._new_hops(lost.hop.start, lost.hop.end, codec)
         new[0].inherit(lost)
         self._hops[i : i + 1] = new
-        return Failover(
+        failover = Failover(
             peer_id=lost.hop.peer_id,
             blocks=(lost.hop.start, lost.hop.end),
             reason=reason,
@@ -557,6 +641,8 @@ class RemoteInferenceSession:
             replayed_tokens=lost.length,
             started=started,
         )
+        failover.mark("routed")
+        return failover
 
     def _discard(self, h: _HopState) -> None:
         """Drop a hop's stream without waiting on a peer that may be gone."""
@@ -610,6 +696,16 @@ async def _first_failure(
             return None, None
         waiting = [t for t in tasks if not t.done()] + [f for f in pushes[:-1] if not f.done()]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+
+
+def _alive(task: asyncio.Future) -> bool:
+    """Whether a hop's pushed step still runs or went through."""
+    return not task.done() or (not task.cancelled() and task.exception() is None)
+
+
+def _cancel(tasks: list[asyncio.Future]) -> None:
+    for t in tasks:
+        t.cancel()
 
 
 async def _close_quietly(stream: StepStream, timeout: float) -> None:

@@ -499,10 +499,12 @@ class PeerHandler(ServicerBase):
         if session is None or inbox is None:
             raise SessionExpired(f"unknown session {request.session_id[:64]!r}: nothing to push to")
         prev = self._prev.get(request.session_id, "")
-        if not prev or prev != sender.to_base58():
+        # Its client may push too: a failover's replacement answered the client, not us.
+        owner = self._owners.get(request.session_id) == sender
+        if not owner and (not prev or prev != sender.to_base58()):
             raise BadRequest(
                 f"peer {sender} is not the previous hop of session {request.session_id}: "
-                "only the peer its client declared may push into it"
+                "only the peer its client declared (or the client) may push into it"
             )
         hidden = self._decode(request.hidden, "pushed hidden", batch_size=session.batch_size)
         if inbox.full():

@@ -97,16 +97,17 @@ def test_scenario_push_text_equals_relay_and_local(swarm, tiny_model_dir, local_
 
 
 async def _foreign_push(swarm: Swarm, target: str, declared_prev: str) -> None:
-    """Open a session on `target` declaring `declared_prev` as its previous hop, then push into
-    it from our own peer id: refused with BadRequest, and the session still steps."""
-    from hivemind.p2p import PeerID
+    """Open a session on `target` (blocks 0:2) declaring `declared_prev` as its previous hop,
+    then push into it from a third peer id (neither that hop nor the session's client): refused
+    with BadRequest, and the session still steps."""
+    from hivemind.p2p import P2P, PeerID
 
     from swarm.peer.client import PeerClient
     from swarm.peer.handler import PeerHandler
 
-    p2p = await swarm.dht.replicate_p2p()
-    client = PeerClient(p2p)
-    stream = await client.open_inference(target, 4, 6, max_length=8, prev_peer=declared_prev)
+    client = PeerClient(await swarm.dht.replicate_p2p())
+    stream = await client.open_inference(target, 0, 2, max_length=8, prev_peer=declared_prev)
+    p2p = await P2P.create(initial_peers=swarm.boot)  # the bootstrap peer is `target`
     try:
         assert stream.supports_push
         x = torch.randn(1, 2, 64)
@@ -122,6 +123,7 @@ async def _foreign_push(swarm: Swarm, target: str, declared_prev: str) -> None:
         assert out.shape == x.shape
     finally:
         await stream.close()
+        await p2p.shutdown()
 
 
 @pytest.mark.timeout(120)
@@ -130,7 +132,7 @@ def test_scenario_push_from_a_peer_that_is_not_the_previous_hop_is_refused(
 ):
     hidden = local_model.config.hidden_size
     assert hidden == 64, "the test's tensor assumes the tiny model"
-    asyncio.run(_foreign_push(swarm, swarm.peers["c"].peer_id, swarm.peers["b"].peer_id))
+    asyncio.run(_foreign_push(swarm, swarm.peers["a"].peer_id, swarm.peers["b"].peer_id))
 
 
 @pytest.mark.timeout(300)
@@ -140,26 +142,36 @@ def test_scenario_push_sigkill_middle_peer_gives_the_same_tokens(
     want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
     killed: list[float] = []
     victim: list[PeerProcess] = []
-    # No verification: it holds tokens back, so on_token would not count steps.
-    with connect(swarm, tiny_model_dir, push=True, verify=0.0) as model:
+    after: list = []  # the last hop's stream when the kill came
+    # Verification at its default: on_sampled counts steps (on_token waits for the checks).
+    with connect(swarm, tiny_model_dir, push=True) as model:
         with model.inference_session(max_length=len(PROMPT) + NEW) as session:
 
-            def on_token(_token) -> None:
-                on_token.count = getattr(on_token, "count", 0) + 1
-                if on_token.count == 6:
+            def on_sampled(_token) -> None:
+                on_sampled.count = getattr(on_sampled, "count", 0) + 1
+                if on_sampled.count == 6:
                     hop = next(h for h in session.route if h.start == 2)
                     victim.append(swarm.by_peer_id(hop.peer_id))
+                    after.append(session._remote._hops[-1].stream)
                     os.kill(victim[0].pid, signal.SIGKILL)  # the process only, as a crash
                     killed.append(time.monotonic())
 
-            out = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False, on_token=on_token)
+            out = model.generate(
+                PROMPT, max_new_tokens=NEW, stop_on_eos=False, on_sampled=on_sampled
+            )
             pushed = session._remote.pushed_steps
+            last = session._remote._hops[-1].stream
         stats = model.last_stats
     assert killed, "the peer was not killed"
     assert out[0, len(PROMPT) :].tolist() == want
     assert len(stats.failovers) == 1, "\n".join(f.summary() for f in stats.failovers)
     f = stats.failovers[0]
     assert f.blocks == (2, 4) and f.peer_id == victim[0].peer_id
+    # The hop after the lost one kept its session (not reopened, not replayed).
+    assert f.kept_hops == 1, f.summary()
+    assert last is after[0], "the last hop's stream was reopened"
+    tail = f"...{str(last.peer)[-6:]}"
+    assert not any(k.startswith("stepped") and tail in k for k in f.phases), f.phases
     # Pushed before the kill and again after the step that replayed.
     assert pushed >= NEW - 3, pushed
     gap = stats.token_times[6] - killed[0]
