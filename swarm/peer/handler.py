@@ -452,22 +452,22 @@ class PeerHandler(ServicerBase):
                 f"positions {step.position}..{step.position + t} exceed the session's "
                 f"max_length {session.max_length}"
             )
-        chunks = _chunks(step.steps, t)
-        outs = []
+        # A replay runs in the shapes that first built the cache, all in one worker call.
+        items = [
+            StepItem(session, hidden[:, a:b], step.position + a) for a, b in _chunks(step.steps, t)
+        ]
         with self.clients.request(client):
             self.inflight += 1
             try:
-                for a, b in chunks:  # a replay runs in the shapes that first built the cache
-                    item = StepItem(session, hidden[:, a:b], step.position + a)
-                    outs.append(
-                        await asyncio.wait_for(
-                            self.worker.step(item, client), self.config.request_timeout
-                        )
-                    )
-                    session.length = step.position + b
+                if len(items) == 1:
+                    work = self.worker.step(items[0], client)
+                else:
+                    run = session.backend.inference_step
+                    work = self.worker.call(lambda: [run([it])[0] for it in items], client)
+                outs = await asyncio.wait_for(work, self.config.request_timeout)
             finally:
                 self.inflight -= 1
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        out = outs if len(items) == 1 else torch.cat(outs, dim=1)
         session.length = step.position + t
         encoded = await self._encode(out, session.reply_codec)  # once: for the client and the push
         push = None

@@ -55,9 +55,8 @@ def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
 
 
 def connect(swarm: Swarm, model_dir) -> DistributedModelForCausalLM:
-    # The defaults a new user gets (compression "auto": int8-block64), but no verification:
-    # it holds tokens back, so on_token would not count steps.
-    return DistributedModelForCausalLM.from_pretrained(str(model_dir), swarm.boot, verify=0.0)
+    # The defaults a new user gets (compression "auto", verification 0.1).
+    return DistributedModelForCausalLM.from_pretrained(str(model_dir), swarm.boot)
 
 
 @pytest.mark.timeout(300)
@@ -98,14 +97,16 @@ def test_scenario_int8_failover_replays_bit_for_bit(swarm, tiny_model_dir):
         killed: list[float] = []
         with model.inference_session(max_length=len(PROMPT) + NEW) as session:
 
-            def on_token(_token) -> None:
-                on_token.count = getattr(on_token, "count", 0) + 1
-                if on_token.count == KILL_AT:
+            def on_sampled(_token) -> None:  # on_token would wait for the checks
+                on_sampled.count = getattr(on_sampled, "count", 0) + 1
+                if on_sampled.count == KILL_AT:
                     hop = next(h for h in session.route if h.start == 3)
                     os.kill(swarm.by_peer_id(hop.peer_id).pid, signal.SIGKILL)
                     killed.append(time.monotonic())
 
-            out = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False, on_token=on_token)
+            out = model.generate(
+                PROMPT, max_new_tokens=NEW, stop_on_eos=False, on_sampled=on_sampled
+            )
         stats = model.last_stats
     assert killed, "the peer was not killed"
     assert len(stats.failovers) == 1, [f.summary() for f in stats.failovers]

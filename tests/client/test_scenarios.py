@@ -166,20 +166,22 @@ def test_scenario_sigkill_mid_generation_gives_the_same_tokens(swarm, tiny_model
     want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
     killed: list[float] = []
     victim: list[PeerProcess] = []
-    # verify=0: checked tokens reach on_token late, after the generation the kill must cut.
-    with connect(swarm, tiny_model_dir, compression="none", verify=0) as model:
+    # Verification at its default: on_sampled counts steps (on_token waits for the checks).
+    with connect(swarm, tiny_model_dir, compression="none") as model:
         with model.inference_session(max_length=len(PROMPT) + NEW) as session:
 
-            def on_token(_token) -> None:
-                on_token.count = getattr(on_token, "count", 0) + 1
-                if on_token.count == 8:
+            def on_sampled(_token) -> None:
+                on_sampled.count = getattr(on_sampled, "count", 0) + 1
+                if on_sampled.count == 8:
                     hop = next(h for h in session.route if h.start == 3)
                     victim.append(swarm.by_peer_id(hop.peer_id))
                     # The process only, as a crash: its DHT child and p2pd live on.
                     os.kill(victim[0].pid, signal.SIGKILL)
                     killed.append(time.monotonic())
 
-            out = model.generate(PROMPT, max_new_tokens=NEW, stop_on_eos=False, on_token=on_token)
+            out = model.generate(
+                PROMPT, max_new_tokens=NEW, stop_on_eos=False, on_sampled=on_sampled
+            )
         stats = model.last_stats
     assert killed, "the peer was not killed"
     assert out[0, len(PROMPT) :].tolist() == want
