@@ -53,15 +53,17 @@ class RouterConfig:
     per_token_default: seconds per token per block assumed before a peer was measured.
     ban_period, ban_growth, max_ban: ban of a failed peer: first period, growth, longest.
     compression: wire codec of activations: "none", "auto" (per peer, measured when its first
-        stream opens: fp32 unless its link makes that cost over a tenth of the step, then the
-        first of AUTO_CODECS it advertises; petals_like.codec_policy) or a codec name (used
+        stream opens: fp32 unless its link makes that cost over a tenth of the step, then bf16
+        unless that does too, then the first of AUTO_CODECS it advertises, whichever is faster;
+        petals_like.codec_policy) or a codec name (used
         where the peer advertises it, else "none").
     push: each peer pushes a step's output straight to the next hop (a token costs hops + 1
         one-way delays, not 2 x hops) where every hop's peer offers it; False: relay via us.
     exact_replay: a failover's replay runs in the step shapes first used, uncompressed, so the
         rebuilt caches (and text) are bit for bit the lost ones; it costs one compute step per
-        step replayed (in one message). False: one step for the whole prefix (faster; int8
-        weights and codecs may then change a word).
+        step replayed (in one message, one compute call on the peer). False: one step for the
+        whole prefix (faster, but not bit-exact even with fp32 or bf16 weights and no codec:
+        matmuls round by step shape, tests/peer/test_replay_shapes.py; a word may change).
     """
 
     update_period: float = 10.0
@@ -320,7 +322,8 @@ class SwarmRouter:
     async def _choose_codec(self, hop: Hop) -> str:
         record = next((r for r in self.records if r.peer_id == hop.peer_id), None)
         offered = tuple(getattr(record, "codecs", ()) or ())
-        if not any(c in offered for c in AUTO_CODECS):  # nothing to choose from
+        choices = (*AUTO_CODECS, codec_policy.NEAR_LOSSLESS)
+        if not any(c in offered for c in choices):  # nothing to choose from
             self.codec_choices[hop.peer_id] = CodecChoice("none", None)
             return "none"
         budget = self.config.open_timeout / 2  # the open that follows must fit in what is left

@@ -42,8 +42,22 @@ def test_the_threshold_is_a_tenth_of_the_step():
     assert choose(OFFERED, SMOL, per_byte, hop_seconds=0.015).codec == "int8-block64"  # 15%
 
 
+def test_bf16_where_fp32_costs_too_much_and_bf16_does_not():
+    # Half fp32's bytes: bf16 is taken while its transfer is under a tenth of the step.
+    with_bf16 = (*OFFERED, "bf16")
+    per_byte = LinkEstimate(1e-6, 0.001)
+    assert choose(with_bf16, SMOL, per_byte, hop_seconds=0.030).codec == "none"  # fp32 7.7%
+    choice = choose(with_bf16, SMOL, per_byte, hop_seconds=0.015)  # fp32 15%, bf16 7.7%
+    assert choice.codec == "bf16" and choice.lossless_share > 0.1
+    assert choose(with_bf16, SMOL, per_byte, hop_seconds=0.010).codec == "int8-block64"  # 11.5%
+    assert choose(with_bf16, SMOL, link(10), HOP).codec == "bf16"
+    assert choose(with_bf16, SMOL, link(1), HOP).codec == "int8-block64"
+
+
 def test_a_peer_without_lossy_codecs_gets_lossless_on_any_link():
     assert choose(("none",), SMOL, link(1), HOP).codec == "none"
+    # Without a lossy codec, bf16 (the cheaper of the precise ones) where fp32 costs too much.
+    assert choose(("none", "bf16"), SMOL, link(1), HOP).codec == "bf16"
     # The fallback order of lossy codecs follows what the peer offers.
     assert choose(("none", "dynamic8-block64"), SMOL, link(1), HOP).codec == "dynamic8-block64"
 
