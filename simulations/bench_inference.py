@@ -98,16 +98,14 @@ def run_failover(model_name, boot, swarm: LocalSwarm, prompt, new, reference, ki
     """Generate, SIGKILL the peer serving the middle span at token `kill_at`; measure the gap."""
     from petals_like.model import DistributedModelForCausalLM
 
-    # verify=0: checked tokens are passed on late, which would hide the gap after the kill.
-    model = DistributedModelForCausalLM.from_pretrained(
-        model_name, boot, compression="none", verify=0
-    )
+    # on_sampled: tokens as sampled (on_token waits for verification, which hides the gap).
+    model = DistributedModelForCausalLM.from_pretrained(model_name, boot, compression="none")
     with model:
         with model.inference_session(max_length=len(prompt) + new) as session:
             killed: list[float] = []
             count = [0]
 
-            def on_token(_t) -> None:
+            def on_sampled(_t) -> None:
                 count[0] += 1
                 if count[0] == kill_at:
                     middle = session.route[len(session.route) // 2].peer_id
@@ -117,7 +115,9 @@ def run_failover(model_name, boot, swarm: LocalSwarm, prompt, new, reference, ki
                     proc.kill(signal.SIGKILL, group=False)  # a crash: its p2pd lives on
                     killed.append(time.monotonic())
 
-            out = model.generate(prompt, max_new_tokens=new, stop_on_eos=False, on_token=on_token)
+            out = model.generate(
+                prompt, max_new_tokens=new, stop_on_eos=False, on_sampled=on_sampled
+            )
         st = model.last_stats
     times = st.token_times
     steps = sorted(b - a for a, b in zip(times[1:kill_at], times[2 : kill_at + 1], strict=True))
