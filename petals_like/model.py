@@ -204,7 +204,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
             DHT prefix the peers announce under.
         initial_peers: multiaddrs of any peers of the swarm.
         compression: activation codec: "auto" (per peer by its measured link: exact fp32 unless
-            that costs over a tenth of the step, then bf16 unless that does too, then
+            that costs over a tenth of the step, then bf16 unless over a quarter, then
             int8-block64; petals_like.codec_policy),
             "none" (exact: fp32 on the wire) or a codec name; by default router_config's.
         link_delay, link_bandwidth: WAN emulation (swarm.link): seconds added to every message

@@ -54,9 +54,9 @@ class RouterConfig:
     ban_period, ban_growth, max_ban: ban of a failed peer: first period, growth, longest.
     compression: wire codec of activations: "none", "auto" (per peer, measured when its first
         stream opens: fp32 unless its link makes that cost over a tenth of the step, then bf16
-        unless that does too, then the first of AUTO_CODECS it advertises, whichever is faster;
-        petals_like.codec_policy) or a codec name (used
-        where the peer advertises it, else "none").
+        unless that costs over a quarter, then the faster of bf16 and the first of AUTO_CODECS
+        it advertises; petals_like.codec_policy) or a codec name (used where the peer
+        advertises it, else "none").
     push: each peer pushes a step's output straight to the next hop (a token costs hops + 1
         one-way delays, not 2 x hops) where every hop's peer offers it; False: relay via us.
     exact_replay: a failover's replay runs in the step shapes first used, uncompressed, so the

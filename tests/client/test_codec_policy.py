@@ -43,14 +43,16 @@ def test_the_threshold_is_a_tenth_of_the_step():
 
 
 def test_bf16_where_fp32_costs_too_much_and_bf16_does_not():
-    # Half fp32's bytes: bf16 is taken while its transfer is under a tenth of the step.
+    # Half fp32's bytes: bf16 is taken while its transfer is under a quarter of the step.
     with_bf16 = (*OFFERED, "bf16")
     per_byte = LinkEstimate(1e-6, 0.001)
     assert choose(with_bf16, SMOL, per_byte, hop_seconds=0.030).codec == "none"  # fp32 7.7%
     choice = choose(with_bf16, SMOL, per_byte, hop_seconds=0.015)  # fp32 15%, bf16 7.7%
     assert choice.codec == "bf16" and choice.lossless_share > 0.1
-    assert choose(with_bf16, SMOL, per_byte, hop_seconds=0.010).codec == "int8-block64"  # 11.5%
+    assert choose(with_bf16, SMOL, per_byte, hop_seconds=0.005).codec == "bf16"  # bf16 23%
+    assert choose(with_bf16, SMOL, per_byte, hop_seconds=0.004).codec == "int8-block64"  # 29%
     assert choose(with_bf16, SMOL, link(10), HOP).codec == "bf16"
+    assert choose(with_bf16, SMOL, link(5), HOP).codec == "bf16"  # bf16 18%
     assert choose(with_bf16, SMOL, link(1), HOP).codec == "int8-block64"
 
 
