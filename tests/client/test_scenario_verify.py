@@ -93,13 +93,16 @@ def _generate(swarm: Swarm, model_dir, mode: str, **kw):
     with DistributedModelForCausalLM.from_pretrained(str(model_dir), swarm.boot, **kw) as model:
         swarm.liar_as_best(model)
         streamed: list[int] = []
+        sampled: list[int] = []  # every token as sampled, the liar's included
         out = model.generate(
             PROMPT,
             max_new_tokens=NEW,
             stop_on_eos=False,
             on_token=lambda t: streamed.append(int(t[0])),
+            on_sampled=lambda t: sampled.append(int(t[0])),
         )
         stats = model.last_stats
+    _generate.sampled = sampled
     return out[0, len(PROMPT) :].tolist(), streamed, stats
 
 
@@ -114,6 +117,9 @@ def test_scenario_verify_liar_on_route_is_banned_and_text_is_honest(
     assert fooled != want  # the attack works when nothing checks
     got, streamed, stats = _generate(swarm, tiny_model_dir, mode, compression="none", verify=0.2)
     assert got == want and streamed == want
+    # on_sampled saw the liar's tokens too, then the regenerated ones; on_token only the checked.
+    sampled = _generate.sampled
+    assert len(sampled) == NEW + stats.regenerated and sampled[-NEW:] == want, sampled
     assert [x.peer_id for x in stats.liars] == [liar]
     assert stats.liars[0].on_route and stats.liars[0].blocks == (3, 6)
     # The prefill is the liar's first step: every later token is regenerated from it.
