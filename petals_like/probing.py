@@ -1,6 +1,6 @@
-"""Waiting on a peer's request while probing that the peer still lives.
+"""Waiting on a peer's request while probing that it still lives; errors that mean it is lost.
 
-Used by the client's router (petals_like.router.SwarmRouter.guarded) for every step and open.
+Used by the client's router (SwarmRouter.guarded) for every step and open, and by sessions.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from swarm.errors import PeerTimeout, PeerUnavailable
+from swarm.errors import BadRequest, NoRoute, PeerTimeout, PeerUnavailable, SwarmError
 
 T = TypeVar("T")
 
@@ -65,3 +65,15 @@ async def guarded(
             task.cancel()
         if pending_probe is not None and not pending_probe.done():
             pending_probe.cancel()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Errors that mean "this peer cannot go on": re-route around it. Others propagate."""
+    if isinstance(e, (BadRequest, NoRoute, asyncio.CancelledError)):
+        return False
+    if isinstance(e, (SwarmError, TimeoutError, asyncio.TimeoutError, ConnectionError, OSError)):
+        return True
+    if isinstance(e, (EOFError, StopAsyncIteration, asyncio.IncompleteReadError)):
+        return True
+    # hivemind's P2PDaemonError / P2PHandlerError / ControlFailure: the daemon lost the peer.
+    return type(e).__module__.startswith("hivemind")
