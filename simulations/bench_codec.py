@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from simulations.cli_help import DefaultsHelpFormatter
-from simulations.demo_swarm import LocalSwarm
+from simulations.demo_swarm import start_local_swarm
 from simulations.progress import Progress
-from swarm.dht import make_dht
 
 DEFAULT_CODECS = "none,bf16,fp16,int8-block64,dynamic8-block64,auto"
 
@@ -80,25 +79,6 @@ def run_codec(args, boot, prompt, want, codec: str, mbit: float) -> Row:
     return Row(mbit, codec, chosen, measured, shares, best, agreement(got, want), len(want))
 
 
-def start_swarm(args, spans: list[str], num_blocks: int, prefix: str, mbit: float) -> tuple:
-    swarm = LocalSwarm(args.model)
-    boot = swarm.start_bootstrap()
-    dht = make_dht(initial_peers=boot, client_mode=True, start=True)
-    try:
-        for s in spans:
-            swarm.start_peer(
-                "--stage", s, "--quant", args.quant, "--max-start-delay", "0",
-                "--link-bandwidth", str(mbit),
-            )  # fmt: skip
-        swarm.wait_online(dht, prefix, num_blocks, len(spans), 600)
-    except BaseException:
-        swarm.close()
-        raise
-    finally:
-        dht.shutdown()
-    return swarm, boot
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m simulations.bench_codec",
@@ -147,7 +127,8 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
     rows: list[Row] = []
     for mbit in [float(x) for x in args.links.split(",") if x.strip()]:
         log(f"starting {k} {args.quant} peers, links {mbit or 'unlimited'} Mbit/s")
-        swarm, boot = start_swarm(args, spans, n, source.name, mbit)
+        flags = ("--quant", args.quant, "--link-bandwidth", str(mbit))
+        swarm, boot = start_local_swarm(args.model, spans, n, source.name, *flags)
         try:
             for codec in codecs:
                 row = run_codec(args, boot, prompt, want, codec, mbit)

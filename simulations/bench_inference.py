@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from simulations.cli_help import DefaultsHelpFormatter
-from simulations.demo_swarm import LocalSwarm
+from simulations.demo_swarm import LocalSwarm, start_local_swarm
 from simulations.progress import Progress
-from swarm.dht import make_dht
 
 # Why the fp32 swarm has more peers than spans (said on stderr and in --help).
 PEERS_WHY = (
@@ -200,25 +199,10 @@ def source_blocks(source) -> int:
 
 def start_swarm(
     model: str, quant: str, spans: list[str], num_blocks: int, prefix: str, link_delay: float = 0.0
-):
-
-    swarm = LocalSwarm(model)
-    boot = swarm.start_bootstrap()
-    dht = make_dht(initial_peers=boot, client_mode=True, start=True)
-    for s in spans:
-        swarm.start_peer(
-            "--stage",
-            s,
-            "--quant",
-            quant,
-            "--max-start-delay",
-            "0",
-            "--link-delay",
-            str(link_delay),
-        )
-    swarm.wait_online(dht, prefix, num_blocks, len(spans), 600)
-    dht.shutdown()
-    return swarm, boot
+) -> tuple[LocalSwarm, list[str]]:
+    """One `quant` peer per span, each link paying `link_delay` s one way (bench_verify, ...)."""
+    flags = ("--quant", quant, "--link-delay", str(link_delay))
+    return start_local_swarm(model, spans, num_blocks, prefix, *flags)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,8 @@
 """A local swarm on 127.0.0.1 (bootstrap DHT plus peers) that generates text, then shuts down.
 
-Run by `make demo` (`python -m simulations.demo_swarm`); `LocalSwarm` is reused by
-simulations/bench_inference.py. Every process is stopped by pid and process group; a temp log
-dir is removed at close.
+Run by `make demo` (`python -m simulations.demo_swarm`); `LocalSwarm` and `start_local_swarm`
+are reused by the benchmarks. Every process is stopped by pid and process group; a temp log dir
+is removed at close.
 """
 
 from __future__ import annotations
@@ -155,6 +155,30 @@ class LocalSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def start_local_swarm(
+    model: str, spans: list[str], num_blocks: int, prefix: str, *flags: str, timeout: float = 600.0
+) -> tuple[LocalSwarm, list[str]]:
+    """A LocalSwarm with one peer per span (each also given `flags`), once all are online.
+
+    Returns the swarm (the caller closes it) and the bootstrap's multiaddrs; a swarm that does
+    not come up is closed before the error is raised.
+    """
+    swarm = LocalSwarm(model)
+    try:
+        boot = swarm.start_bootstrap()
+        dht = make_dht(initial_peers=boot, client_mode=True, start=True)
+        try:
+            for s in spans:
+                swarm.start_peer("--stage", s, "--max-start-delay", "0", *flags)
+            swarm.wait_online(dht, prefix, num_blocks, len(spans), timeout)
+        finally:
+            dht.shutdown()
+    except BaseException:
+        swarm.close()
+        raise
+    return swarm, boot
 
 
 def run_bootstrap() -> None:

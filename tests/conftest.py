@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama checkpoint and helpers that run real peer processes.
+"""Shared fixtures: a tiny random Llama checkpoint, a private cache dir and real peer processes.
 
 Used by every test package; peers started here are killed by process group (DHT child and p2pd).
 """
@@ -11,8 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,10 +31,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mesh_cache(tmp_path_factory) -> Iterator[Path]:
+    """$SWARM_MESH_CACHE for the whole session (calibrated codes, throughput): never ~/.cache."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SWARM_MESH_CACHE", str(root))  # read at each use, and inherited by peers
+        yield root
+
+
 @pytest.fixture(scope="session")
-def throughput_cache(tmp_path_factory) -> Path:
+def throughput_cache(mesh_cache) -> Path:
     """A throughput cache file private to this test session (peers measure once)."""
-    return tmp_path_factory.mktemp("cache") / "throughput.json"
+    return mesh_cache / "throughput.json"
 
 
 def wait_for(
@@ -163,3 +174,114 @@ def peer_factory(tmp_path, throughput_cache) -> Iterator[Callable[..., PeerProce
     yield start
     for proc in started:
         proc.kill()
+
+
+@dataclass
+class Swarm:
+    """Peers of one model on 127.0.0.1 (name -> process, the first one bootstraps the rest) and
+    a client-mode DHT that reads their records."""
+
+    boot: list[str]
+    peers: dict[str, PeerProcess]
+    dht: Any
+    prefix: str
+    num_blocks: int
+    logs: Path  # the peers' logs: NAME.log
+
+    @property
+    def maddrs(self) -> dict[str, list[str]]:
+        return {name: p.wait_maddrs() for name, p in self.peers.items()}
+
+    @property
+    def peer_ids(self) -> dict[str, str]:
+        return {name: p.peer_id for name, p in self.peers.items()}
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.peers.items()}
+
+    def online(self) -> list:
+        """The records announced "online" (stale ones of killed peers included, as on the DHT)."""
+        from swarm.peer.dht_view import fetch_swarm
+
+        if self.dht is None:
+            return []
+        try:
+            records = fetch_swarm(self.dht, self.prefix, self.num_blocks, 5.0)
+        except Exception:  # not answering yet
+            return []
+        return [r for r in records if r.state == "online"]
+
+    def by_peer_id(self, peer_id: str) -> PeerProcess:
+        return next(p for p in self.peers.values() if p.peer_id == peer_id)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL peer `name` with its DHT process and p2pd, by pid (to crash the process
+        only, as a real crash leaves them, use os.kill on its pid)."""
+        self.peers[name].kill()
+
+    def close_dht(self) -> None:
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    def close(self) -> None:
+        self.close_dht()
+        for p in self.peers.values():
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def swarm_factory(tmp_path_factory, tiny_model_dir, throughput_cache) -> Iterator[Callable]:
+    """Start a swarm of `swarm-peer join` processes and wait until all are online; every swarm
+    the module started is torn down by pid after its last test.
+
+    start(spans, model=None, flags=("--quant", "none"), extra=None, prefix=None) -> Swarm:
+    spans: name -> --stage, in start order (the first bootstraps the others). model: what they
+    serve (the tiny model by default). flags: given to every peer; extra: name -> more flags
+    for that peer; prefix: name -> a command the peer runs through (tests/adversary_peer.py).
+    """
+    from swarm.dht import make_dht  # readers check signatures (and strip them)
+    from swarm.model.loading import load_config, resolve_model
+
+    started: list[Swarm] = []
+
+    def start(
+        spans: dict[str, str],
+        model: Path | None = None,
+        flags: Sequence[str] = ("--quant", "none"),
+        extra: dict[str, Sequence[str]] | None = None,
+        prefix: dict[str, list[str]] | None = None,
+    ) -> Swarm:
+        model = model or tiny_model_dir
+        source = resolve_model(str(model))
+        logs = tmp_path_factory.mktemp("swarm")
+        env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
+        base = ["join", "--model", str(model), "--max-start-delay", "0", *flags]
+        s = Swarm([], {}, None, source.name, load_config(source).num_layers, logs)
+        started.append(s)
+        for name, stage in spans.items():
+            args = [*base, "--stage", stage, *(extra or {}).get(name, ())]
+            if s.boot:
+                args += ["--initial-peers", *s.boot]
+            pre = (prefix or {}).get(name)
+            s.peers[name] = PeerProcess(args, env, logs / f"{name}.log", prefix=pre)
+            if not s.boot:
+                s.boot = s.peers[name].wait_maddrs(180)
+        for p in s.peers.values():
+            p.wait_maddrs(180)
+        s.dht = make_dht(initial_peers=s.boot, client_mode=True, start=True)
+        n = len(spans)
+        wait_for(lambda: len(s.online()) == n, 240, 0.5, f"{n} peers online")
+        return s
+
+    yield start
+    for s in started:
+        s.close()
+
+
+def connect(swarm: Swarm, model_dir: Path, **kw: Any):
+    """A client of `swarm` for `model_dir`; kw are DistributedModelForCausalLM.from_pretrained's."""
+    from petals_like.model import DistributedModelForCausalLM
+
+    return DistributedModelForCausalLM.from_pretrained(str(model_dir), swarm.boot, **kw)

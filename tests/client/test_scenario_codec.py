@@ -9,7 +9,6 @@ import pytest
 
 from petals_like.model import DistributedModelForCausalLM
 from swarm.generation import generate_local
-from tests.conftest import PeerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -18,39 +17,8 @@ NEW = 16
 
 
 @pytest.fixture(scope="module")
-def boot(tmp_path_factory, tiny_model_dir, throughput_cache):
-    from swarm.dht import make_dht
-    from swarm.model.loading import resolve_model
-    from swarm.peer.dht_view import fetch_swarm
-
-    logs = tmp_path_factory.mktemp("codec-scenarios")
-    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
-    base = ["join", "--model", str(tiny_model_dir), "--quant", "none", "--max-start-delay", "0"]
-    peers: list[PeerProcess] = []
-    dht = None
-    try:
-        peers.append(PeerProcess([*base, "--stage", "0:3"], env, logs / "a.log"))
-        maddrs = peers[0].wait_maddrs(180)
-        peers.append(
-            PeerProcess([*base, "--stage", "3:6", "--initial-peers", *maddrs], env, logs / "b.log")
-        )
-        peers[1].wait_maddrs(180)
-        dht = make_dht(initial_peers=maddrs, client_mode=True)
-        prefix = resolve_model(str(tiny_model_dir)).name
-
-        def online() -> int:
-            try:
-                return sum(r.state == "online" for r in fetch_swarm(dht, prefix, 6, 5.0))
-            except Exception:  # not answering yet
-                return 0
-
-        wait_for(lambda: online() == 2, 240, 0.5, "two peers online")
-        yield maddrs
-    finally:
-        if dht is not None:
-            dht.shutdown()
-        for p in peers:
-            p.kill()
+def boot(swarm_factory) -> list[str]:
+    return swarm_factory({"a": "0:3", "b": "3:6"}).boot
 
 
 @pytest.mark.timeout(300)

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -22,7 +21,8 @@ from petals_like.model import DistributedModelForCausalLM
 from petals_like.tuning import RemoteTuning
 from swarm.errors import BadRequest, CacheFull
 from swarm.model import lora
-from tests.conftest import REPO, PeerProcess, wait_for
+from tests.conftest import REPO, Swarm
+from tests.conftest import connect as shared_connect
 
 pytestmark = pytest.mark.slow
 
@@ -33,61 +33,11 @@ ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 CAPS = ["--max-adapters", "6", "--max-adapter-rank", "16", "--adapter-cache-mb", "0.25"]
 
 
-@dataclass
-class Swarm:
-    boot: list[str]
-    peers: dict[str, PeerProcess]  # a 0:3, b and c 3:6
-
-    def by_peer_id(self, peer_id: str) -> PeerProcess:
-        return next(p for p in self.peers.values() if p.peer_id == peer_id)
-
-
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
-    from swarm.dht import make_dht  # readers check signatures (and strip them)
-    from swarm.model.loading import resolve_model
-    from swarm.peer.dht_view import fetch_swarm
-
-    logs = tmp_path_factory.mktemp("finetune-scenarios")
-    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
-    base = [
-        "join",
-        "--model",
-        str(tiny_model_dir),
-        "--max-start-delay",
-        "0",
-        "--quant",
-        "none",
-        *CAPS,
-    ]
-    peers: dict[str, PeerProcess] = {}
-    dht = None
-    try:
-        peers["a"] = PeerProcess([*base, "--stage", "0:3"], env, logs / "a.log")
-        boot = peers["a"].wait_maddrs(180)
-        for name in ("b", "c"):
-            args = [*base, "--stage", "3:6", "--initial-peers", *boot]
-            peers[name] = PeerProcess(args, env, logs / f"{name}.log")
-        for p in peers.values():
-            p.wait_maddrs(180)
-        dht = make_dht(initial_peers=boot, client_mode=True)
-        prefix = resolve_model(str(tiny_model_dir)).name
-
-        def online() -> int:
-            try:
-                return sum(r.state == "online" for r in fetch_swarm(dht, prefix, 6, 5.0))
-            except Exception:  # not answering yet
-                return 0
-
-        wait_for(lambda: online() == 3, 240, 0.5, "three peers online")
-        dht.shutdown()
-        dht = None
-        yield Swarm(boot, peers)
-    finally:
-        if dht is not None:
-            dht.shutdown()
-        for p in peers.values():
-            p.kill()
+def swarm(swarm_factory) -> Swarm:
+    s = swarm_factory({"a": "0:3", "b": "3:6", "c": "3:6"}, flags=("--quant", "none", *CAPS))
+    s.close_dht()  # the tests read nothing from the DHT
+    return s
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +48,8 @@ def local_model(tiny_model_dir):
 
 
 def connect(swarm: Swarm, model_dir, **kw) -> DistributedModelForCausalLM:
-    return DistributedModelForCausalLM.from_pretrained(
-        str(model_dir), swarm.boot, compression="none", **kw
-    )
+    # fp32 on the wire: gradients and logits are compared with local autograd
+    return shared_connect(swarm, model_dir, compression="none", **kw)
 
 
 def randomize_lora(tuning: RemoteTuning, seed: int, std: float = 0.3) -> None:

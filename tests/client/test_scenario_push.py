@@ -21,8 +21,8 @@ from proto import peer_pb2
 from swarm.errors import BadRequest
 from swarm.generation import generate_local
 from swarm.peer import wire
-from tests.client.test_scenarios import Swarm
-from tests.conftest import PeerProcess, wait_for
+from tests.conftest import PeerProcess, Swarm
+from tests.conftest import connect as shared_connect
 
 pytestmark = pytest.mark.slow
 
@@ -31,33 +31,9 @@ NEW = 16
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
-    from swarm.dht import make_dht
-    from swarm.model.loading import resolve_model
-
-    logs = tmp_path_factory.mktemp("push-scenarios")
-    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
+def swarm(swarm_factory) -> Swarm:
     # fp32 peers: the text is compared with the local fp32 model's
-    base = ["join", "--model", str(tiny_model_dir), "--quant", "none", "--max-start-delay", "0"]
-    peers: dict[str, PeerProcess] = {}
-    dht = None
-    try:
-        peers["a"] = PeerProcess([*base, "--stage", "0:2"], env, logs / "a.log")
-        boot = peers["a"].wait_maddrs(180)
-        for name, stage in (("b", "2:4"), ("b2", "2:4"), ("c", "4:6")):
-            args = [*base, "--stage", stage, "--initial-peers", *boot]
-            peers[name] = PeerProcess(args, env, logs / f"{name}.log")
-        for p in peers.values():
-            p.wait_maddrs(180)
-        dht = make_dht(initial_peers=boot, client_mode=True)
-        s = Swarm(boot, peers, dht, resolve_model(str(tiny_model_dir)).name)
-        wait_for(lambda: len(s.online()) == 4, 240, 0.5, "four peers online")
-        yield s
-    finally:
-        if dht is not None:
-            dht.shutdown()
-        for p in peers.values():
-            p.kill()
+    return swarm_factory({"a": "0:2", "b": "2:4", "b2": "2:4", "c": "4:6"})
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +44,8 @@ def local_model(tiny_model_dir):
 
 
 def connect(swarm: Swarm, model_dir, push: bool, **kw) -> DistributedModelForCausalLM:
-    config = RouterConfig(compression="none", push=push)
-    return DistributedModelForCausalLM.from_pretrained(
-        str(model_dir), swarm.boot, router_config=config, **kw
+    return shared_connect(
+        swarm, model_dir, router_config=RouterConfig(compression="none", push=push), **kw
     )
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from petals_like.model import DistributedModelForCausalLM
-from tests.client.test_scenarios import Swarm
-from tests.conftest import PeerProcess, wait_for
+from tests.conftest import Swarm
+from tests.conftest import connect as shared_connect
 
 pytestmark = pytest.mark.slow
 
@@ -26,37 +26,15 @@ KILL_AT = 12
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
-    from swarm.dht import make_dht
-    from swarm.model.loading import resolve_model
-
-    logs = tmp_path_factory.mktemp("replay-scenarios")
-    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
-    base = ["join", "--model", str(tiny_model_dir), "--quant", "int8", "--max-start-delay", "0"]
-    peers: dict[str, PeerProcess] = {}
-    dht = None
-    try:
-        peers["a"] = PeerProcess([*base, "--stage", "0:3"], env, logs / "a.log")
-        boot = peers["a"].wait_maddrs(180)
-        for name in ("b", "c", "d"):
-            args = [*base, "--stage", "3:6", "--initial-peers", *boot]
-            peers[name] = PeerProcess(args, env, logs / f"{name}.log")
-        for p in peers.values():
-            p.wait_maddrs(180)
-        dht = make_dht(initial_peers=boot, client_mode=True)
-        s = Swarm(boot, peers, dht, resolve_model(str(tiny_model_dir)).name)
-        wait_for(lambda: len(s.online()) == 4, 240, 0.5, "four peers online")
-        yield s
-    finally:
-        if dht is not None:
-            dht.shutdown()
-        for p in peers.values():
-            p.kill()
+def swarm(swarm_factory) -> Swarm:
+    return swarm_factory(
+        {"a": "0:3", "b": "3:6", "c": "3:6", "d": "3:6"}, flags=("--quant", "int8")
+    )
 
 
 def connect(swarm: Swarm, model_dir) -> DistributedModelForCausalLM:
     # The defaults a new user gets (compression "auto", verification 0.1).
-    return DistributedModelForCausalLM.from_pretrained(str(model_dir), swarm.boot)
+    return shared_connect(swarm, model_dir)
 
 
 @pytest.mark.timeout(300)

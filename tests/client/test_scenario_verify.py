@@ -15,7 +15,7 @@ import torch
 
 from petals_like.model import DistributedModelForCausalLM
 from swarm.generation import generate_local
-from tests.conftest import PeerProcess, wait_for
+from tests.conftest import PeerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -38,47 +38,15 @@ class Swarm:
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
+def swarm(swarm_factory, tmp_path_factory) -> Swarm:
     import sys
 
-    from swarm.dht import make_dht
-    from swarm.model.loading import resolve_model
-    from swarm.peer.dht_view import fetch_swarm
-
-    logs = tmp_path_factory.mktemp("verify-scenarios")
-    mode_file = logs / "mode"
+    mode_file = tmp_path_factory.mktemp("verify-scenarios") / "mode"
     mode_file.write_text("honest")
-    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
-    base = ["join", "--model", str(tiny_model_dir), "--quant", "none", "--max-start-delay", "0"]
-    liar_prefix = [sys.executable, "-m", "tests.adversary_peer", "--mode-file", str(mode_file)]
-    peers: dict[str, PeerProcess] = {}
-    dht = None
-    try:
-        peers["a"] = PeerProcess([*base, "--stage", "0:3"], env, logs / "a.log")
-        boot = peers["a"].wait_maddrs(180)
-        tail = ["--stage", "3:6", "--initial-peers", *boot]
-        for name in ("b", "c"):
-            peers[name] = PeerProcess([*base, *tail], env, logs / f"{name}.log")
-        peers["liar"] = PeerProcess([*base, *tail], env, logs / "liar.log", prefix=liar_prefix)
-        for p in peers.values():
-            p.wait_maddrs(180)
-        dht = make_dht(initial_peers=boot, client_mode=True, start=True)
-        prefix = resolve_model(str(tiny_model_dir)).name
-
-        def online() -> int:
-            try:
-                records = fetch_swarm(dht, prefix, 6, 5.0)
-            except Exception:  # not answering yet
-                return 0
-            return len([r for r in records if r.state == "online"])
-
-        wait_for(lambda: online() == 4, 240, 0.5, "four peers online")
-        yield Swarm(boot, peers, mode_file)
-    finally:
-        if dht is not None:
-            dht.shutdown()
-        for p in peers.values():
-            p.kill()
+    liar = [sys.executable, "-m", "tests.adversary_peer", "--mode-file", str(mode_file)]
+    spans = {"a": "0:3", "b": "3:6", "c": "3:6", "liar": "3:6"}
+    s = swarm_factory(spans, prefix={"liar": liar})
+    return Swarm(s.boot, s.peers, mode_file)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,13 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-from petals_like.model import DistributedModelForCausalLM
 from swarm.errors import NoRoute
 from swarm.generation import generate_local
-from tests.conftest import PeerProcess, wait_for
+from tests.conftest import PeerProcess, Swarm, connect, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -26,53 +24,10 @@ PROMPT = [5, 17, 42, 8, 60, 11, 99, 23]
 NEW = 24
 
 
-@dataclass
-class Swarm:
-    boot: list[str]
-    peers: dict[str, PeerProcess]  # name -> process: a 0:3, b and c 3:6
-    dht: object
-    prefix: str
-
-    def online(self) -> list:
-        from swarm.peer.dht_view import fetch_swarm
-
-        try:
-            return [r for r in fetch_swarm(self.dht, self.prefix, 6, 5.0) if r.state == "online"]
-        except Exception:  # not answering yet
-            return []
-
-    def by_peer_id(self, peer_id: str) -> PeerProcess:
-        return next(p for p in self.peers.values() if p.peer_id == peer_id)
-
-
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory, tiny_model_dir, throughput_cache):
-    from swarm.dht import make_dht  # readers check signatures (and strip them)
-    from swarm.model.loading import resolve_model
-
-    logs = tmp_path_factory.mktemp("client-scenarios")
-    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
+def swarm(swarm_factory) -> Swarm:
     # fp32 peers: the scenarios compare their text with the local fp32 model's
-    base = ["join", "--model", str(tiny_model_dir), "--quant", "none", "--max-start-delay", "0"]
-    peers: dict[str, PeerProcess] = {}
-    dht = None
-    try:
-        peers["a"] = PeerProcess([*base, "--stage", "0:3"], env, logs / "a.log")
-        boot = peers["a"].wait_maddrs(180)
-        for name in ("b", "c"):
-            args = [*base, "--stage", "3:6", "--initial-peers", *boot]
-            peers[name] = PeerProcess(args, env, logs / f"{name}.log")
-        for p in peers.values():
-            p.wait_maddrs(180)
-        dht = make_dht(initial_peers=boot, client_mode=True)
-        s = Swarm(boot, peers, dht, resolve_model(str(tiny_model_dir)).name)
-        wait_for(lambda: len(s.online()) == 3, 240, 0.5, "three peers online")
-        yield s
-    finally:
-        if dht is not None:
-            dht.shutdown()
-        for p in peers.values():
-            p.kill()
+    return swarm_factory({"a": "0:3", "b": "3:6", "c": "3:6"})
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +35,6 @@ def local_model(tiny_model_dir):
     from swarm.model.loading import load_model
 
     return load_model(str(tiny_model_dir), progress=False)
-
-
-def connect(swarm: Swarm, model_dir, **kw) -> DistributedModelForCausalLM:
-    return DistributedModelForCausalLM.from_pretrained(str(model_dir), swarm.boot, **kw)
 
 
 @pytest.mark.timeout(400)

@@ -14,15 +14,13 @@ import pytest_asyncio
 import torch
 
 from proto import peer_pb2
-from swarm.dht import make_dht
 from swarm.errors import BadRequest, CacheFull, SessionExpired
 from swarm.link import Link
 from swarm.model.loading import load_model
 from swarm.peer import wire
 from swarm.peer.client import PeerClient, as_peer_id
-from swarm.peer.dht_view import fetch_swarm, fetch_swarm_async
+from swarm.peer.dht_view import fetch_swarm_async
 from swarm.peer.handler import PeerHandler
-from tests.conftest import PeerProcess, wait_for
 
 # One event loop for the module: a second P2P replica of the same DHT daemon, made after the
 # first one's loop closed, loses unary replies (seen here: forward timed out).
@@ -31,13 +29,9 @@ PEER_LINK_DELAY = 0.02  # peer b's emulated link (swarm-peer join --link-delay)
 
 
 @pytest.fixture(scope="module")
-def swarm2(tiny_model_dir, tmp_path_factory, throughput_cache):
+def swarm2(swarm_factory):
     """Two peers (0:3 bootstrap, 3:6) and a client-mode DHT; everything killed by pid after."""
-    logs = tmp_path_factory.mktemp("rpc_logs")
-    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
     common = [
-        "--model",
-        str(tiny_model_dir),
         "--quant",
         "none",  # fp32 peers: replies are compared with the local fp32 model
         "--announce-period",
@@ -49,32 +43,10 @@ def swarm2(tiny_model_dir, tmp_path_factory, throughput_cache):
         "--session-timeout",
         "20",  # long enough that a loaded CI machine never expires a live test session
     ]
-    peers = [PeerProcess(["join", "--stage", "0:3", *common], env, logs / "a.log")]
-    dht = None
-    try:
-        boot = peers[0].wait_maddrs(90)
-        peers.append(
-            PeerProcess(
-                ["join", "--stage", "3:6", "--initial-peers", *boot, *common]
-                + ["--link-delay", str(PEER_LINK_DELAY)],  # every reply of b pays it
-                env,
-                logs / "b.log",
-            )
-        )
-        peers[1].wait_maddrs(90)
-        dht = make_dht(initial_peers=boot, client_mode=True, start=True)
-
-        def online():
-            records = fetch_swarm(dht, tiny_model_dir.name, 6)
-            return len([r for r in records if r.state == "online"]) == 2
-
-        wait_for(online, 90, what="both peers online")
-        yield dht, [p.peer_id for p in peers]
-    finally:
-        if dht is not None:
-            dht.shutdown()
-        for p in peers:
-            p.kill()
+    # Every reply of b pays its emulated link.
+    extra = {"b": ["--link-delay", str(PEER_LINK_DELAY)]}
+    s = swarm_factory({"a": "0:3", "b": "3:6"}, flags=common, extra=extra)
+    return s.dht, [s.peers["a"].peer_id, s.peers["b"].peer_id]
 
 
 @pytest.fixture(scope="module")
