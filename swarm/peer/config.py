@@ -48,6 +48,13 @@ class PeerConfig:
             "help": "how many blocks to serve with --stage auto (default: what memory allows)"
         },
     )
+    torch_threads: int = field(
+        default=0,
+        metadata={
+            "help": "compute threads (0: torch's default, one per core); peers sharing one "
+            "machine should split its cores between them (oversubscribed threads spin)"
+        },
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
     port: int = field(default=0, metadata={"help": "TCP port to listen on (0: any)"})
     announce_maddrs: list[str] = field(
@@ -228,6 +235,8 @@ class PeerConfig:
             raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
         if not 0 < self.max_lr <= 1:  # NaN fails too
             raise ValueError(f"--max-lr must be in (0, 1], got {self.max_lr}")
+        if not 0 <= self.torch_threads <= 1024:
+            raise ValueError(f"--torch-threads must be in 0..1024, got {self.torch_threads}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError("--num-blocks must be positive")
         if self.reachability not in ("auto", "direct", "relayed"):

@@ -61,6 +61,8 @@ class Peer:
     def __init__(self, config: PeerConfig, on_maddrs: Callable[[list[str]], None] | None = None):
         config.validate()
         self.config = config
+        if config.torch_threads:  # before any compute: the worker thread inherits it
+            torch.set_num_threads(config.torch_threads)
         self.rng = random.Random(config.seed)
         self.source = resolve_model(config.model)
         self.model_config = load_config(self.source)

@@ -28,3 +28,9 @@ def test_bytes_per_param_by_mode():
     assert bytes_per_param("nf4", 2) < 0.56
     with pytest.raises(ValueError):
         bytes_per_param("q2", 4)
+
+
+def test_torch_threads_is_bounded():
+    PeerConfig(torch_threads=1).validate()
+    with pytest.raises(ValueError, match="--torch-threads must be in 0..1024"):
+        PeerConfig(torch_threads=-1).validate()

@@ -6,6 +6,7 @@ Tests swarm/peer/server.py, swarm/peer/handler.py and swarm/cli/peer.py beyond t
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -42,6 +43,8 @@ def int8_peer(tiny_model_dir, tmp_path_factory, throughput_cache):
         str(SESSION_TIMEOUT),
         "--announce-period",
         "2",
+        "--torch-threads",
+        "1",
     ]
     peer = PeerProcess(args, env, logs / "int8.log")
     try:
@@ -63,6 +66,12 @@ def _with_client(maddrs: list[str], fn: Callable[[PeerClient], Awaitable]):
         return asyncio.run(main())
     finally:
         dht.shutdown()
+
+
+def test_torch_threads_sets_the_peers_compute_threads(int8_peer, throughput_cache):
+    """The peer measured its throughput with one thread: the cache key names the count."""
+    keys = json.loads(throughput_cache.read_text())
+    assert any("|1t|" in k and k.endswith("|int8|torch.float32") for k in keys), list(keys)
 
 
 @pytest.mark.timeout(300)
