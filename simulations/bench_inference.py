@@ -167,9 +167,14 @@ def _wan_rows(model_name, boot, prompt, new, d, push, local, log) -> list[Row]:
             toks = out[0, len(prompt) :].tolist()
             hops = len(st.route)
             # A relayed token: a round trip per hop; a pushed one: hops + 1 one-way delays.
-            bound = 1.0 / ((hops + 1) * d if push else hops * 2 * d)
+            delays = (hops + 1) * d if push else hops * 2 * d
+            bound = 1.0 / delays
+            # Delays plus the model's own step (local fp32 on this machine): what a token needs.
+            with_compute = 1.0 / (delays + 1.0 / local["none"][0])
             tps = st.decode_tokens_per_s
             extra = {"bound_tokens_per_s": bound, "of_bound": tps / bound, "hops": hops}
+            extra["bound_with_compute_tokens_per_s"] = with_compute
+            extra["of_bound_with_compute"] = tps / with_compute
             if spec:
                 extra["same_text_as_plain"] = toks == plain
                 extra["tokens_per_round_trip"] = st.speculative.tokens_per_round
@@ -345,7 +350,8 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
             x = r.extra
             kind = "push" if r.name.startswith("wan-push") else "relay"
             notes = f"{kind} bound {x['bound_tokens_per_s']:.2f} tok/s ({x['hops']} hops): "
-            notes += f"{x['of_bound']:.0%} of it"
+            notes += f"{x['of_bound']:.0%} of it; "
+            notes += f"{x['of_bound_with_compute']:.0%} of delays + local step"
             if "tokens_per_round_trip" in x:
                 notes += f"; {x['tokens_per_round_trip']:.2f} tokens per chain round trip"
                 notes += f", same text as plain: {x['same_text_as_plain']}"
@@ -382,6 +388,8 @@ def summary(rows: list[Row], failovers: list[dict]) -> dict:
                 "wan-push+ngram": "wan_push_speculative",
             }[r.name]
             out[f"{key}_tokens_per_s"] = r.tokens_per_s
+            if "of_bound_with_compute" in r.extra:
+                out[f"{key}_of_bound_with_compute"] = r.extra["of_bound_with_compute"]
             if "same_text_as_relay" in r.extra:
                 out["wan_push_same_text_as_relay"] = r.extra["same_text_as_relay"]
             out["wan_link_delay_ms"] = r.link_delay_ms
