@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import time
 
 import torch
+from hivemind.p2p import P2P
 
 from proto import peer_pb2
 from swarm import loops
-from swarm.peer import wire
+from swarm.peer import streams, wire
 from swarm.peer.worker import ComputeWorker
 
 
@@ -69,6 +71,15 @@ async def profile(iters: int, hidden: int) -> dict[str, float]:
     out["peer: asyncio.wait_for wrapper"] = await _timed_async(wait_for, iters) - (
         await _timed_async(bare, iters)
     )
+
+    async def timeout():
+        async with asyncio.timeout(30):
+            return await asyncio.sleep(0)
+
+    out["peer: asyncio.timeout instead"] = await _timed_async(timeout, iters) - (
+        await _timed_async(bare, iters)
+    )
+    out.update(await _stream_writes(req, iters))
     worker = ComputeWorker("profile")
     try:
         out["peer: worker handoff (round trip)"] = await _timed_async(
@@ -76,6 +87,30 @@ async def profile(iters: int, hidden: int) -> dict[str, float]:
         )
     finally:
         worker.stop()
+    return out
+
+
+async def _stream_writes(msg, iters: int) -> dict[str, float]:
+    """A message written and read back over a unix socket pair (as to and from p2pd): in three
+    writes (hivemind's send_protobuf) and in one (swarm.peer.streams.send)."""
+    a, b = socket.socketpair()
+    reader, keep = await asyncio.open_connection(sock=a)  # `keep`: its socket stays open
+    _, writer = await asyncio.open_connection(sock=b)
+    out = {}
+    try:
+        for name, send in (
+            ("both: stream write, 3 writes (before)", P2P.send_protobuf),
+            ("both: stream write, 1 write (after)", streams.send),
+        ):
+
+            async def one(send=send):
+                await send(msg, writer)
+                await streams._receive(reader, type(msg), 1 << 24)
+
+            out[name] = await _timed_async(one, iters)
+    finally:
+        writer.close()
+        keep.close()
     return out
 
 
@@ -87,7 +122,6 @@ def main() -> None:
     rows = loops.run(profile(args.iters, args.hidden))
     for name, us in rows.items():
         print(f"{name:<38} {us:8.1f} us")
-    print(f"{'sum':<38} {sum(rows.values()):8.1f} us")
 
 
 if __name__ == "__main__":
