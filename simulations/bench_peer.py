@@ -1,6 +1,10 @@
 """Peer benchmark on loopback: inference step latency through 1, 2, 3 peers vs the same blocks
 run locally (overhead per hop), and forward throughput with and without the int8 wire codec.
 
+Remote and local steps alternate, so load drifts hit both; each figure is a median, the overhead
+the median of per-step differences. The fixed-cost row (one block through one peer vs that block
+here) is the hop's transport and software with little compute noise.
+
 Run: python -m simulations.bench_peer [--model PATH] [--steps N] [--json]; prints a table
 (JSON with --json).
 """
@@ -123,6 +127,13 @@ async def _bench(dht, model, spans, peer_ids, steps: int, batch_tokens: int) -> 
     results["fixed_cost"] = await _timed_steps(
         sessions, _local_span(model, 0, 1, steps + 8), h, steps
     )
+    # The transport's floor: a small unary round trip through both daemons (an info call).
+    trips = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        await client.info(peer_ids[first])
+        trips.append(time.perf_counter() - t0)
+    results["p2p_round_trip_ms"] = round(statistics.median(trips) * 1e3, 2)
     pid = peer_ids[(0, n)]
     x = torch.randn(1, batch_tokens, h)
     for codec in FORWARD_CODECS:
@@ -152,6 +163,9 @@ def format_table(results: dict) -> str:
             f"{r['overhead_per_hop_ms']:>16.2f}"
         )
     lines.append("medians; overhead/hop: median of per-step (remote - local), steps interleaved")
+    lines.append(
+        f"a small unary round trip through both daemons: {results['p2p_round_trip_ms']} ms"
+    )
     rates = ", ".join(
         f"{codec} {results[f'forward_tokens_per_s_{codec}']:.0f}" for codec in FORWARD_CODECS
     )
