@@ -1,6 +1,10 @@
 """Peer benchmark on loopback: inference step latency through 1, 2, 3 peers vs the same blocks
 run locally (overhead per hop), and forward throughput with and without the int8 wire codec.
 
+Remote and local steps alternate, so load drifts hit both; each figure is a median, the overhead
+the median of per-step differences. The fixed-cost row (one block through one peer vs that block
+here) is the hop's transport and software with little compute noise.
+
 Run: python -m simulations.bench_peer [--model PATH] [--steps N] [--json]; prints a table
 (JSON with --json).
 """
@@ -11,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +24,7 @@ from pathlib import Path
 from simulations.cli_help import DefaultsHelpFormatter
 from simulations.progress import Progress
 from simulations.scratch import scratch_dir
+from swarm import loops
 from swarm.dht import make_dht
 from swarm.procs import family, kill_tree
 
@@ -53,6 +59,50 @@ def _spans(num_blocks: int, hops: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
+async def _timed_steps(sessions, local, h: int, steps: int) -> dict:
+    """Remote and local steps interleaved (alternating which goes first) on same-shape inputs:
+    medians of each and of their per-step differences, so drifting load cancels out."""
+    import torch
+
+    remote, here = [], []
+    x = torch.randn(1, 1, h)
+    for sess in sessions:  # warm-up step (position 0)
+        x = await sess.step(x, 0)
+    local(torch.randn(1, 1, h), 0)
+    for pos in range(1, steps + 1):
+        for turn in (0, 1) if pos % 2 else (1, 0):
+            x = torch.randn(1, 1, h)
+            t0 = time.perf_counter()
+            if turn == 0:
+                for sess in sessions:
+                    x = await sess.step(x, pos)
+                remote.append(time.perf_counter() - t0)
+            else:
+                local(x, pos)
+                here.append(time.perf_counter() - t0)
+    for sess in sessions:
+        await sess.close()
+    diffs = [r - loc for r, loc in zip(remote, here, strict=True)]
+    return {
+        "step_ms": round(statistics.median(remote) * 1e3, 2),
+        "local_step_ms": round(statistics.median(here) * 1e3, 2),
+        "overhead_per_hop_ms": round(statistics.median(diffs) * 1e3 / len(sessions), 2),
+    }
+
+
+def _local_span(model, first: int, last: int, max_len: int):
+    """A step function over blocks [first, last) of the local model, with its own caches."""
+    import torch
+
+    caches = model.span.new_caches(1, max_len)
+
+    def step(x, pos):
+        with torch.inference_mode():
+            return model.span(x, pos, caches, first, last)
+
+    return step
+
+
 async def _bench(dht, model, spans, peer_ids, steps: int, batch_tokens: int) -> dict:
     import torch
 
@@ -60,48 +110,40 @@ async def _bench(dht, model, spans, peer_ids, steps: int, batch_tokens: int) -> 
 
     p2p = await dht.replicate_p2p()
     client = PeerClient(p2p)
-    h = model.config.hidden_size
+    h, n = model.config.hidden_size, model.config.num_layers
     results: dict = {}
     for hops in (1, 2, 3):
-        chain = _spans(model.config.num_layers, hops)
+        chain = _spans(n, hops)
         ids = [peer_ids[c] for c in chain]
         sessions = [
             await client.open_inference(pid, s, e, steps + 8)
             for pid, (s, e) in zip(ids, chain, strict=False)
         ]
-        x = torch.randn(1, 1, h)
-        for sess in sessions:  # warm-up step
-            x = await sess.step(x, 0)
+        local = _local_span(model, 0, n, steps + 8)
+        results[f"{hops}_peers"] = await _timed_steps(sessions, local, h, steps)
+    # One block through the first peer vs that block here: transport + software, little compute.
+    first = _spans(n, 3)[0]
+    sessions = [await client.open_inference(peer_ids[first], 0, 1, steps + 8)]
+    results["fixed_cost"] = await _timed_steps(
+        sessions, _local_span(model, 0, 1, steps + 8), h, steps
+    )
+    # The transport's floor: a small unary round trip through both daemons (an info call).
+    trips = []
+    for _ in range(steps):
         t0 = time.perf_counter()
-        for pos in range(1, steps + 1):
-            x = torch.randn(1, 1, h)
-            for sess in sessions:
-                x = await sess.step(x, pos)
-        remote_ms = (time.perf_counter() - t0) / steps * 1e3
-        for sess in sessions:
-            await sess.close()
-        caches = model.span.new_caches(1, steps + 8)
-        with torch.inference_mode():
-            model.span(torch.randn(1, 1, h), 0, caches)
-            t0 = time.perf_counter()
-            for pos in range(1, steps + 1):
-                model.span(torch.randn(1, 1, h), pos, caches)
-        local_ms = (time.perf_counter() - t0) / steps * 1e3
-        results[f"{hops}_peers"] = {
-            "step_ms": round(remote_ms, 2),
-            "local_step_ms": round(local_ms, 2),
-            "overhead_per_hop_ms": round((remote_ms - local_ms) / hops, 2),
-        }
-    pid = peer_ids[(0, model.config.num_layers)]
+        await client.info(peer_ids[first])
+        trips.append(time.perf_counter() - t0)
+    results["p2p_round_trip_ms"] = round(statistics.median(trips) * 1e3, 2)
+    pid = peer_ids[(0, n)]
     x = torch.randn(1, batch_tokens, h)
     for codec in FORWARD_CODECS:
-        await client.forward(pid, x, 0, model.config.num_layers, codec=codec)
+        await client.forward(pid, x, 0, n, codec=codec)
         t0 = time.perf_counter()
-        n = 5
-        for _ in range(n):
-            await client.forward(pid, x, 0, model.config.num_layers, codec=codec)
+        k = 5
+        for _ in range(k):
+            await client.forward(pid, x, 0, n, codec=codec)
         results[f"forward_tokens_per_s_{codec}"] = round(
-            n * batch_tokens / (time.perf_counter() - t0), 1
+            k * batch_tokens / (time.perf_counter() - t0), 1
         )
     return results
 
@@ -113,12 +155,17 @@ def format_table(results: dict) -> str:
         "batch 1, one token per step",
         f"{'peers':>5} {'step ms':>8} {'local ms':>9} {'overhead/hop ms':>16}",
     ]
-    for hops in (1, 2, 3):
-        r = results[f"{hops}_peers"]
+    for row in ("1_peers", "2_peers", "3_peers", "fixed_cost"):
+        r = results[row]
+        name = row.split("_")[0] if row != "fixed_cost" else "1 blk"
         lines.append(
-            f"{hops:>5} {r['step_ms']:>8.2f} {r['local_step_ms']:>9.2f} "
+            f"{name:>5} {r['step_ms']:>8.2f} {r['local_step_ms']:>9.2f} "
             f"{r['overhead_per_hop_ms']:>16.2f}"
         )
+    lines.append("medians; overhead/hop: median of per-step (remote - local), steps interleaved")
+    lines.append(
+        f"a small unary round trip through both daemons: {results['p2p_round_trip_ms']} ms"
+    )
     rates = ", ".join(
         f"{codec} {results[f'forward_tokens_per_s_{codec}']:.0f}" for codec in FORWARD_CODECS
     )
@@ -158,6 +205,7 @@ def main() -> None:
         results[f"overhead_per_hop_ms_{hops}_peers"] = results[f"{hops}_peers"][
             "overhead_per_hop_ms"
         ]
+    results["fixed_cost_per_hop_ms"] = results["fixed_cost"]["overhead_per_hop_ms"]
     print(json.dumps(results) if args.json else format_table(results))
 
 
@@ -194,7 +242,7 @@ def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
         model = load_model(args.model, progress=False)
         time.sleep(2)
         progress.update("waiting for every peer to serve, then measuring")
-        return asyncio.run(_wait_and_bench(dht, model, wanted, ids, args))
+        return loops.run(_wait_and_bench(dht, model, wanted, ids, args))
     finally:
         progress.update("stopping the peers")
         if dht is not None:

@@ -21,8 +21,8 @@ from proto import peer_pb2
 from swarm.errors import AdapterMissing, BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.link import NO_LINK, Link
 from swarm.model.lora import AdapterPayload, BlockTensors
-from swarm.peer import wire
-from swarm.peer.handler import PeerHandler
+from swarm.peer import streams, wire
+from swarm.peer.handler import PART_MESSAGE_BYTES, PeerHandler
 from swarm.peer.relay import dial_maddr, is_circuit
 
 logger = logging.getLogger(__name__)
@@ -488,7 +488,8 @@ class InferenceStream:
         await self.client.link.send(request.ByteSize())
         self._queue.put_nowait(request)
         try:
-            reply = await asyncio.wait_for(self._replies.get(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: no task per step
+                reply = await self._replies.get()
             if isinstance(reply, BaseException):
                 raise reply
         except (BadRequest, *TRANSPORT_ERRORS) as e:
@@ -506,9 +507,19 @@ class InferenceStream:
         self, timeout: float, adapter: peer_pb2.Adapter | None = None, prev_peer: str = ""
     ) -> None:
         await self.client._dial(self.peer)
-        stub = self.client._stub(self.peer)
+        name = PeerHandler._get_handle_name(None, "rpc_inference")
         try:
-            self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
+            self._responses = await asyncio.wait_for(
+                streams.call_stream(
+                    self.client.p2p,
+                    self.peer,
+                    name,
+                    self._requests(),
+                    peer_pb2.Part,
+                    PART_MESSAGE_BYTES,
+                ),
+                timeout,
+            )
         except TRANSPORT_ERRORS as e:
             self.closed = True
             raise _transport_error(e, self.peer, "open inference") from None

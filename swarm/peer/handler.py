@@ -31,6 +31,7 @@ from swarm.peer.backend import Session, SpanBackend, StepItem
 from swarm.peer.config import PeerConfig
 from swarm.peer.fairness import ClientLedger
 from swarm.peer.memory import ByteBudget, CacheBudget, Held, PeerBusy
+from swarm.peer.push import Pushes
 from swarm.peer.worker import ComputeWorker
 
 logger = logging.getLogger(__name__)
@@ -45,11 +46,6 @@ PART_MESSAGE_BYTES = wire.PART_BYTES + 1024  # a Part message: its data and a fe
 TRIM_AFTER_BYTES = 32 << 20  # after freeing a request this large, hand freed heap back to the OS
 # A refusal that ends the stream unread: draining it would read what we refused.
 REFUSED = (wire.RequestTooLarge, streams.MessageTooLarge, PeerBusy)
-# Server-to-server push: a pushed step waits in its session's inbox (bounded) for its step
-# message; a push that is not acknowledged within PUSH_TIMEOUT (plus the emulated link's
-# round trip) is reported to the client at once, which re-routes the next hop.
-PUSH_INBOX = 4
-PUSH_TIMEOUT = 2.0
 
 
 class PeerHandler(ServicerBase):
@@ -79,10 +75,6 @@ class PeerHandler(ServicerBase):
         self.draining = False
         self.sessions: dict[str, Session] = {}
         self._owners: dict[str, Hashable] = {}  # session id -> the client that opened it
-        # Push mode: each session's inbox of pushed inputs and the one peer allowed to push
-        self._inbox: dict[str, asyncio.Queue] = {}
-        self._prev: dict[str, str] = {}
-        self.p2p: P2P | None = None  # set by add_p2p_handlers: pushes go out through it
         self.inflight = 0
         self.clients = ClientLedger(
             max_sessions=config.client_sessions,
@@ -91,6 +83,7 @@ class PeerHandler(ServicerBase):
         )
         self.codecs = sorted(kernels.CODECS)
         self.link = link or Link(config.link_delay, config.link_bandwidth)  # --link-delay
+        self.pushes = Pushes(self.link, self._decode, self.get_stub, config.request_timeout)
         self.adapters = AdapterCache(
             backend.config,
             max_bytes=int(config.adapter_cache_mb * (1 << 20)),
@@ -108,7 +101,7 @@ class PeerHandler(ServicerBase):
         """As ServicerBase's, but streams read through bounded readers (hivemind's take any
         length prefix and buffer it whole)."""
         self._collect_rpc_handlers()
-        self.p2p = p2p
+        self.pushes.p2p = p2p  # pushes go out through it
         for h in self._rpc_handlers:
             name = self._get_handle_name(namespace, h.method_name)
             method = getattr(self if wrapper is None else wrapper, h.method_name)
@@ -173,27 +166,12 @@ class PeerHandler(ServicerBase):
             reply = peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
         return await self._unary(reply)
 
-    async def rpc_forward_stream(
+    def rpc_forward_stream(
         self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
     ) -> AsyncIterator[peer_pb2.Part]:
-        held = Held(self.request_bytes, context.remote_id)
-        try:
-            try:
-                request = await self._read_one(
-                    requests, peer_pb2.ForwardRequest, held, self.max_request_bytes(1)
-                )
-                reply = await self._forward(request, context.remote_id)
-            except Exception as e:
-                reply = peer_pb2.ForwardResponse(error=self._report(e, "forward", context))
-                refused = isinstance(e, REFUSED)
-            else:
-                refused = False
-            async for part in self._parts(reply):
-                yield part
-        finally:
-            self._release(held)
-        if not refused:
-            await _drain(requests)
+        return self._streamed(
+            requests, context, peer_pb2.ForwardRequest, peer_pb2.ForwardResponse, 1, self._forward
+        )
 
     async def rpc_backward(
         self, request: peer_pb2.BackwardRequest, context: P2PContext
@@ -204,18 +182,30 @@ class PeerHandler(ServicerBase):
             reply = peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
         return await self._unary(reply)
 
-    async def rpc_backward_stream(
+    def rpc_backward_stream(
         self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
     ) -> AsyncIterator[peer_pb2.Part]:
+        return self._streamed(
+            requests,
+            context,
+            peer_pb2.BackwardRequest,
+            peer_pb2.BackwardResponse,
+            2,
+            self._backward,
+        )
+
+    async def _streamed(self, requests, context, request_type, reply_type, tensors: int, serve):
+        """A streamed forward or backward: one request of up to `tensors` activations read
+        within the request memory, served, and its reply streamed back in parts."""
         held = Held(self.request_bytes, context.remote_id)
+        what = "forward" if reply_type is peer_pb2.ForwardResponse else "backward"
         try:
             try:
-                request = await self._read_one(
-                    requests, peer_pb2.BackwardRequest, held, self.max_request_bytes(2)
-                )
-                reply = await self._backward(request, context.remote_id)
+                max_bytes = self.max_request_bytes(tensors)
+                request = await self._read_one(requests, request_type, held, max_bytes)
+                reply = await serve(request, context.remote_id)
             except Exception as e:
-                reply = peer_pb2.BackwardResponse(error=self._report(e, "backward", context))
+                reply = reply_type(error=self._report(e, what, context))
                 refused = isinstance(e, REFUSED)
             else:
                 refused = False
@@ -341,7 +331,7 @@ class PeerHandler(ServicerBase):
                     async for part in self._parts(reply):
                         yield part
                     # The next request cannot come before the pushed output went on anyway.
-                    failed = await self._push_failure(push)
+                    failed = await self.pushes.failure(push)
                     if failed is not None:
                         reply = peer_pb2.InferenceResponse(
                             push_failed=failed, step_id=request.step.step_id
@@ -373,11 +363,10 @@ class PeerHandler(ServicerBase):
     async def _next_request(self, requests, session: Session | None, held: Held):
         timeout = self.config.session_timeout if session else self.config.request_timeout
         max_bytes = self.max_request_bytes(1)
-        try:
-            return await asyncio.wait_for(
-                wire.join(requests, peer_pb2.InferenceRequest, max_bytes, held.reserve), timeout
-            )
-        except asyncio.TimeoutError:
+        try:  # asyncio.timeout, not wait_for: no task per step
+            async with asyncio.timeout(timeout):
+                return await wire.join(requests, peer_pb2.InferenceRequest, max_bytes, held.reserve)
+        except TimeoutError:
             raise SessionExpired(f"no request for {timeout:.0f} s: the session was freed") from None
 
     def _check_session(self, session: Session | None, session_id: str) -> Session:
@@ -424,21 +413,20 @@ class PeerHandler(ServicerBase):
             session.adapter = adapter
         self.sessions[session_id] = session
         self._owners[session_id] = client
-        self._inbox[session_id] = asyncio.Queue(PUSH_INBOX)
-        self._prev[session_id] = req.prev_peer
+        self.pushes.open(session_id, req.prev_peer, req.batch_size, client)
         return session
 
     async def _step(self, session: Session, step: peer_pb2.InferenceStep, client: Hashable):
         """One step: its reply, and the push of its output to the next hop (a task) if asked."""
         if step.prev_peer:
-            self._prev[session.session_id] = step.prev_peer
+            self.pushes.set_prev(session.session_id, step.prev_peer)
         if step.push_peer:
             try:
                 next_peer = PeerID.from_base58(step.push_peer)
             except Exception:
                 raise BadRequest(f"push_peer {step.push_peer[:64]!r} is not a peer id") from None
         if step.pushed:
-            hidden = await self._pushed_input(session, step)
+            hidden = await self.pushes.input(session.session_id, step)
         else:
             hidden = self._decode(step.hidden, "hidden", batch_size=session.batch_size)
         t = hidden.shape[1]
@@ -464,7 +452,8 @@ class PeerHandler(ServicerBase):
                 else:
                     run = session.backend.inference_step
                     work = self.worker.call(lambda: [run([it])[0] for it in items], client)
-                outs = await asyncio.wait_for(work, self.config.request_timeout)
+                async with asyncio.timeout(self.config.request_timeout):
+                    outs = await work
             finally:
                 self.inflight -= 1
         out = outs if len(items) == 1 else torch.cat(outs, dim=1)
@@ -475,7 +464,7 @@ class PeerHandler(ServicerBase):
             msg = peer_pb2.PushStep(
                 session_id=step.push_session, hidden=encoded, position=step.position
             )
-            push = asyncio.ensure_future(self._push(next_peer, msg))
+            push = self.pushes.start(next_peer, msg)
         reply = peer_pb2.InferenceResponse(
             hidden=encoded, step_id=step.step_id, length=session.length
         )
@@ -487,74 +476,22 @@ class PeerHandler(ServicerBase):
     ) -> peer_pb2.PushResponse:
         """A previous hop's output for one of our sessions: queued for its pushed step."""
         try:
-            self._accept_push(request, context.remote_id)
+            if request.session_id not in self.sessions:
+                raise SessionExpired(
+                    f"unknown session {request.session_id[:64]!r}: nothing to push to"
+                )
+            self.pushes.accept(request, context.remote_id)
             reply = peer_pb2.PushResponse()
         except Exception as e:
             reply = peer_pb2.PushResponse(error=self._report(e, "push", context))
         return await self._unary(reply)
-
-    def _accept_push(self, request: peer_pb2.PushStep, sender: PeerID) -> None:
-        session = self.sessions.get(request.session_id)
-        inbox = self._inbox.get(request.session_id)
-        if session is None or inbox is None:
-            raise SessionExpired(f"unknown session {request.session_id[:64]!r}: nothing to push to")
-        prev = self._prev.get(request.session_id, "")
-        # Its client may push too: a failover's replacement answered the client, not us.
-        owner = self._owners.get(request.session_id) == sender
-        if not owner and (not prev or prev != sender.to_base58()):
-            raise BadRequest(
-                f"peer {sender} is not the previous hop of session {request.session_id}: "
-                "only the peer its client declared (or the client) may push into it"
-            )
-        hidden = self._decode(request.hidden, "pushed hidden", batch_size=session.batch_size)
-        if inbox.full():
-            raise BadRequest(f"session {request.session_id} already holds {PUSH_INBOX} pushes")
-        inbox.put_nowait((request.position, hidden))
-
-    async def _pushed_input(self, session: Session, step: peer_pb2.InferenceStep) -> torch.Tensor:
-        """The input the previous hop pushed for this step (bounded wait)."""
-        inbox = self._inbox[session.session_id]
-        wait = self.config.request_timeout
-        try:
-            position, hidden = await asyncio.wait_for(inbox.get(), wait)
-        except asyncio.TimeoutError:
-            raise PeerUnavailable(f"the previous hop pushed nothing in {wait:.0f} s") from None
-        if position != step.position or hidden.shape[1] != step.length:
-            raise BadRequest(
-                f"the pushed input holds positions {position}..{position + hidden.shape[1]}, "
-                f"the step asked for {step.position}..{step.position + step.length}"
-            )
-        return hidden
-
-    async def _push(self, peer: PeerID, msg: peer_pb2.PushStep) -> None:
-        if self.p2p is None:
-            raise PeerUnavailable("this peer has no P2P to push through")
-        await self.link.send(msg.ByteSize())
-        timeout = PUSH_TIMEOUT + 2 * self.link.delay
-        reply = await self.get_stub(self.p2p, peer).rpc_push(msg, timeout=timeout)
-        if reply.HasField("error"):
-            raise wire.error_from_wire(reply.error, str(peer))
-
-    async def _push_failure(self, push: asyncio.Future | None) -> peer_pb2.Error | None:
-        """None if there was no push or it went through; else the error for the client."""
-        if push is None:
-            return None
-        try:
-            await asyncio.wait_for(push, PUSH_TIMEOUT + 4 * self.link.delay)
-        except Exception as e:
-            logger.info("push to the next hop failed: %r", e)
-            if not isinstance(e, (BadRequest, SessionExpired, PeerUnavailable)):
-                e = PeerUnavailable(f"the next hop did not take the push: {type(e).__name__}: {e}")
-            return wire.error_to_wire(e)
-        return None
 
     def _free(self, session: Session | None) -> None:
         if session is None:
             return
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
-            self._inbox.pop(session.session_id, None)
-            self._prev.pop(session.session_id, None)
+            self.pushes.free(session.session_id)
             self.clients.close_session(self._owners.pop(session.session_id), session.tokens)
         self.budget.free(session.tokens)
         session.tokens = 0

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from google.protobuf.message import DecodeError, Message
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from swarm.errors import BadRequest
@@ -66,14 +66,14 @@ async def add_bounded_stream_handler(
             try:
                 async for reply in handler(requests(), context):
                     try:
-                        await P2P.send_protobuf(reply, writer)
+                        await send(reply, writer)
                     except Exception:  # the caller closed or broke the connection
                         logger.debug("could not send a reply on %s", name, exc_info=True)
                         break
             except Exception as e:
                 logger.warning("stream handler %s failed", name, exc_info=True)
                 with contextlib.suppress(Exception):
-                    await P2P.send_protobuf(RPCError(message=str(e)), writer)
+                    await send(RPCError(message=str(e)), writer)
 
         with contextlib.closing(writer):
             processing = asyncio.create_task(process())
@@ -107,10 +107,67 @@ async def add_bounded_stream_handler(
     await p2p.add_binary_stream_handler(name, handle, balanced=balanced)
 
 
+def frame(msg: Message, error: bool = False) -> bytes:
+    """A message in hivemind's stream format (marker, 8-byte length, protobuf) as one buffer."""
+    data = msg.SerializeToString()
+    marker = P2P.ERROR_MARKER if error else P2P.MESSAGE_MARKER
+    return marker + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + data
+
+
+async def send(msg: Message, writer: asyncio.StreamWriter) -> None:
+    """One write per message: hivemind's send_protobuf makes three, each a syscall and a wake-up
+    of the daemon on the other end (the largest software cost of a decode step, profiled)."""
+    writer.write(frame(msg, isinstance(msg, RPCError)))
+    await writer.drain()
+
+
+async def call_stream(
+    p2p: P2P,
+    peer: PeerID,
+    name: str,
+    requests: AsyncIterator[Message],
+    reply_type: type[Message],
+    max_message_bytes: int,
+) -> AsyncIterator[Message]:
+    """Open a stream to `peer`'s handler `name`: requests go out as they come, replies are read
+    bounded (a reply longer than `max_message_bytes` raises MessageTooLarge, unread).
+
+    The wire format is hivemind's, so hivemind's and our stream handlers both serve it; a
+    handler's error message raises P2PHandlerError, as from hivemind's stubs.
+    """
+    _, reader, writer = await p2p.call_binary_stream_handler(peer, name)
+
+    async def write() -> None:
+        async for request in requests:
+            await send(request, writer)
+        await send(P2P.END_OF_STREAM, writer)
+
+    async def read() -> AsyncIterator[Message]:
+        with contextlib.closing(writer):
+            writing = asyncio.create_task(write())
+            try:
+                while True:
+                    try:
+                        reply = await _receive(reader, reply_type, max_message_bytes, RPCError)
+                    except asyncio.IncompleteReadError:  # the peer closed the stream
+                        break
+                    if isinstance(reply, RPCError):
+                        raise P2PHandlerError(f"handler {name} at {peer} failed: {reply.message}")
+                    yield reply
+            finally:
+                writing.cancel()
+
+    return read()
+
+
 async def _receive(
-    reader: asyncio.StreamReader, msg_type: type[Message], max_bytes: int
+    reader: asyncio.StreamReader,
+    msg_type: type[Message],
+    max_bytes: int,
+    error_type: type[Message] | None = None,
 ) -> Message | None:
-    """One message from the stream (None at the caller's end of stream), length checked first."""
+    """One message from the stream, length checked first. An error-marked message: None (a
+    caller's end of stream), or parsed as `error_type` if given (a handler's failure)."""
     marker = await reader.readexactly(1)
     if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
         raise BadRequest(f"invalid stream message marker {marker!r}")
@@ -122,7 +179,9 @@ async def _receive(
         )
     data = await reader.readexactly(length)
     if marker == P2P.ERROR_MARKER:
-        return None  # hivemind ends a request stream with an (empty) error message
+        if error_type is None:
+            return None  # hivemind ends a request stream with an (empty) error message
+        msg_type = error_type
     msg = msg_type()
     try:
         msg.ParseFromString(data)

@@ -137,7 +137,7 @@ def from_proto(msg: tensor_pb2.Tensor, max_elements: int = MAX_ELEMENTS) -> kern
             f" (expected {spec.block_size})"
         )
     code_dtype = spec.code_dtype(dtype)
-    code_size = torch.empty(0, dtype=code_dtype).element_size()
+    code_size = code_dtype.itemsize
     if len(msg.codes) != numel * code_size:
         raise WireFormatError(
             f"codes hold {len(msg.codes)} bytes; shape {shape} under {spec.name!r} needs"
@@ -265,29 +265,32 @@ async def join(
     count = None
     size = 0
     async for part in parts:
+        data = part.data  # once: upb copies a bytes field on every access
         if count is None:
             count = part.count
             if not 1 <= count <= MAX_PARTS:
                 raise BadRequest(f"a message must have 1..{MAX_PARTS} parts, got {count}")
             # Every part but the last is PART_BYTES long: the count bounds the size from here.
-            least = len(part.data) if count == 1 else (count - 1) * PART_BYTES + 1
+            least = len(data) if count == 1 else (count - 1) * PART_BYTES + 1
             if max_bytes is not None and least > max_bytes:
                 raise RequestTooLarge(
                     f"the request declares {count} parts (over {least - 1} bytes), more than "
                     f"this peer accepts ({max_bytes} bytes)"
                 )
             if reserve is not None:
-                most = len(part.data) if count == 1 else count * PART_BYTES
+                most = len(data) if count == 1 else count * PART_BYTES
                 reserve(most if max_bytes is None else min(most, max_bytes))
         if part.count != count or part.index != len(chunks):
             raise BadRequest(f"part {part.index} of {part.count} arrived out of order")
-        size += len(part.data)
-        if max_bytes is not None and (len(part.data) > PART_BYTES or size > max_bytes):
+        size += len(data)
+        if max_bytes is not None and (len(data) > PART_BYTES or size > max_bytes):
             raise RequestTooLarge(
-                f"part {part.index} of {len(part.data)} bytes passes the limits of a part "
+                f"part {part.index} of {len(data)} bytes passes the limits of a part "
                 f"({PART_BYTES}) or of a request ({max_bytes} bytes)"
             )
-        chunks.append(part.data)
+        if count == 1:  # the common case (a decode step): no list, no join
+            return parse(data, msg_type)
+        chunks.append(data)
         if len(chunks) == count:
             data = b"".join(chunks)
             chunks.clear()  # the parts' bytes go now, not when the caller's frame ends

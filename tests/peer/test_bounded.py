@@ -14,7 +14,7 @@ import torch
 from hivemind.p2p import P2P
 
 from proto import peer_pb2
-from swarm.peer import wire
+from swarm.peer import streams, wire
 from swarm.peer.client import PeerClient, as_peer_id
 from swarm.peer.handler import PeerHandler
 from swarm.peer.memory import ByteBudget, PeerBusy
@@ -260,3 +260,37 @@ def test_scenario_requests_in_flight_cannot_add_up(bounded_peer):
     )
     assert freed.kind == "BadRequest" and "malformed" in freed.message
     assert after.kind == "BadRequest" and "malformed" in after.message, "bytes were not freed"
+
+
+# ---- the client's inference stream (streams.call_stream), two real daemons in-process ------
+
+
+@pytest.mark.timeout(60)
+async def test_call_stream_round_trips_and_refuses_an_oversize_reply_unread():
+    server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    client = None
+    try:
+        maddrs = [str(m) for m in await server.get_visible_maddrs()]
+        client = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+
+        async def echo(requests, context):  # each request back, then one reply too large
+            async for part in requests:
+                yield part
+            yield peer_pb2.Part(data=bytes(2 * MIB), index=0, count=1)
+
+        await server.add_protobuf_handler(
+            "echo", echo, peer_pb2.Part, stream_input=True, stream_output=True
+        )
+        sent = [peer_pb2.Part(data=bytes([i]) * 100, index=0, count=1) for i in range(3)]
+        replies = await streams.call_stream(
+            client, server.peer_id, "echo", _aiter(sent), peer_pb2.Part, MIB
+        )
+        got = []
+        with pytest.raises(streams.MessageTooLarge, match="exceeds this peer's limit"):
+            async for reply in replies:
+                got.append(reply)
+        assert got == sent
+    finally:
+        if client is not None:
+            await client.shutdown()
+        await server.shutdown()
