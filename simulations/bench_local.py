@@ -19,7 +19,12 @@ from pathlib import Path
 import torch
 
 from simulations.progress import Progress
-from swarm.model.calibrate import CalibrationConfig, quantize_calibrated, sample_calibration_ids
+from swarm.model.calibrate import (
+    LOAD_CALIBRATION,
+    CalibrationConfig,
+    quantize_calibrated,
+    sample_calibration_ids,
+)
 from swarm.model.int8 import DEFAULT_THRESHOLD, Int8Linear, weight_bytes
 from swarm.model.llama import LlamaModel
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -219,9 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--calib-sequential",
         action=argparse.BooleanOptionalAction,
-        default=CalibrationConfig.sequential,
-        help="calibrate each block on the quantized earlier blocks' outputs (--no-...: on the "
-        "fp32 ones, as loading does so that a peer's codes equal a local model's)",
+        default=LOAD_CALIBRATION.sequential,
+        help="calibrate each block on the quantized earlier blocks' outputs (default --no-...: "
+        "on the fp32 ones, as loading does so that a peer's codes equal a local model's)",
     )
     p.add_argument(
         "--calib-keep",
