@@ -4,11 +4,15 @@ samples itself: data-free, so no evaluation text can leak in. Used by loading an
 Loading (swarm.model.loading) calibrates a peer's span alone with sequential=False: a block is
 calibrated on the inputs the *fp32* model gives it, so its codes depend only on the checkpoint,
 the config and the seed, and a peer's equal a local model's. sequential=True (the quantized
-blocks' outputs, GPTQ's way) needs every earlier block quantized; bench_local uses it.
+blocks' outputs, GPTQ's way) needs every earlier block quantized (bench_local --calib-sequential).
 SmolLM2-135M, Pride and Prejudice ch. 1 (fp32 21.350), seeds 0/1, k/v int8: sequential
 +6.00%/+6.78%, non-sequential +6.52%/+7.09%; block 3's down_proj int8 too (the default):
-sequential +5.14%/+4.83% at 0.5587 bytes/param; 64x64 or 16x256 tokens, temperature 0.9 and
-top-p 0.95, or keep=0 with three int8 down_proj instead were all worse (+7.8..+8.8%, seed 0).
+sequential +5.14%/+4.83% at 0.5587 bytes/param, non-sequential (what loading gives) seeds
+0/1/2 +6.63%/+6.76%/+4.75%; with the block scales re-fit to the codes (refine, the default)
++6.01%/+5.84%/+4.54%, same bytes. Tried there, not paying: true_sequential +5.92/+7.68/+5.97%;
+AWQ input-channel scales (alpha grid, round-to-nearest error) on top +6.58% (seed 0, 2.5x slower);
+64x64 or 16x256 tokens, temperature 0.9 and top-p 0.95, or keep=0 with three int8 down_proj
+instead were all worse (+7.8..+8.8%, seed 0, sequential).
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ class CalibrationConfig:
     keep: float = 0.005
     temperature: float = 1.0
     top_p: float = 1.0
-    refine: bool = False
+    # Re-fit scales: -0.6/-0.9/-0.2 perplexity points (seeds 0/1/2, load path), same bytes.
+    refine: bool = True
     true_sequential: bool = False
 
     def int8_names(self, index: int, num_layers: int) -> set[str]:
