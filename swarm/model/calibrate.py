@@ -9,8 +9,8 @@ SmolLM2-135M, Pride and Prejudice ch. 1 (fp32 21.350), seeds 0/1, k/v int8: sequ
 +6.00%/+6.78%, non-sequential +6.52%/+7.09%; block 3's down_proj int8 too (the default):
 sequential +5.14%/+4.83% at 0.5587 bytes/param, non-sequential (what loading gives) seeds
 0/1/2 +6.63%/+6.76%/+4.75%; with the block scales re-fit to the codes (refine, the default)
-+6.01%/+5.84%/+4.54%, same bytes; and true_sequential (the default) +5.47%/+5.09% (seed 0/1; GPTQ
-1.5x slower). Not paying: true_sequential without the re-fit +5.92/+7.68/+5.97%;
++6.01%/+5.84%/+4.54%, same bytes; and true_sequential (the default) +5.47%/+5.09%/+5.50%
+(mean -0.1, worst -0.5; GPTQ 1.5x slower). Not paying: true_sequential alone +5.92/+7.68/+5.97%;
 AWQ input-channel scales (alpha grid, round-to-nearest error) on top +6.58% (seed 0, 2.5x slower);
 64x64 or 16x256 tokens, temperature 0.9 and top-p 0.95, or keep=0 with three int8 down_proj
 instead were all worse (+7.8..+8.8%, seed 0, sequential).
@@ -83,7 +83,7 @@ class CalibrationConfig:
     top_p: float = 1.0
     # Re-fit scales: -0.6/-0.9/-0.2 perplexity points (seeds 0/1/2, load path), same bytes.
     refine: bool = True
-    # Within-block true-sequential with refine: -0.5/-0.8 more points (seeds 0/1), 1.5x GPTQ time.
+    # With refine: -0.5/-0.8/+1.0 points (seeds 0/1/2; a lower worst case), 1.5x GPTQ time.
     true_sequential: bool = True
 
     def int8_names(self, index: int, num_layers: int) -> set[str]:
