@@ -24,6 +24,7 @@ from kernels.fourbit import (
     midpoints,
     pack,
     quantize_absmax,
+    unpack,
 )
 from kernels.reference import QuantizationError
 
@@ -166,6 +167,35 @@ def _gptq_codes(
     return codes.t().contiguous()
 
 
+def refine_block_scales(q: FourBitWeight, w: torch.Tensor, h: torch.Tensor, damp: float) -> None:
+    """Re-fit, in place, q's block scales to its codes: per output row, the scales that least
+    move X @ W^T (H = X^T X, dampened as GPTQ's) given the codes GPTQ chose, a small linear
+    system per row; then double-quantized again. Skipped when a block would span two rows.
+    """
+    out, n = _check(w)
+    if n % BLOCK or h.shape != (n, n):
+        return
+    nb = n // BLOCK
+    H = h.detach().to(torch.float32).clone()
+    H.diagonal().add_(damp * torch.diagonal(H).mean())
+    d_old = q.absmax().view(out, nb)
+    codes = unpack(q.packed, q.numel).to(torch.int64)
+    values = codebook(q.kind, w.device).index_select(0, codes).view(out, nb, BLOCK)
+    target = w.detach().to(torch.float32).clone()
+    if q.kept:  # kept columns hold their float16 values beside the (zero) codes
+        target.index_add_(1, q.kept_cols.to(torch.int64), -q.kept_values.to(torch.float32))
+    # T[o, i, c]: H[i, block c] @ values[o, block c]; M[o, b, c] = values[o, b] . T[o, b, c]
+    T = torch.einsum("ick,ock->oic", H.view(n, nb, BLOCK), values)
+    M = torch.einsum("obk,obkc->obc", values, T.view(out, nb, BLOCK, nb))
+    rhs = torch.einsum("obk,obk->ob", values, (target @ H).view(out, nb, BLOCK))
+    # A ridge toward the old scales: blocks of all-zero codes leave their row singular.
+    ridge = 1e-4 * torch.diagonal(M, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+    M.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+    d = torch.linalg.solve(M.double(), (rhs + ridge[:, None] * d_old).double()).float()
+    d = torch.minimum(torch.maximum(d, 0.5 * d_old), 2.0 * d_old).reshape(-1)
+    q.absmax_codes, q.absmax_scales, q.absmax_mean = quantize_absmax(d)
+
+
 def gptq_quantize_4bit(
     weights: list[torch.Tensor],
     h: torch.Tensor,
@@ -174,6 +204,7 @@ def gptq_quantize_4bit(
     clip: bool = True,
     act_order: bool = True,
     keep: float = 0.0,
+    refine: bool = False,
 ) -> list[FourBitWeight]:
     """GPTQ-quantize weights that share one input (and so one Hessian h [in, in]): q, k and v
     projections, or gate and up. Each weight gets its own double-quantized block scales; the
@@ -182,6 +213,7 @@ def gptq_quantize_4bit(
     keep: fraction of input columns kept in float16 (SpQR-style outliers, whole columns so
     that an index costs 4 bytes per column): those of largest saliency diag(h) * |W[:, j]|^2,
     the inputs whose rounding would cost most. About 2 * keep bytes per parameter more.
+    refine: re-fit the block scales to the chosen codes afterwards (refine_block_scales).
     """
     if not weights:
         return []
@@ -222,6 +254,8 @@ def gptq_quantize_4bit(
         if kept is not None:
             q.kept_cols = kept.to(torch.int32)
             q.kept_values = stacked[rows].index_select(1, kept).to(torch.float16)
+        if refine:
+            refine_block_scales(q, w, h, damp)
         out.append(q)
         row += w.shape[0]
     return out

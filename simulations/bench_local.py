@@ -19,7 +19,12 @@ from pathlib import Path
 import torch
 
 from simulations.progress import Progress
-from swarm.model.calibrate import CalibrationConfig, quantize_calibrated, sample_calibration_ids
+from swarm.model.calibrate import (
+    LOAD_CALIBRATION,
+    CalibrationConfig,
+    quantize_calibrated,
+    sample_calibration_ids,
+)
 from swarm.model.int8 import DEFAULT_THRESHOLD, Int8Linear, weight_bytes
 from swarm.model.llama import LlamaModel
 from swarm.model.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -91,6 +96,7 @@ def calib_note(calib: CalibrationConfig) -> str:
     int8 = f", {names} int8" if calib.int8 else ""
     keep = f", {100 * calib.keep:g}% columns fp16" if calib.keep else ""
     seq = "" if calib.sequential else ", non-sequential"
+    seq += ", scales re-fit" if calib.refine else ""
     return f"GPTQ on {calib.sequences}x{calib.length} sampled tokens{int8}{keep}{seq}"
 
 
@@ -115,6 +121,8 @@ def measure(args: argparse.Namespace, progress: Progress) -> tuple[list[dict], P
         sequential=args.calib_sequential,
         temperature=args.calib_temperature,
         top_p=args.calib_top_p,
+        refine=args.calib_refine,
+        true_sequential=args.calib_true_sequential,
     )
     calib_ids, sample_s = None, 0.0  # sampled once, shared by every calibrated mode
     for mode in args.modes:
@@ -219,9 +227,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--calib-sequential",
         action=argparse.BooleanOptionalAction,
-        default=CalibrationConfig.sequential,
-        help="calibrate each block on the quantized earlier blocks' outputs (--no-...: on the "
-        "fp32 ones, as loading does so that a peer's codes equal a local model's)",
+        default=LOAD_CALIBRATION.sequential,
+        help="calibrate each block on the quantized earlier blocks' outputs (default --no-...: "
+        "on the fp32 ones, as loading does so that a peer's codes equal a local model's)",
+    )
+    p.add_argument(
+        "--calib-refine",
+        action=argparse.BooleanOptionalAction,
+        default=CalibrationConfig.refine,
+        help="re-fit the block scales to the GPTQ codes (least output error)",
+    )
+    p.add_argument(
+        "--calib-true-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=CalibrationConfig.true_sequential,
+        help="within a block, each layer's Hessian through the layers quantized before it",
     )
     p.add_argument(
         "--calib-keep",

@@ -4,11 +4,16 @@ samples itself: data-free, so no evaluation text can leak in. Used by loading an
 Loading (swarm.model.loading) calibrates a peer's span alone with sequential=False: a block is
 calibrated on the inputs the *fp32* model gives it, so its codes depend only on the checkpoint,
 the config and the seed, and a peer's equal a local model's. sequential=True (the quantized
-blocks' outputs, GPTQ's way) needs every earlier block quantized; bench_local uses it.
+blocks' outputs, GPTQ's way) needs every earlier block quantized (bench_local --calib-sequential).
 SmolLM2-135M, Pride and Prejudice ch. 1 (fp32 21.350), seeds 0/1, k/v int8: sequential
 +6.00%/+6.78%, non-sequential +6.52%/+7.09%; block 3's down_proj int8 too (the default):
-sequential +5.14%/+4.83% at 0.5587 bytes/param; 64x64 or 16x256 tokens, temperature 0.9 and
-top-p 0.95, or keep=0 with three int8 down_proj instead were all worse (+7.8..+8.8%, seed 0).
+sequential +5.14%/+4.83% at 0.5587 bytes/param, non-sequential (what loading gives) seeds
+0/1/2 +6.63%/+6.76%/+4.75%; with the block scales re-fit to the codes (refine, the default)
++6.01%/+5.84%/+4.54%, same bytes; and true_sequential (the default) +5.47%/+5.09%/+5.50%
+(mean -0.1, worst -0.5; GPTQ 1.5x slower). Not paying: true_sequential alone +5.92/+7.68/+5.97%;
+AWQ input-channel scales (alpha grid, round-to-nearest error) on top +6.58% (seed 0, 2.5x slower);
+64x64 or 16x256 tokens, temperature 0.9 and top-p 0.95, or keep=0 with three int8 down_proj
+instead were all worse (+7.8..+8.8%, seed 0, sequential).
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class CalibrationConfig:
     Names in int8 may also be "BLOCK:name" (e.g. "0:mlp.down_proj", "-1:mlp.down_proj" for the
     last block): that one layer of that one block only.
     temperature, top_p: of the sampler (1.0, 1.0: plain sampling from the model).
+    refine: after GPTQ, re-fit each layer's block scales to its codes (kernels.gptq,
+    refine_block_scales): least output error for the codes chosen, in the same bytes.
+    true_sequential: within a block, each layer group's Hessian comes from inputs through the
+    groups quantized before it (q/k/v, then o, then gate/up, then down), not the fp32 block's;
+    the block's own inputs stay as `sequential` says, so codes stay span-independent.
     """
 
     sequences: int = 32
@@ -71,6 +81,10 @@ class CalibrationConfig:
     keep: float = 0.005
     temperature: float = 1.0
     top_p: float = 1.0
+    # Re-fit scales: -0.6/-0.9/-0.2 perplexity points (seeds 0/1/2, load path), same bytes.
+    refine: bool = True
+    # With refine: -0.5/-0.8/+1.0 points (seeds 0/1/2; a lower worst case), 1.5x GPTQ time.
+    true_sequential: bool = True
 
     def int8_names(self, index: int, num_layers: int) -> set[str]:
         """Names of the linear layers of block `index` (of `num_layers`) kept in int8."""
@@ -123,28 +137,35 @@ def _linear(block: Block, name: str) -> nn.Linear:
     return block.get_submodule(name)
 
 
+def _hessian(x: torch.Tensor, skip: int) -> torch.Tensor:
+    """X^T X of inputs x [B, T, n], the first `skip` positions of every sequence left out."""
+    h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32)
+    return add_to_hessian(h, x[:, skip:].float())
+
+
 @torch.inference_mode()
-def _block_hessians(block: Block, hidden, cos, sin, skip: int = 0) -> tuple[torch.Tensor, dict]:
-    """Run the fp32 block on hidden [B, T, H]; (its output, Hessian per shared-input group),
-    leaving the first `skip` positions of every sequence out of the Hessians.
+def _group_hessian(block: Block, group: str, hidden, cos, sin, skip: int = 0) -> torch.Tensor:
+    """Hessian of the input of linear layer `group` (the first of a _SHARED_INPUT group) when
+    `block`, as quantized so far, runs on hidden [B, T, H]; only the layers before it are run.
     """
-    hessians: dict[str, torch.Tensor] = {}
-    hooks = []
-    for group in _SHARED_INPUT:
-        first = _linear(block, group[0])
-        n = first.in_features
-        hessians[group[0]] = torch.zeros(n, n, dtype=torch.float32)
-
-        def hook(_module, args, key=group[0]):
-            add_to_hessian(hessians[key], args[0][:, skip:].float())
-
-        hooks.append(first.register_forward_pre_hook(hook))
-    try:
-        out = block(hidden, cos, sin)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, hessians
+    attn, mlp = block.self_attn, block.mlp
+    x = block.input_layernorm(hidden)
+    if group == "self_attn.q_proj":
+        return _hessian(x, skip)
+    if group == "self_attn.o_proj":
+        seen: list[torch.Tensor] = []
+        handle = attn.o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            attn(x, cos, sin, 0, None)
+        finally:
+            handle.remove()
+        return _hessian(seen[0], skip)
+    x = block.post_attention_layernorm(hidden + attn(x, cos, sin, 0, None))
+    if group == "mlp.gate_proj":
+        return _hessian(x, skip)
+    if group == "mlp.down_proj":
+        return _hessian(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x), skip)
+    raise ValueError(f"no Hessian for {group!r}")
 
 
 def calibrate_block(
@@ -162,17 +183,29 @@ def calibrate_block(
     of the next block: the quantized block's output if config.sequential, else the float one's.
     """
     int8 = config.int8_names(index, num_layers)
-    out, hessians = _block_hessians(block, hidden, cos, sin, config.skip_first)
+    with torch.inference_mode():
+        out = block(hidden, cos, sin)
+    skip = config.skip_first
+    hessians = (
+        {}
+        if config.true_sequential
+        else {g[0]: _group_hessian(block, g[0], hidden, cos, sin, skip) for g in _SHARED_INPUT}
+    )
     for group in _SHARED_INPUT:
+        # true_sequential: each group's inputs come through the block's layers quantized so far.
+        h = hessians.get(group[0])
+        if h is None:
+            h = _group_hessian(block, group[0], hidden, cos, sin, skip)
         fourbit = [name for name in group if name not in int8]
         qs = gptq_quantize_4bit(
             [_linear(block, name).weight.detach().float() for name in fourbit],
-            hessians[group[0]],
+            h,
             quant,
             config.damp,
             config.clip,
             config.act_order,
             config.keep,
+            config.refine,
         )
         for name in group:
             lin = _linear(block, name)

@@ -24,7 +24,7 @@ from swarm.model.llama import Block
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1  # bump when the codes a config gives change, so old files are never read
+_FORMAT = 2  # bump when the codes a config gives change, so old files are never read
 
 
 def cache_root() -> Path:

@@ -104,3 +104,20 @@ def test_kept_columns_decode_exactly_and_are_counted():
     x_test = correlated_inputs(300, n, seed=7)
     torch.testing.assert_close(fourbit_linear(x_test, q), x_test @ q.dequantize().t())
     assert output_error(x_test, w, q.dequantize()) < output_error(x_test, w, plain.dequantize())
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.02])
+def test_refitted_scales_move_the_outputs_less_in_the_same_bytes(keep):
+    n, out = 256, 96
+    w = torch.randn(out, n, generator=torch.Generator().manual_seed(4)) * 0.02
+    x = correlated_inputs(2048, n, seed=6)
+    h = add_to_hessian(torch.zeros(n, n), x)
+    (plain,) = gptq_quantize_4bit([w], h, "nf4", damp=0.1, keep=keep)
+    (refit,) = gptq_quantize_4bit([w], h, "nf4", damp=0.1, keep=keep, refine=True)
+    assert torch.equal(plain.packed, refit.packed) and refit.nbytes == plain.nbytes
+    assert not torch.equal(plain.absmax_codes, refit.absmax_codes)
+    assert output_error(x, w, refit.dequantize()) < 0.99 * output_error(x, w, plain.dequantize())
+    held_out = correlated_inputs(512, n, seed=7)  # not a fit to the calibration inputs alone
+    assert output_error(held_out, w, refit.dequantize()) < output_error(
+        held_out, w, plain.dequantize()
+    )

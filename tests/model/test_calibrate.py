@@ -5,15 +5,22 @@ gives a model closer to fp32 than round-to-nearest, in the same bytes, the same 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from swarm.model import LlamaModel
-from swarm.model.calibrate import CalibrationConfig, quantize_calibrated, sample_calibration_ids
+from swarm.model.calibrate import (
+    CalibrationConfig,
+    calibrate_block,
+    quantize_calibrated,
+    sample_calibration_ids,
+)
 from swarm.model.fourbit import FourBitLinear
 from swarm.model.int8 import Int8Linear, weight_bytes
+from swarm.model.llama import rope_cos_sin
 from swarm.model.loading import load_model
 from swarm.model.quantize import quantize_blocks_as
 from tests.model.test_int8 import tiny_config
@@ -91,3 +98,21 @@ def test_sampling_with_a_tiny_top_p_is_greedy(fp32_model):
     with torch.inference_mode():
         for t in range(1, 8):
             assert torch.equal(fp32_model(ids[:, :t])[:, -1].argmax(-1), ids[:, t])
+
+
+def test_a_block_calibrated_alone_passes_on_the_fp32_output(fp32_model):
+    # Non-sequential (loading's way): the next block's inputs are the fp32 model's, so a
+    # block's codes depend on the checkpoint alone, whichever blocks a peer holds.
+    block = copy.deepcopy(fp32_model.span.blocks[0])
+    ids = sample_calibration_ids(fp32_model, 4, 16, seed=2)
+    with torch.inference_mode():
+        hidden = fp32_model.client.embed(ids).float()
+        cos, sin = rope_cos_sin(fp32_model.span.inv_freq, torch.arange(16), hidden.dtype)
+        want = fp32_model.span.blocks[0](hidden, cos, sin)
+    config = dataclasses.replace(CONFIG, sequential=False)
+    n = len(fp32_model.span.blocks)
+    got = calibrate_block(block, 0, n, hidden, cos, sin, "nf4", config)
+    assert torch.equal(got, want)
+    assert isinstance(block.mlp.down_proj, FourBitLinear)
+    with torch.inference_mode():  # and the block itself is quantized: its output moved
+        assert not torch.equal(block(hidden, cos, sin), want)

@@ -53,6 +53,9 @@ def test_nf4_loads_calibrated_and_a_second_load_reads_the_cache(tiny_model_dir, 
     downs = [isinstance(b.mlp.down_proj, Int8Linear) for b in blocks]
     assert downs == [i == 3 for i in range(len(blocks))]
     assert all(torch.equal(a, b) for a, b in zip(codes(first), codes(second), strict=True))
+    with torch.inference_mode():  # the cached norms (AWQ's folded scales) are read back too
+        ids = torch.tensor([[5, 17, 42, 8, 60, 11]])
+        assert torch.equal(first(ids), second(ids))
     # nf4-rtn keeps the old round-to-nearest path; calibration is closer to fp32 on held-out text
     rtn = load_model(str(tiny_model_dir), quant="nf4-rtn", progress=False)
     assert not any(isinstance(m, Int8Linear) for m in rtn.span.modules())
@@ -79,6 +82,10 @@ def test_a_span_alone_calibrates_the_codes_the_whole_model_has(
     for i in (2, 3):
         got, want = codes(span.blocks[i - 2]), codes(whole.span.blocks[i])
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        # the norms too: AWQ folds its scales into them
+        got, want = span.blocks[i - 2].state_dict(), whole.span.blocks[i].state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_an_unreadable_cache_file_is_calibrated_again(tiny_model_dir, cache):
