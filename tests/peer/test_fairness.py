@@ -226,7 +226,9 @@ def test_scenario_work_of_callers_gone_never_runs(fair_peer):
         t_long = loop.time() - t0
         t0 = loop.time()
         first = asyncio.create_task(a.forward(peer, long, 0, 3, timeout=60))
-        await asyncio.sleep(0.02)
+        # A quarter of its round trip: `first` is computing by then (its 1 MB took over 20 ms
+        # to arrive on a loaded machine, and the small ones then ran before it).
+        await asyncio.sleep(t_long / 4)
         # Small, so they reach the peer within milliseconds and queue behind `first` (a long
         # one could still be on its way when its caller gives up, and never be queued).
         small = torch.randn(1, 2, HIDDEN)

@@ -19,10 +19,9 @@ NEW = 8
 
 
 @pytest.mark.timeout(300)
-def test_scenario_nf4_peer_generates_what_local_nf4_does(
-    tiny_model_dir, tmp_path, throughput_cache, monkeypatch
-):
-    env = {"SWARM_MESH_CACHE": str(throughput_cache.parent)}
+def test_scenario_nf4_peer_generates_what_local_nf4_does(tiny_model_dir, tmp_path, monkeypatch):
+    # A cache of its own: the session's may already hold these codes, and then nothing calibrates.
+    env = {"SWARM_MESH_CACHE": str(tmp_path / "peer-cache")}
     args = ["join", "--model", str(tiny_model_dir), "--stage", "0:6", "--quant", "nf4"]
     peer = PeerProcess([*args, "--max-start-delay", "0"], env, tmp_path / "nf4.log")
     try:
