@@ -403,17 +403,8 @@ class SwarmRouter:
     async def push(
         self, peer_id: Any, session_id: str, hidden: torch.Tensor, position: int, timeout: float
     ) -> None:
-        """Push a step's input into our session on `peer_id`, as its previous hop would (a
-        failover's replacement answers us, not the next hop). Lossless: bits as we hold them."""
-        from proto import peer_pb2
-        from swarm.peer import wire
-
-        msg = peer_pb2.PushStep(
-            session_id=session_id, hidden=wire.encode(hidden, "none"), position=position
-        )
-        await self.client._call(
-            peer_id, "rpc_push", "rpc_push", msg, peer_pb2.PushResponse, timeout
-        )
+        """Push a step's input into our session on `peer_id` (PeerClient.push)."""
+        await self.client.push(peer_id, session_id, hidden, position, timeout)
 
     @property
     def open_timeout(self) -> float:

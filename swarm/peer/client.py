@@ -334,6 +334,23 @@ class PeerClient:
             raise wire.error_from_wire(reply.error, str(peer))
         return reply
 
+    async def push(
+        self,
+        peer_id: PeerID | str,
+        session_id: str,
+        hidden: torch.Tensor,
+        position: int,
+        timeout: float = 10.0,
+    ) -> None:
+        """Push a step's input into our session on a peer, as its previous hop would (a
+        failover's replacement answers us, not the next hop). Lossless: the bits we hold."""
+        msg = peer_pb2.PushStep(
+            session_id=session_id, hidden=wire.encode(hidden, "none"), position=position
+        )
+        if msg.ByteSize() > wire.UNARY_LIMIT_BYTES:  # pushes are unary: no stream variant
+            raise BadRequest(f"a push of {msg.ByteSize()} bytes is over the unary limit")
+        await self._call(peer_id, "rpc_push", "rpc_push", msg, peer_pb2.PushResponse, timeout)
+
     async def open_inference(
         self,
         peer_id: PeerID | str,
