@@ -413,7 +413,7 @@ class PeerHandler(ServicerBase):
             session.adapter = adapter
         self.sessions[session_id] = session
         self._owners[session_id] = client
-        self.pushes.open(session_id, req.prev_peer, req.batch_size, client)
+        self.pushes.open(session_id, req.prev_peer, req.batch_size)
         return session
 
     async def _step(self, session: Session, step: peer_pb2.InferenceStep, client: Hashable):
@@ -480,7 +480,7 @@ class PeerHandler(ServicerBase):
                 raise SessionExpired(
                     f"unknown session {request.session_id[:64]!r}: nothing to push to"
                 )
-            self.pushes.accept(request, context.remote_id)
+            self.pushes.accept(request, context.remote_id, self._owners.get(request.session_id))
             reply = peer_pb2.PushResponse()
         except Exception as e:
             reply = peer_pb2.PushResponse(error=self._report(e, "push", context))

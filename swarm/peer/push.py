@@ -39,12 +39,9 @@ class Pushes:
         self._inbox: dict[str, asyncio.Queue] = {}
         self._prev: dict[str, str] = {}
         self._batch: dict[str, int] = {}
-        self._owner: dict[str, object] = {}
 
-    def open(self, session_id: str, prev_peer: str, batch_size: int, client=None) -> None:
-        """A new session's inbox; `client` (its opener's peer id) may push into it too."""
+    def open(self, session_id: str, prev_peer: str, batch_size: int) -> None:
         self._inbox[session_id] = asyncio.Queue(PUSH_INBOX)
-        self._owner[session_id] = client
         self._prev[session_id] = prev_peer
         self._batch[session_id] = batch_size
 
@@ -55,16 +52,16 @@ class Pushes:
         self._inbox.pop(session_id, None)
         self._prev.pop(session_id, None)
         self._batch.pop(session_id, None)
-        self._owner.pop(session_id, None)
 
-    def accept(self, request: peer_pb2.PushStep, sender: PeerID) -> None:
-        """Queue a previous hop's output for its session, if `sender` is that hop or its client."""
+    def accept(self, request: peer_pb2.PushStep, sender: PeerID, client=None) -> None:
+        """Queue a previous hop's output for its session, if `sender` is that hop or `client`, the
+        session's opener."""
         inbox = self._inbox.get(request.session_id)
         if inbox is None:
             raise SessionExpired(f"unknown session {request.session_id[:64]!r}: nothing to push to")
         prev = self._prev.get(request.session_id, "")
         # Its client may push too: a failover's replacement answered the client, not us.
-        owner = self._owner.get(request.session_id) == sender
+        owner = client is not None and client == sender
         if not owner and (not prev or prev != sender.to_base58()):
             raise BadRequest(
                 f"peer {sender} is not the previous hop of session {request.session_id}: "

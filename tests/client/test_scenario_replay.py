@@ -14,9 +14,7 @@ import time
 import pytest
 import torch
 
-from petals_like.model import DistributedModelForCausalLM
-from tests.conftest import Swarm
-from tests.conftest import connect as shared_connect
+from tests.conftest import Swarm, connect  # connect: a new user's defaults (auto codec, verify)
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +28,6 @@ def swarm(swarm_factory) -> Swarm:
     return swarm_factory(
         {"a": "0:3", "b": "3:6", "c": "3:6", "d": "3:6"}, flags=("--quant", "int8")
     )
-
-
-def connect(swarm: Swarm, model_dir) -> DistributedModelForCausalLM:
-    # The defaults a new user gets (compression "auto", verification 0.1).
-    return shared_connect(swarm, model_dir)
 
 
 @pytest.mark.timeout(300)
