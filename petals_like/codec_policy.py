@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,13 +97,18 @@ def codec_cpu_seconds(codec: str, numel: int) -> float:
 
 
 def choose(
-    offered: tuple[str, ...], hidden_size: int, link: LinkEstimate, hop_seconds: float
+    offered: tuple[str, ...],
+    hidden_size: int,
+    link: LinkEstimate,
+    hop_seconds: float,
+    cpu_seconds: Callable[[str, int], float] = codec_cpu_seconds,
 ) -> CodecChoice:
     """The codec of a one-token step on a hop: fp32 while its transfer costs under
     LOSSLESS_SHARE of the step, then bf16 while under NEAR_LOSSLESS_SHARE, else the fastest.
 
     offered: the codecs the peer advertises ("none" is always understood); hidden_size: the
-    model's; link: what the probes measured; hop_seconds: the step's compute + round trip.
+    model's; link: what the probes measured; hop_seconds: the step's compute + round trip;
+    cpu_seconds(codec, numel): one encode + decode here (measured by default).
     The expected step time of a codec is its CPU cost at both ends, both ways, plus its bytes
     over the link; ties go to the more precise codec.
     """
@@ -120,7 +126,7 @@ def choose(
             return CodecChoice(codec, link, hop_seconds, share)
 
     def step_cost(codec: str) -> float:
-        cpu = 2 * codec_cpu_seconds(codec, hidden_size) if codec != LOSSLESS else 0.0
+        cpu = 2 * cpu_seconds(codec, hidden_size) if codec != LOSSLESS else 0.0
         return cpu + transfer(codec)
 
     # min keeps the first (the more precise) on a tie

@@ -44,7 +44,8 @@ class PushSteps:
         re-routed and the step goes on through us from there."""
         n, end_pos = hidden.shape[1], pos + hidden.shape[1]
         hops = list(self._hops)
-        hops[0].append(hops[0].stream.as_seen(hidden))  # what the peer decodes: replayed as is
+        encoded, seen = hops[0].stream.encode(hidden)  # once: the bytes sent are those kept
+        hops[0].append(seen)  # what the peer decodes: replayed as is
         tasks, t0 = [], time.perf_counter()
         timeout = probe = 0.0
         for i, h in enumerate(hops):
@@ -55,7 +56,8 @@ class PushSteps:
             timeout += self.router.step_timeout(peer, n)
             probe += self.router.probe_after(peer, n)
             prev = str(hops[i - 1].hop.peer_id) if i else ""
-            work = self._guarded_step(h, hidden, pos, timeout, probe, i > 0, push_to, prev)
+            sent = None if i else encoded
+            work = self._guarded_step(h, hidden, pos, timeout, probe, sent, push_to, prev)
             tasks.append(asyncio.ensure_future(work))
         pushes = [h.stream.watch_push() for h in hops]
         try:
@@ -150,10 +152,18 @@ class PushSteps:
                 hops[i + 1].append(x)
         return x, done
 
-    async def _guarded_step(self, h, hidden, pos, timeout, probe, pushed, push_to, prev):
-        """One hop's part of a pushed step, probing its peer if it is slow (router.guarded)."""
+    async def _guarded_step(self, h, hidden, pos, timeout, probe, encoded, push_to, prev):
+        """One hop's part of a pushed step, probing its peer if it is slow (router.guarded).
+        `encoded`: the first hop's input as sent; None: a later hop, whose input is pushed."""
+        pushed = encoded is None
         work = h.stream.step(
-            hidden, pos, timeout=timeout, pushed=pushed, push_to=push_to, prev_peer=prev
+            hidden,
+            pos,
+            timeout=timeout,
+            pushed=pushed,
+            push_to=push_to,
+            prev_peer=prev,
+            encoded=encoded,
         )
         return await self.router.guarded(h.hop.peer_id, work, timeout + 0.5, probe)
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 
-from proto import peer_pb2
+from proto import peer_pb2, tensor_pb2
 from swarm.errors import AdapterMissing, BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.link import NO_LINK, Link
 from swarm.model.lora import AdapterPayload, BlockTensors
@@ -470,11 +470,12 @@ class InferenceStream:
             for part in wire.split(msg):
                 yield part
 
-    def as_seen(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden` as the peer decodes it from a step (kept for a bit-exact replay)."""
-        if self.codec == "none":
-            return hidden
-        return _decoded(wire.encode(hidden, self.codec), hidden, self.peer)
+    def encode(self, hidden: torch.Tensor) -> tuple[tensor_pb2.Tensor, torch.Tensor]:
+        """`hidden` encoded for a step (pass it as `encoded=`), and as the peer decodes it: what
+        a bit-exact replay sends. Encoding what was decoded again would not give the same bits
+        (the scales travel in bf16), so a step that is replayed later is encoded once, here."""
+        msg = wire.encode(hidden, self.codec)
+        return msg, hidden if self.codec == "none" else _decoded(msg, hidden, self.peer)
 
     def watch_push(self) -> asyncio.Future:
         """A future set if the peer reports that the coming step's push failed (reports of
@@ -567,6 +568,7 @@ class InferenceStream:
         prev_peer: str = "",
         steps: Sequence[int] = (),
         codec: str | None = None,
+        encoded: tensor_pb2.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] for positions [position, position + T) through the span.
 
@@ -577,6 +579,7 @@ class InferenceStream:
         `steps`: a replay's lengths of the steps that first built these positions (summing
         to T): the peer runs them one by one, rebuilding its cache bit for bit.
         `codec`: of this step's input only (a replay sends "none": what the peer first saw).
+        `encoded`: `hidden` as self.encode() gave it (not encoded again).
         """
         async with self._lock:
             step_id, self._next_step = self._next_step, self._next_step + 1
@@ -589,7 +592,9 @@ class InferenceStream:
                 prev_peer=prev_peer,
                 steps=list(steps),
             )
-            if not pushed:
+            if encoded is not None:
+                msg.hidden.CopyFrom(encoded)
+            elif not pushed:
                 msg.hidden.CopyFrom(wire.encode(hidden, codec or self.codec))
             if push_to is not None:
                 msg.push_peer, msg.push_session = push_to

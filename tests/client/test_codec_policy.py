@@ -6,11 +6,22 @@ import math
 
 import pytest
 
-from petals_like.codec_policy import LinkEstimate, choose, probe_tokens, wire_bytes
+from petals_like import codec_policy
+from petals_like.codec_policy import LinkEstimate, probe_tokens, wire_bytes
 
 SMOL = 576  # SmolLM2-135M's hidden size
 OFFERED = ("fp16", "int8-block64", "dynamic8-block64", "none")
 HOP = 0.020  # a hop's compute + round trip for one token, seconds
+
+
+def cpu(codec: str, numel: int) -> float:
+    """Fixed encode + decode costs: the measured ones vary with the machine and its load (on CI
+    int8-block64's 0.3 ms made bf16 the cheaper at a 4 ms hop, where the test expects int8)."""
+    return 40e-6 if codec == "bf16" else 100e-6
+
+
+def choose(offered, hidden, link, hop_seconds):
+    return codec_policy.choose(offered, hidden, link, hop_seconds, cpu_seconds=cpu)
 
 
 def link(mbit_each_way: float) -> LinkEstimate:
@@ -70,3 +81,13 @@ def test_wire_bytes_and_probe_size():
     assert wire_bytes("int8-block64", SMOL, SMOL) == SMOL + 2 * SMOL / 64
     assert wire_bytes("int8-row", 2 * SMOL, SMOL) == 2 * SMOL + 4
     assert probe_tokens(SMOL) == 14 and probe_tokens(64) == 64 and probe_tokens(1 << 16) == 2
+
+
+def test_the_codecs_cpu_cost_counts():
+    # At a 4 ms hop bf16's transfer is 29% of it: int8 is taken while its encode and decode are
+    # cheap, bf16 when they cost more than the bytes they save (a slow CPU, a busy machine).
+    per_byte, offered = LinkEstimate(1e-6, 0.001), (*OFFERED, "bf16")
+    assert choose(offered, SMOL, per_byte, hop_seconds=0.004).codec == "int8-block64"
+    slow_int8 = lambda codec, n: 40e-6 if codec == "bf16" else 400e-6  # noqa: E731
+    choice = codec_policy.choose(offered, SMOL, per_byte, 0.004, cpu_seconds=slow_int8)
+    assert choice.codec == "bf16"

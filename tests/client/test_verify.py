@@ -14,6 +14,7 @@ import torch
 from petals_like.bans import BanList
 from petals_like.routing import Hop
 from petals_like.verify import TOLERANCE, Verifier, first_mismatch, relative_errors
+from swarm.errors import PeerTimeout
 
 
 def honest(x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,20 @@ def test_failing_checker_is_reported_and_another_asked():
     v, liar = check(router, "p", torch.randn(1, 4, 8))
     # q failed; r disagrees with p but nobody is left to settle it.
     assert router.failed == ["q"] and liar is None and len(v.unsettled) == 1
+
+
+def test_a_slow_checker_is_skipped_not_banned():
+    router = Replicas(lies={"p": 2})
+
+    async def forward(peer, hidden, start, end, timeout, adapter):
+        if peer == "q":
+            raise PeerTimeout("q did not answer in 5 s")
+        return router.answer(peer, hidden)
+
+    router.forward = forward
+    v, liar = check(router, "p", torch.randn(1, 4, 8))
+    # q is alive as far as we know: not reported; r alone cannot settle against p.
+    assert router.failed == [] and not router.banned and liar is None and len(v.unsettled) == 1
 
 
 def test_fraction_is_validated_and_drawn():
