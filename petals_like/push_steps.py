@@ -23,7 +23,7 @@ class PushSteps:
 
     def _can_push(self, hidden: torch.Tensor, pos: int) -> bool:
         """Push mode (server to server) when asked, every hop's peer offers it, and no hop has
-        anything to replay (a replay goes through the client)."""
+        anything to replay (a replay goes through the client) or previous hop to learn."""
         config = getattr(self.router, "config", None)
         if not getattr(config, "push", False) or len(self._hops) < 2:
             return False
@@ -34,6 +34,7 @@ class PushSteps:
             and h.lost is None
             and getattr(h.stream, "supports_push", False)
             and h.length == h.cached == pos
+            and not h.prev_untold
             for h in self._hops
         )
 
@@ -91,7 +92,8 @@ class PushSteps:
     async def _replace_keeping(self, failed, error, x, pos, later, kept, pushes) -> torch.Tensor:
         """Re-route the lost hop `failed` through us while the hops after it keep their sessions:
         their pushed steps wait on; we push the replacement's output into the first of them.
-        Only the lost span replays; the next step tells the kept hop its new previous hop."""
+        Only the lost span replays; the next step, through us, tells the kept hop its new
+        previous hop (pushed, the new hop's push could arrive before the telling: refused)."""
         end_pos = pos + x.shape[1]
         try:
             failures = [await self._fail_over(failed, error, 0)]
@@ -115,6 +117,7 @@ class PushSteps:
                 )
                 failures[-1].mark(f"pushed to ...{str(first.hop.peer_id)[-6:]}")
             first.append(y)  # its input, as the lost hop would have pushed it
+            first.prev_untold = True
             lost, _ = await _first_failure(later, pushes)
         except BaseException as e:
             if not is_peer_failure(e):

@@ -125,6 +125,9 @@ class _HopState:
     # What its peer returned for positions 0..out_length-1 (kept only when outputs are verified)
     out_buffer: torch.Tensor | None = None
     out_length: int = 0
+    # A failover changed its previous hop and its peer has not been told: the next step goes
+    # through us (a pushed step could reach it before the step message that tells it).
+    prev_untold: bool = False
 
     def append(self, x: torch.Tensor) -> None:
         if x.shape[1]:
@@ -429,6 +432,7 @@ class RemoteInferenceSession(PushSteps):
                 failures.append(await self._fail_over(i, e, len(failures), h.lost is None))
                 continue
             h.cached = end_pos
+            h.prev_untold = h.prev_untold and "prev_peer" not in extra
             if self.verifier is not None:
                 h.keep_outputs(send_from, out)
             x, x_start = out, send_from

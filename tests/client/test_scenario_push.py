@@ -147,7 +147,8 @@ def test_scenario_push_sigkill_middle_peer_gives_the_same_tokens(
     assert last is after[0], "the last hop's stream was reopened"
     tail = f"...{str(last.peer)[-6:]}"
     assert not any(k.startswith("stepped") and tail in k for k in f.phases), f.phases
-    # Pushed before the kill and again after the step that replayed.
+    # Pushed before the kill and again after the step that replayed and the one that told the
+    # kept hop its new previous hop (through us: a push racing that step was refused, once).
     assert pushed >= NEW - 3, pushed
     gap = stats.token_times[6] - killed[0]
     print(f"push failover: {f.summary()}; next token {gap * 1000:.0f} ms after the kill")
