@@ -163,6 +163,34 @@ def kill_at_step(trainer, peer, step: int) -> int:
     return len(trainer.steps)
 
 
+def assert_joined_in_step(maddr, model_dir, replica, joiner, span, joined_at: str = "") -> None:
+    """`joiner` (its log read from the line `joined_at` on) downloaded the stage's trained
+    state, averaged with `replica`, and serves outputs in step with it (asynchronous runs)."""
+    stage = f"{span[0]}:{span[1]}"
+    joiner_log = joiner.log_path.read_text(errors="replace")
+    joiner_log = joiner_log.split(joined_at, 1)[1] if joined_at else joiner_log
+    joined = re.search(rf"stage {stage}: downloaded state at epoch (\d+)", joiner_log)
+    # Trained state, not the checkpoint's.
+    assert joined and int(joined[1]) >= 1, joiner_log[-3000:]
+    assert re.search(rf"stage {stage} epoch \d+: averaged .* with 2 replicas", joiner_log), (
+        joiner_log[-3000:]
+    )
+    x = torch.randn(2, 16, 64)
+    outs = forward_outputs(maddr, [replica.peer_id, joiner.peer_id], span, x)
+    with torch.no_grad():
+        initial = load_span(str(model_dir), *span, progress=False)(x)
+    gap, trained = (outs[0] - outs[1]).abs().max(), (outs[0] - initial).abs().max()
+    assert trained > 1e-2, trained
+    alone = stepped_alone(replica, stage, int(joined[1])) + stepped_alone(joiner, stage, 0)
+    if not alone:
+        assert gap < 1e-4, (gap, trained)  # equal weights and moments since the download
+    else:
+        # Asynchronous mode: a replica whose round failed steps alone, and its moments stay
+        # apart from the other's (only parameters are averaged): the replicas then differ by
+        # about one update for good (0.39 once on CI), still far from where both started.
+        assert gap < 0.5 * trained, (gap, trained, alone)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_scenario_replica_killed_mid_run(wide_vocab_model_dir, text_file, training_peers, trainers):
@@ -257,12 +285,7 @@ def test_scenario_two_trainers_and_a_peer_joining_mid_run(
         assert t.losses[-1] < t.losses[0] - 0.5, t.losses
     # It joined while both trained, downloaded the current state and stayed in step after.
     assert all(n < steps for n in joined_at), joined_at
-    x = torch.randn(2, 16, 64)
-    outs = forward_outputs(maddr, [replica.peer_id, late.peer_id], span, x)
-    assert (outs[0] - outs[1]).abs().max() < 1e-4
-    with torch.no_grad():
-        initial = load_span(str(tiny_model_dir), *span, progress=False)(x)
-    assert (outs[1] - initial).abs().max() > 1e-2
+    assert_joined_in_step(maddr, tiny_model_dir, replica, late, span)
 
 
 @pytest.mark.slow
@@ -298,25 +321,9 @@ def test_scenario_auto_peer_moves_to_the_bottleneck_stage(
     assert trainer.losses[-1] < trainer.losses[0] - 0.5, trainer.losses
     log = mover.log_path.read_text(errors="replace")
     assert "training rebalance: stage (3, 6) -> (0, 3)" in log, log[-3000:]
-    after_move = log.split("training rebalance: stage (3, 6) -> (0, 3)", 1)[1]
-    # It downloaded 0:3's trained state (not the checkpoint's) and averaged with its replica.
-    joined = re.search(r"stage 0:3: downloaded state at epoch (\d+)", after_move)
-    assert joined and int(joined[1]) >= 1, after_move[-3000:]
-    assert re.search(r"stage 0:3 epoch \d+: averaged .* with 2 replicas", after_move), after_move
     # It serves 0:3 (and no longer 3:6) in step with the stage's other replica.
-    x = torch.randn(2, 16, 64)
-    outs = forward_outputs(maddr, [first.peer_id, mover.peer_id], (0, 3), x)
-    with torch.no_grad():
-        initial = load_span(str(tiny_model_dir), 0, 3, progress=False)(x)
-    gap, trained = (outs[0] - outs[1]).abs().max(), (outs[0] - initial).abs().max()
-    alone = stepped_alone(first, "0:3", int(joined[1])) + stepped_alone(mover, "0:3", 0)
-    if not alone:
-        assert gap < 1e-4, (gap, trained)  # equal weights and moments since the download
-    else:
-        # Asynchronous mode: a replica whose round failed steps alone, and its moments stay
-        # apart from the other's (only parameters are averaged): the replicas then differ by
-        # about one update for good (0.39 once on CI), still far from where both started.
-        assert gap < 0.5 * trained, (gap, trained, alone)
+    moved = "training rebalance: stage (3, 6) -> (0, 3)"
+    assert_joined_in_step(maddr, tiny_model_dir, first, mover, (0, 3), moved)
 
 
 @pytest.mark.slow
