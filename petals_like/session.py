@@ -414,7 +414,8 @@ class RemoteInferenceSession(PushSteps):
                         extra["steps"] = self._replay_steps(send_from, end_pos)
                     elif send_from == pos:  # keep what the peer decodes, for a replay
                         extra["encoded"], seen = h.stream.encode(inputs)
-                        h.buffer[:, send_from : h.length] = seen
+                        if seen is not inputs:  # lossless: inputs are what the peer decodes
+                            h.buffer[:, send_from : h.length] = seen
                 # The stream's own timeout shuts it down cleanly; ours is the safety net. The
                 # stream checks the reply (swarm.peer.wire.decode): it has the inputs' shape.
                 out = await self.router.guarded(

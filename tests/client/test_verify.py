@@ -22,10 +22,12 @@ def honest(x: torch.Tensor) -> torch.Tensor:
 
 
 class Replicas:
-    """Peers of one span: each answers `honest`, or a lie from position `lies_from` on."""
+    """Peers of one span: each answers `honest`, or a lie from position `lies_from` on, or
+    raises its error in `fails`."""
 
-    def __init__(self, lies: dict[str, int] | None = None, peers=("p", "q", "r")):
+    def __init__(self, lies: dict[str, int] | None = None, peers=("p", "q", "r"), fails=None):
         self.peers, self.lies = list(peers), lies or {}
+        self.fails: dict[str, Exception] = fails or {}
         self.banned: list[str] = []
         self.failed: list[str] = []
 
@@ -39,6 +41,8 @@ class Replicas:
         return [p for p in self.peers if p not in exclude and p not in self.banned]
 
     async def forward(self, peer, hidden, start, end, timeout, adapter):
+        if peer in self.fails:
+            raise self.fails[peer]
         return self.answer(peer, hidden)
 
     def ban_liar(self, peer_id, reason, period):
@@ -107,28 +111,14 @@ def test_two_replicas_that_disagree_ban_nobody():
 
 
 def test_failing_checker_is_reported_and_another_asked():
-    router = Replicas(lies={"p": 2})
-
-    async def forward(peer, hidden, start, end, timeout, adapter):
-        if peer == "q":
-            raise ConnectionError("gone")
-        return router.answer(peer, hidden)
-
-    router.forward = forward
+    router = Replicas(lies={"p": 2}, fails={"q": ConnectionError("gone")})
     v, liar = check(router, "p", torch.randn(1, 4, 8))
     # q failed; r disagrees with p but nobody is left to settle it.
     assert router.failed == ["q"] and liar is None and len(v.unsettled) == 1
 
 
 def test_a_slow_checker_is_skipped_not_banned():
-    router = Replicas(lies={"p": 2})
-
-    async def forward(peer, hidden, start, end, timeout, adapter):
-        if peer == "q":
-            raise PeerTimeout("q did not answer in 5 s")
-        return router.answer(peer, hidden)
-
-    router.forward = forward
+    router = Replicas(lies={"p": 2}, fails={"q": PeerTimeout("q did not answer in 5 s")})
     v, liar = check(router, "p", torch.randn(1, 4, 8))
     # q is alive as far as we know: not reported; r alone cannot settle against p.
     assert router.failed == [] and not router.banned and liar is None and len(v.unsettled) == 1
