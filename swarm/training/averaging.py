@@ -19,6 +19,9 @@ from swarm.errors import PeerUnavailable
 
 logger = logging.getLogger(__name__)
 
+# hivemind's group-key buckets: the most replicas one round takes.
+TARGET_GROUP_SIZE = 16
+
 StateGetter = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
 
 
@@ -52,7 +55,7 @@ class StageAverager(DecentralizedAverager):
             dht,
             start=True,
             prefix=prefix,
-            target_group_size=16,
+            target_group_size=TARGET_GROUP_SIZE,
             min_group_size=2,
             min_matchmaking_time=min_matchmaking_time,
             request_timeout=request_timeout,
@@ -74,6 +77,10 @@ class StageAverager(DecentralizedAverager):
         failed = runner.result().tensor_part_container.failed_size
         if failed:
             raise AllreduceException(f"{failed} averaged values did not come back from the group")
+
+    async def _set_group_size(self, size: int) -> None:
+        """In the averager's process: a leader starts the round once `size` peers are in it."""
+        self._matchmaking.target_group_size = size
 
     def set_state_getter(self, getter: StateGetter) -> None:
         self._state_getter = getter
@@ -97,11 +104,16 @@ class StageAverager(DecentralizedAverager):
             raise PeerUnavailable(f"replica sent bad state metadata {metadata!r}")
         return metadata, list(tensors)
 
-    def average(self, weight: float, timeout: float) -> int:
+    def average(self, weight: float, timeout: float, group: int = 0) -> int:
         """One all-reduce round with the stage's other replicas; returns the group size.
 
+        group: how many replicas will join (this one included); the round starts as soon as they
+        did instead of at the end of the matchmaking time (0: unknown, wait it out).
         Raises PeerUnavailable when no group formed or the round failed (e.g. a peer left).
         """
+        # Sent down the same pipe as the step, so the averager process applies it first.
+        size = min(max(group, 2), TARGET_GROUP_SIZE) if group else TARGET_GROUP_SIZE
+        self._outer_pipe.send(("_set_group_size", [], dict(size=size)))
         try:
             gathered = self.step(weight=weight, timeout=timeout, allow_retries=False, wait=True)
         except Exception as e:

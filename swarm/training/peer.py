@@ -68,6 +68,10 @@ class TrainingPeer(Peer):
         old = self.handler.backend
         await super()._move(start, end)
         if isinstance(old, TrainableStage) and old is not self.handler.backend:
+            # Up to a few rounds (later steps' buckets): gradients sent here are not dropped.
+            wait = 3 * self.stage_config.averaging_timeout
+            if not await asyncio.to_thread(old.finish, wait):
+                logger.warning("left stage %s:%s holding gradients: trainers resend them", *old.key)
             await asyncio.to_thread(old.shutdown)
 
     async def _stage_speeds(self, keys: list[tuple[int, int]]) -> list[float]:

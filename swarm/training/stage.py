@@ -152,6 +152,9 @@ class TrainableStage(SpanBackend):
         self._last_plan: RunPlan | None = None
         self._strangers: list[str] = []  # trainers outside --run-trainers, last warned of
         self._averaging = -1  # epoch of the round in flight (asynchronous mode), -1: none
+        # Lock-step: the samples of the round in flight. Our record keeps counting them for this
+        # epoch: a replica that read 0 from us mid-round saw the batch short and never joined.
+        self._round_samples = 0
         # DiLoCo: parameters at the last outer step, outer momentum, samples since then.
         self._anchor: list[torch.Tensor] | None = None
         self._outer_m: list[torch.Tensor] | None = None
@@ -360,15 +363,16 @@ class TrainableStage(SpanBackend):
     def _publish(self) -> None:
         with self._publish_lock:
             with self._lock:
+                mine = self.samples
                 rec = ReplicaProgress(
                     self.peer_id,
                     self.epoch,
-                    self.samples,
+                    mine + self._round_samples,
                     self.throughput,
                     int(self.queue_length()),
                     self._averaging,
                 )
-            self._published_samples = rec.samples
+            self._published_samples = mine
             store_progress(
                 self.dht,
                 self.train_config.run_id,
@@ -461,9 +465,9 @@ class TrainableStage(SpanBackend):
             if self._catch_up():
                 self._drop_gradients()
             else:
-                self._step(average=False, retry_failed=True)
+                self._step(group=0, retry_failed=True)
         elif self.target_batch > 0 and total >= self.target_batch:
-            self._step(average=bool(same), retry_failed=True)
+            self._step(group=1 + len(same), retry_failed=True)
 
     # Asynchronous mode (default): averaging in the background, at most one step stale
 
@@ -485,7 +489,7 @@ class TrainableStage(SpanBackend):
             if plan.average_every > 1 and one_behind and mine:
                 self._local_step(plan, rounds_with=True)  # the others' outer round waits for us
             elif not self._catch_up() and mine:
-                self._step(average=False, retry_failed=False)  # no donor answered: go on alone
+                self._step(group=0, retry_failed=False)  # no donor answered: go on alone
             return
         same = [r for r in others.values() if r.epoch == self.epoch]
         if not same and self._waiting_for_laggard(others):
@@ -502,7 +506,7 @@ class TrainableStage(SpanBackend):
         if plan.average_every > 1:
             self._local_step(plan, rounds_with=bool(others))
         else:
-            self._step(average=bool(same), retry_failed=False)
+            self._step(group=1 + len(same), retry_failed=False)
 
     def _drop_gradients(self) -> None:
         """Forget this epoch's gradients (they went into a round another replica stepped on)."""
@@ -578,11 +582,13 @@ class TrainableStage(SpanBackend):
             return False
         return any(r.epoch > self.epoch or r.averaging == self.epoch for r in others)
 
-    def _step(self, average: bool, retry_failed: bool) -> None:
+    def _step(self, group: int, retry_failed: bool) -> None:
+        """One optimizer step; `group`: the live replicas at this epoch, this one included (the
+        round starts once they all joined; 1 or less: step alone)."""
         with self._step_lock:
-            self._step_locked(average, retry_failed)
+            self._step_locked(group, retry_failed)
 
-    def _step_locked(self, average: bool, retry_failed: bool) -> None:
+    def _step_locked(self, group: int, retry_failed: bool) -> None:
         with self._lock:
             n = self.samples
             own = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -595,16 +601,18 @@ class TrainableStage(SpanBackend):
                     buf.copy_(p.detach())
             if not retry_failed:
                 self._averaging = self.epoch  # new gradients now count toward the next step
+            else:
+                self._round_samples = n
         averaged = False
-        if average:
+        if group > 1:
             if not retry_failed:
                 self._publish()  # replicas that see it join this round at once
-            averaged = self._average(n, own, retry_failed)
+            averaged = self._average(n, own, retry_failed, group)
             if averaged is None:
                 return  # lock-step: gradients restored, the round is tried again
             if not averaged and self._others_at(self.epoch):
                 # A partner that entered late failed alone too: once more, together.
-                averaged = bool(self._average(n, own, retry_failed))
+                averaged = bool(self._average(n, own, retry_failed, group))
             if not averaged and self._left_out():
                 # They stepped together without us: keep our gradients for the coming step and
                 # take their state (`_maybe_step_async` downloads it) rather than drift apart.
@@ -631,6 +639,7 @@ class TrainableStage(SpanBackend):
                 self.optimizer.step(grads)
             self.epoch += 1
             self._averaging = -1
+            self._round_samples = 0
             self._failed_rounds = 0
         self.averager.state_sharing_priority = float(self.epoch)
         self._publish()
@@ -656,11 +665,18 @@ class TrainableStage(SpanBackend):
             )
         return why is None
 
-    def _average(self, n: int, own: list[torch.Tensor], retry_failed: bool) -> bool | None:
-        """One round over the buffers; False if it failed (None: lock-step retries later)."""
+    def _average(
+        self, n: int, own: list[torch.Tensor], retry_failed: bool, group: int = 0
+    ) -> bool | None:
+        """One round over the buffers; False if it failed (None: lock-step retries later).
+
+        group: replicas expected (0: unknown, the round waits out the matchmaking time).
+        """
         t0 = time.monotonic()
         try:
-            size = self.averager.average(max(float(n), 1e-3), self.train_config.averaging_timeout)
+            size = self.averager.average(
+                max(float(n), 1e-3), self.train_config.averaging_timeout, group
+            )
         except PeerUnavailable as e:
             self._failed_rounds += 1
             logger.warning("stage %s:%s epoch %d: %s", *self.key, self.epoch, e)
@@ -685,6 +701,7 @@ class TrainableStage(SpanBackend):
             for p, g in zip(self.params, grad_sums, strict=True):
                 p.grad = g if p.grad is None else p.grad + g
             self.samples += n
+            self._round_samples = 0
         self._publish()
 
     # DiLoCo (--average-every H > 1): local steps, an outer step on averaged deltas every H
@@ -758,6 +775,19 @@ class TrainableStage(SpanBackend):
         with self._lock:
             tensors = span_tensors(self.span)
         save_file(tensors, path)
+
+    def finish(self, timeout: float) -> bool:
+        """Before this replica leaves the stage: wait until it stepped, with the others, on all
+        the gradients it holds (no new ones come: its peer serves another span); False if that
+        did not happen within `timeout`. The trainers otherwise resend them elsewhere."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                holds = self.samples or self._round_samples or self._later or self._averaging >= 0
+            if not holds:
+                return True
+            time.sleep(self.train_config.poll_period)
+        return False
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -651,6 +651,7 @@ class Trainer:
     ) -> None:
         """Track each stage's epoch; release what stages stepped on; resend what died unstepped."""
         missing_since: dict[tuple[int, str], float] = {}
+        applied: dict[tuple[int, str], int] = {}  # (stage, replica): the last epoch it reported
         last_refresh = time.monotonic()
         while not stop.is_set():
             if time.monotonic() - last_refresh > 2.0:
@@ -666,12 +667,16 @@ class Trainer:
                     continue  # no answer, or the chain changed shape under us
                 if live:
                     self.epochs[s] = max(r.epoch for r in live.values())
+                for peer, r in live.items():
+                    applied[(s, peer)] = r.epoch
                 for peer in list(held[s]):
-                    # A stage's next round takes all it holds, so `step` is exact: once the
-                    # stage reached it, the gradient is applied and its inputs can go.
+                    # A replica's next round takes all it holds, so `step` is exact: once the
+                    # replica itself reached it, the gradient is applied and its inputs can go.
+                    # Not the stage's epoch: one that left holding it (moved, died) applied
+                    # nothing, though the others stepped on without it.
                     keep, done = [], []
                     for it in held[s][peer]:
-                        (keep if it.step > self.epochs[s] else done).append(it)
+                        (keep if it.step > applied.get((s, peer), -1) else done).append(it)
                     self._release(s, done)
                     held[s][peer] = keep
                     if not keep:

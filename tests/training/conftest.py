@@ -32,7 +32,7 @@ STAGE_MODEL = ModelConfig(
 
 def make_stage(dht, span, run_id: str = "t1", **kw) -> TrainableStage:
     """A replica of `span` (copied) in run `run_id`, with quick matchmaking and polling."""
-    cfg = StageTrainingConfig(run_id=run_id, matchmaking_time=1.0, poll_period=0.1, **kw)
+    cfg = StageTrainingConfig(run_id=run_id, **{"matchmaking_time": 1.0, "poll_period": 0.1, **kw})
     return TrainableStage(copy.deepcopy(span), dht, cfg)
 
 

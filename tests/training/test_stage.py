@@ -12,7 +12,7 @@ import torch
 from swarm.errors import BadRequest
 from swarm.model import BlockSpan
 from swarm.training.optim8bit import AdamConfig, AdamW
-from swarm.training.progress import TrainerRecord, store_trainer
+from swarm.training.progress import TrainerRecord, fetch_progress, store_trainer
 from tests.conftest import wait_for
 from tests.training.conftest import STAGE_MODEL, make_stage
 
@@ -65,6 +65,40 @@ def test_two_replicas_average_and_match_single_process(dhts, sync):
             assert c.optimizer.step_count == 2
         finally:
             c.shutdown()
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_replica_in_a_lock_step_round_still_counts_its_samples(dhts):
+    """A replica that reads its partner's record mid-round sees the full batch and joins.
+
+    Its record said 0 samples once the round began (the heartbeat republished it): the partner
+    saw the batch short and never joined; the round failed after its timeout (10 s a step).
+    """
+    span = BlockSpan(STAGE_MODEL, 0, 2)
+    store_trainer(
+        dhts[3],
+        "t1",
+        TrainerRecord(dhts[3].peer_id.to_base58(), 6, AdamConfig(lr=1e-2), sync=True),
+        ttl=60,
+        timeout=5,
+    )
+    a = make_stage(dhts[0], span, averaging_timeout=30.0)
+    b = make_stage(dhts[1], span, poll_period=60.0)  # b looks only when woken below
+    try:
+        a.join()
+        b.join()
+        a.backward(torch.randn(6, 5, 32), torch.randn(6, 5, 32))
+        wait_for(lambda: a._round_samples == 6, 10, what="a in its round")
+        time.sleep(2.0)  # past a heartbeat (progress_ttl / 4), which republished 0 samples
+        seen = fetch_progress(dhts[2], "t1", (0, 2), timeout=5)
+        assert seen is not None and seen[a.peer_id].samples == 6 and seen[a.peer_id].epoch == 0
+        b._wake.set()
+        wait_for(lambda: a.epoch == 1 and b.epoch == 1, 25, what="both replicas stepping")
+        assert a.steps_averaged == 1 and b.steps_averaged == 1
+        assert (a.parameters_vector() - b.parameters_vector()).abs().max() < 1e-6
     finally:
         a.shutdown()
         b.shutdown()
