@@ -133,15 +133,15 @@ def run_wan(args, source, spans, local, log) -> list[Row]:
     relayed through the client and pushed from peer to peer (server-to-server push)."""
     from swarm.model.loading import load_tokenizer
 
-    d = args.link_delay
+    d, quant = args.link_delay, args.wan_weights
     prompt = load_tokenizer(source).encode(args.repeat_prompt)
     new = max(8, args.new_tokens // 2)
-    log(f"starting {len(spans)} peers with --link-delay {d}: {spans}")
-    swarm, boot = start_swarm(args.model, "none", spans, source_blocks(source), source.name, d)
+    log(f"starting {len(spans)} peers ({quant} weights) with --link-delay {d}: {spans}")
+    swarm, boot = start_swarm(args.model, quant, spans, source_blocks(source), source.name, d)
     rows: list[Row] = []
     try:
         for push in (False, True):
-            rows += _wan_rows(args.model, boot, prompt, new, d, push, local, log)
+            rows += _wan_rows(args.model, boot, prompt, new, d, push, local[quant][0], quant, log)
     finally:
         swarm.close()
     relay, pushed = (next(r for r in rows if r.name == n) for n in ("wan", "wan-push"))
@@ -151,7 +151,7 @@ def run_wan(args, source, spans, local, log) -> list[Row]:
     return rows
 
 
-def _wan_rows(model_name, boot, prompt, new, d, push, local, log) -> list[Row]:
+def _wan_rows(model_name, boot, prompt, new, d, push, local_tps, quant, log) -> list[Row]:
     from petals_like.model import DistributedModelForCausalLM
     from petals_like.router import RouterConfig
 
@@ -169,8 +169,9 @@ def _wan_rows(model_name, boot, prompt, new, d, push, local, log) -> list[Row]:
             # A relayed token: a round trip per hop; a pushed one: hops + 1 one-way delays.
             delays = (hops + 1) * d if push else hops * 2 * d
             bound = 1.0 / delays
-            # Delays plus the model's own step (local fp32 on this machine): what a token needs.
-            with_compute = 1.0 / (delays + 1.0 / local["none"][0])
+            # Delays plus the model's own step (local, same weights, this machine): what a
+            # token needs.
+            with_compute = 1.0 / (delays + 1.0 / local_tps)
             tps = st.decode_tokens_per_s
             extra = {"bound_tokens_per_s": bound, "of_bound": tps / bound, "hops": hops}
             extra["bound_with_compute_tokens_per_s"] = with_compute
@@ -183,12 +184,12 @@ def _wan_rows(model_name, boot, prompt, new, d, push, local, log) -> list[Row]:
             rows.append(
                 Row(
                     name if spec is None else f"{name}+ngram",
-                    "none",
+                    quant,
                     "none",
                     link_delay_ms=d * 1000,
                     tokens_per_s=tps,
                     first_token_ms=st.first_token_s * 1000,
-                    vs_local=tps / local["none"][0],
+                    vs_local=tps / local_tps,
                     extra=extra,
                 )
             )
@@ -239,9 +240,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--codec", default="int8-block64", help="the compressed activation codec")
     p.add_argument("--skip-int8-weights", action="store_true", help="only the fp32 swarm")
+    p.add_argument(
+        "--wan-weights",
+        choices=("int8", "none"),
+        default="int8",
+        help="weights of the WAN rows' peers (int8: what `swarm-peer join` serves by default)",
+    )
     p.add_argument("--json", action="store_true", help="also print one JSON object")
     p.add_argument(
-        "--wan-only", action="store_true", help="only local fp32 and the WAN rows (relay, push)"
+        "--wan-only", action="store_true", help="only local (fp32, --wan-weights) and the WAN rows"
     )
     args = p.parse_args(argv)
     with Progress("bench_inference") as progress:
@@ -270,7 +277,8 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
     log(f"{args.model}: {n} blocks, spans {thirds}, prompt {len(prompt)} tokens, {new} new")
     local = {}
     quants = ("none",) if args.skip_int8_weights or args.wan_only else ("none", "int8")
-    for quant in quants:
+    wan = (args.wan_weights,) if args.link_delay > 0 else ()
+    for quant in dict.fromkeys(("none", *quants, *wan)):  # fp32 first: the others compare to it
         tps, ftm, toks = run_local(source, quant, prompt, new, reps)
         local[quant] = (tps, toks)
         rows.append(
@@ -371,11 +379,15 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
 
 
 def summary(rows: list[Row], failovers: list[dict]) -> dict:
-    """The headline figures under names that say what they are (fp32 weights, no codec)."""
+    """The headline figures under names that say what they are (fp32 weights, no codec; the
+    WAN rows with the weights they ran, `wan_weights`)."""
     out: dict = {}
     for r in rows:
-        if r.weights != "none" or r.codec not in ("none", "-"):
+        wan = r.name.startswith("wan")
+        if (r.weights != "none" and not wan) or r.codec not in ("none", "-"):
             continue
+        if wan:
+            out["wan_weights"] = r.weights
         if r.name == "local":
             out["local_tokens_per_s"] = r.tokens_per_s
         elif r.name == "swarm":
