@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_FRACTION = 0.1
 TOLERANCE = 0.25
 LIAR_BAN = 3600.0  # seconds: a peer caught lying does not come back within a session
+SLOW_CHECKER_COOLDOWN = 30.0  # seconds a checker that timed out is asked only when no other is
 
 
 class RolledBack(Exception):
@@ -138,6 +140,7 @@ class Verifier:
         self.liars: list[Liar] = []
         self.unverifiable: set[tuple[int, int]] = set()  # spans with no second replica
         self.unsettled: list[str] = []  # disagreements no third replica could settle
+        self.slow: dict[Any, float] = {}  # checker -> time.monotonic() until which others go first
 
     def no_replica(self, span: tuple[int, int]) -> None:
         """Say (once) that blocks `span` cannot be checked: nobody else serves them."""
@@ -215,7 +218,10 @@ class Verifier:
             candidates = router.replicas(hop.start, hop.end, tried)
             if not candidates:
                 return None
-            peer = self.rng.choice(candidates)
+            now = time.monotonic()
+            # A checker that just timed out would likely time out again: others go first.
+            prompt = [c for c in candidates if self.slow.get(c, 0.0) <= now]
+            peer = self.rng.choice(prompt or candidates)
             tried.add(peer)
             try:
                 # The bound of a step of that many tokens on that peer (checks are steps too).
@@ -227,6 +233,7 @@ class Verifier:
                 # Slow is not gone: a forward of the whole prefix on a busy replica can outlast a
                 # step's bound. Banning it took every 3:6 replica out of a CI run's routes.
                 logger.info("checker %s too slow on blocks %d:%d: %r", peer, hop.start, hop.end, e)
+                self.slow[peer] = time.monotonic() + SLOW_CHECKER_COOLDOWN
                 continue
             except Exception as e:  # a checker that fails is a failed peer, not a verdict
                 logger.info("checker %s failed on blocks %d:%d: %r", peer, hop.start, hop.end, e)

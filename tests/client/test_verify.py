@@ -124,6 +124,31 @@ def test_a_slow_checker_is_skipped_not_banned():
     assert router.failed == [] and not router.banned and liar is None and len(v.unsettled) == 1
 
 
+def test_a_checker_that_timed_out_is_asked_last_for_a_while():
+    x = torch.randn(1, 4, 8)
+    router = Replicas(fails={"q": PeerTimeout("q did not answer in 5 s")})
+    v = Verifier(1.0, seed=0)
+    asked: list[str] = []
+    forward = router.forward
+
+    async def recording(peer, *args):
+        asked.append(peer)
+        return await forward(peer, *args)
+
+    router.forward = recording
+    for _ in range(20):
+        asked.clear()
+        asyncio.run(v.check(router, Hop("p", 0, 3), x, router.answer("p", x)))
+        if asked[0] == "q":
+            break
+    assert asked == ["q", "r"]  # the draw reached q once: it timed out, r answered
+    for _ in range(10):  # then r goes first every time while q cools down
+        asked.clear()
+        asyncio.run(v.check(router, Hop("p", 0, 3), x, router.answer("p", x)))
+        assert asked == ["r"]
+    assert router.failed == [] and not router.banned
+
+
 def test_fraction_is_validated_and_drawn():
     with pytest.raises(ValueError):
         Verifier(0.0)
