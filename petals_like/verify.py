@@ -220,8 +220,8 @@ class Verifier:
                 return None
             now = time.monotonic()
             # A checker that just timed out would likely time out again: others go first.
-            prompt = [c for c in candidates if self.slow.get(c, 0.0) <= now]
-            peer = self.rng.choice(prompt or candidates)
+            cool = [c for c in candidates if self.slow.get(c, 0.0) <= now]
+            peer = self.rng.choice(cool or candidates)
             tried.add(peer)
             try:
                 # The bound of a step of that many tokens on that peer (checks are steps too).
