@@ -1,5 +1,6 @@
 """Peer benchmark on loopback: inference step latency through 1, 2, 3 peers vs the same blocks
-run locally (overhead per hop), and forward throughput with and without the int8 wire codec.
+run locally (overhead per hop), relayed by the client and pushed from peer to peer, and forward
+throughput with and without the int8 wire codec.
 
 Remote and local steps alternate, so load drifts hit both; each figure is a median, the overhead
 the median of per-step differences. The fixed-cost row (one block through one peer vs that block
@@ -59,23 +60,46 @@ def _spans(num_blocks: int, hops: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
-async def _timed_steps(sessions, local, h: int, steps: int) -> dict:
+async def _relayed(sessions, x, pos: int):
+    """One step through the chain, the client sending each hop's output to the next."""
+    for sess in sessions:
+        x = await sess.step(x, pos)
+    return x
+
+
+async def _pushed(sessions, x, pos: int):
+    """One step through the chain, each peer pushing its output straight to the next (what
+    generation does by default); every hop also answers us. The last hop's output."""
+    steps = []
+    for i, sess in enumerate(sessions):
+        nxt = sessions[i + 1] if i + 1 < len(sessions) else None
+        steps.append(
+            sess.step(
+                x,
+                pos,
+                pushed=i > 0,
+                push_to=None if nxt is None else (str(nxt.peer), nxt.session_id),
+                prev_peer=str(sessions[i - 1].peer) if i else "",
+            )
+        )
+    return (await asyncio.gather(*steps))[-1]
+
+
+async def _timed_steps(sessions, local, h: int, steps: int, chain=_relayed) -> dict:
     """Remote and local steps interleaved (alternating which goes first) on same-shape inputs:
-    medians of each and of their per-step differences, so drifting load cancels out."""
+    medians of each and of their per-step differences, so drifting load cancels out.
+    chain: how a step crosses the sessions (_relayed or _pushed)."""
     import torch
 
     remote, here = [], []
-    x = torch.randn(1, 1, h)
-    for sess in sessions:  # warm-up step (position 0)
-        x = await sess.step(x, 0)
+    await chain(sessions, torch.randn(1, 1, h), 0)  # warm-up step (position 0)
     local(torch.randn(1, 1, h), 0)
     for pos in range(1, steps + 1):
         for turn in (0, 1) if pos % 2 else (1, 0):
             x = torch.randn(1, 1, h)
             t0 = time.perf_counter()
             if turn == 0:
-                for sess in sessions:
-                    x = await sess.step(x, pos)
+                await chain(sessions, x, pos)
                 remote.append(time.perf_counter() - t0)
             else:
                 local(x, pos)
@@ -121,6 +145,13 @@ async def _bench(dht, model, spans, peer_ids, steps: int, batch_tokens: int) -> 
         ]
         local = _local_span(model, 0, n, steps + 8)
         results[f"{hops}_peers"] = await _timed_steps(sessions, local, h, steps)
+        if hops > 1:  # the same chain again, pushed: fresh sessions, fresh caches
+            sessions = [
+                await client.open_inference(pid, s, e, steps + 8)
+                for pid, (s, e) in zip(ids, chain, strict=False)
+            ]
+            local = _local_span(model, 0, n, steps + 8)
+            results[f"{hops}_peers_push"] = await _timed_steps(sessions, local, h, steps, _pushed)
     # One block through the first peer vs that block here: transport + software, little compute.
     first = _spans(n, 3)[0]
     sessions = [await client.open_inference(peer_ids[first], 0, 1, steps + 8)]
@@ -153,16 +184,18 @@ def format_table(results: dict) -> str:
     lines = [
         f"model {results['model']}; {results['steps']} timed inference steps per chain, "
         "batch 1, one token per step",
-        f"{'peers':>5} {'step ms':>8} {'local ms':>9} {'overhead/hop ms':>16}",
+        f"{'peers':>10} {'step ms':>8} {'local ms':>9} {'overhead/hop ms':>16}",
     ]
-    for row in ("1_peers", "2_peers", "3_peers", "fixed_cost"):
+    for row in ("1_peers", "2_peers", "3_peers", "2_peers_push", "3_peers_push", "fixed_cost"):
         r = results[row]
-        name = row.split("_")[0] if row != "fixed_cost" else "1 blk"
+        name = {"fixed_cost": "1 blk"}.get(row, row.split("_")[0])
+        name += " push" if row.endswith("push") else ""
         lines.append(
-            f"{name:>5} {r['step_ms']:>8.2f} {r['local_step_ms']:>9.2f} "
+            f"{name:>10} {r['step_ms']:>8.2f} {r['local_step_ms']:>9.2f} "
             f"{r['overhead_per_hop_ms']:>16.2f}"
         )
     lines.append("medians; overhead/hop: median of per-step (remote - local), steps interleaved")
+    lines.append("push: each peer sends its output straight to the next (generation's default)")
     lines.append(
         f"a small unary round trip through both daemons: {results['p2p_round_trip_ms']} ms"
     )
@@ -201,10 +234,8 @@ def main() -> None:
         "batch_tokens": args.batch_tokens,
         **results,
     }
-    for hops in (1, 2, 3):  # flat names for the headline figures
-        results[f"overhead_per_hop_ms_{hops}_peers"] = results[f"{hops}_peers"][
-            "overhead_per_hop_ms"
-        ]
+    for row in ("1_peers", "2_peers", "3_peers", "2_peers_push", "3_peers_push"):
+        results[f"overhead_per_hop_ms_{row}"] = results[row]["overhead_per_hop_ms"]
     results["fixed_cost_per_hop_ms"] = results["fixed_cost"]["overhead_per_hop_ms"]
     print(json.dumps(results) if args.json else format_table(results))
 

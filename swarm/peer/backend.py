@@ -187,9 +187,12 @@ class SpanBackend:
         s = item.session
         # Caches cover only [first, last): pad the list so BlockSpan indexes by span offset.
         caches = [None] * (s.first - self.start) + s.caches
+        # dtype checks, not no-op casts: a torch call costs 25-90 us cold here
+        x = item.hidden
+        cast = x if x.dtype == self.dtype else x.to(self.dtype)
         with torch.inference_mode(), self._adapted(s.adapter, s.first, s.last):
-            out = self.span(item.hidden.to(self.dtype), item.position, caches, s.first, s.last)
-        return out.to(item.hidden.dtype)
+            out = self.span(cast, item.position, caches, s.first, s.last)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _step_batched(self, items: list[StepItem]) -> list[torch.Tensor]:
         t = items[0].hidden.shape[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable
 
+import numpy as np
 import torch
 from google.protobuf.message import DecodeError, Message
 
@@ -162,11 +163,53 @@ def from_proto(msg: tensor_pb2.Tensor, max_elements: int = MAX_ELEMENTS) -> kern
 
 def encode(x: torch.Tensor, codec: str) -> tensor_pb2.Tensor:
     """Quantize `x` with `codec` and encode it as a swarm_mesh.Tensor message."""
+    if codec == "none" and x.dtype == torch.float32 and x.device.type == "cpu":
+        return _plain_to_proto(x)
     return to_proto(kernels.quantize(x.detach().contiguous(), codec))
+
+
+# The lossless float32 path of every decoding step goes through numpy: on this (shared) kind of
+# machine each torch call after a few idle milliseconds costs 25-90 us (its code and data left
+# the caches), and the general path makes about eight of them per tensor. The bytes are the
+# same as to_proto(kernels.quantize(x, "none")) gives (tests/peer/test_wire.py).
+def _plain_to_proto(x: torch.Tensor) -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(
+        version=WIRE_VERSION,
+        codec="none",
+        dtype="float32",
+        shape=list(x.shape),
+        codes=x.detach().numpy().astype("<f4", copy=False).tobytes(),
+    )
+
+
+def _plain_from_proto(
+    msg: tensor_pb2.Tensor, max_elements: int
+) -> tuple[torch.Tensor, bool] | None:
+    """A well-formed codec "none" float32 message as a tensor (owning its memory) and whether
+    every value is finite; None for anything else (from_proto says what is wrong)."""
+    if not isinstance(msg, tensor_pb2.Tensor) or msg.codec != "none" or msg.dtype != "float32":
+        return None
+    shape = tuple(msg.shape)
+    if (
+        msg.version != WIRE_VERSION
+        or len(shape) > MAX_DIMS
+        or msg.block_size
+        or msg.scales
+        or any(d > max_elements for d in shape)
+        or math.prod(shape) > max_elements
+        or len(msg.codes) != 4 * math.prod(shape)
+    ):
+        return None
+    # bytearray copies: the tensor must own writable memory, not the message's buffer
+    a = np.frombuffer(bytearray(msg.codes), dtype="<f4").reshape(shape)
+    return torch.from_numpy(a), bool(np.isfinite(a).all())
 
 
 def deserialize(msg: tensor_pb2.Tensor, max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
     """Validate and decode a swarm_mesh.Tensor message to a CPU tensor of its original dtype."""
+    plain = _plain_from_proto(msg, max_elements)
+    if plain is not None:
+        return plain[0]
     return kernels.dequantize(from_proto(msg, max_elements=max_elements))
 
 
@@ -229,10 +272,15 @@ def decode(
             f"{what} carries {b * t} tokens, more than this peer allows ({max_tokens})"
         )
     try:
-        x = deserialize(msg, max_elements=max_tokens * hidden_size)
+        plain = _plain_from_proto(msg, max_tokens * hidden_size)
+        if plain is not None:
+            x, finite = plain
+        else:
+            x = deserialize(msg, max_elements=max_tokens * hidden_size)
+            finite = bool(torch.isfinite(x).all())
     except ValueError as e:  # WireFormatError, or a codec error from kernels
         raise WireFormatError(f"{what} is not a valid tensor: {e}") from None
-    if not torch.isfinite(x).all():
+    if not finite:
         raise WireFormatError(f"{what} contains NaN or infinite values")
     return x
 

@@ -31,6 +31,28 @@ def test_round_trip_matches_in_memory(codec, dtype):
     assert q.nbytes == kernels.quantize(x, codec).nbytes
 
 
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.randn(1, 1, 576),
+        torch.randn(3, 8, 5).transpose(0, 2),  # not contiguous
+        torch.randn(2, 3, requires_grad=True),
+        torch.tensor(1.5),
+        torch.empty(0, 7),
+        torch.tensor([float("inf"), -0.0, float("nan")]),
+    ],
+)
+def test_plain_float32_fast_path_gives_the_general_paths_bytes(x):
+    general = wire.to_proto(kernels.quantize(x.detach().contiguous(), "none"))
+    msg = wire.encode(x, "none")
+    assert msg.SerializeToString() == general.SerializeToString()
+    y = wire.deserialize(msg)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.equal(y.view(torch.int32), x.detach().contiguous().view(torch.int32))
+    y[...] = 0  # owns writable memory, not the message's buffer
+    assert wire.deserialize(msg).view(torch.int32).equal(x.detach().contiguous().view(torch.int32))
+
+
 def test_empty_and_scalar_round_trip():
     for x in [torch.empty(0, 7), torch.tensor(1.5)]:
         for codec in CODECS:
@@ -85,6 +107,33 @@ def _mutated(**changes):
 def test_hostile_messages_rejected(changes, match):
     with pytest.raises(wire.WireFormatError, match=match):
         wire.deserialize(_mutated(**changes))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"version": 2}, "version"),
+        ({"shape": [4, 65]}, "codes hold"),
+        ({"shape": [2**40, 2**40]}, "dimension above|exceeds"),
+        ({"shape": [1] * 9}, "dimensions"),
+        ({"block_size": 64}, "block_size"),
+        ({"codes": b"\x00" * 10}, "codes hold"),
+        ({"scales": b"\x00" * 2}, "scales hold"),
+    ],
+)
+def test_hostile_plain_float32_messages_rejected(changes, match):
+    """The numpy path of codec "none" refuses what the general path refuses, with its reason."""
+    msg = _mutated(codec_src="none", **changes)
+    with pytest.raises(wire.WireFormatError, match=match):
+        wire.deserialize(msg)
+    with pytest.raises(wire.WireFormatError):  # its own shape checks may speak first
+        wire.decode(msg, "hidden", hidden_size=64, max_tokens=1 << 20)
+
+
+def test_plain_float32_nan_refused_by_the_checked_decode():
+    msg = wire.encode(torch.tensor([[[1.0, float("nan")]]]), "none")
+    with pytest.raises(wire.WireFormatError, match="NaN"):
+        wire.decode(msg, "hidden", hidden_size=2, max_tokens=8)
 
 
 def test_max_elements_enforced_before_allocation():
