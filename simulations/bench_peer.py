@@ -215,7 +215,7 @@ def main() -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="smollm2-135m", help="model name or path")
-    parser.add_argument("--steps", type=int, default=20, help="timed inference steps per chain")
+    parser.add_argument("--steps", type=int, default=50, help="timed inference steps per chain")
     parser.add_argument("--batch-tokens", type=int, default=512, help="tokens per forward call")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args()
