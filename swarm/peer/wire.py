@@ -182,11 +182,9 @@ def _plain_to_proto(x: torch.Tensor) -> tensor_pb2.Tensor:
     )
 
 
-def _plain_from_proto(
-    msg: tensor_pb2.Tensor, max_elements: int
-) -> tuple[torch.Tensor, bool] | None:
-    """A well-formed codec "none" float32 message as a tensor (owning its memory) and whether
-    every value is finite; None for anything else (from_proto says what is wrong)."""
+def _plain_from_proto(msg: tensor_pb2.Tensor, max_elements: int) -> np.ndarray | None:
+    """A well-formed codec "none" float32 message's values (a writable array of its shape, not
+    the message's buffer); None for anything else (from_proto then says what is wrong)."""
     if not isinstance(msg, tensor_pb2.Tensor) or msg.codec != "none" or msg.dtype != "float32":
         return None
     shape = tuple(msg.shape)
@@ -200,16 +198,14 @@ def _plain_from_proto(
         or len(msg.codes) != 4 * math.prod(shape)
     ):
         return None
-    # bytearray copies: the tensor must own writable memory, not the message's buffer
-    a = np.frombuffer(bytearray(msg.codes), dtype="<f4").reshape(shape)
-    return torch.from_numpy(a), bool(np.isfinite(a).all())
+    return np.frombuffer(bytearray(msg.codes), dtype="<f4").reshape(shape)
 
 
 def deserialize(msg: tensor_pb2.Tensor, max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
     """Validate and decode a swarm_mesh.Tensor message to a CPU tensor of its original dtype."""
     plain = _plain_from_proto(msg, max_elements)
     if plain is not None:
-        return plain[0]
+        return torch.from_numpy(plain)
     return kernels.dequantize(from_proto(msg, max_elements=max_elements))
 
 
@@ -274,7 +270,7 @@ def decode(
     try:
         plain = _plain_from_proto(msg, max_tokens * hidden_size)
         if plain is not None:
-            x, finite = plain
+            x, finite = torch.from_numpy(plain), bool(np.isfinite(plain).all())
         else:
             x = deserialize(msg, max_elements=max_tokens * hidden_size)
             finite = bool(torch.isfinite(x).all())

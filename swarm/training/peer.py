@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from swarm.errors import NoRoute
 from swarm.peer.backend import SpanBackend
@@ -16,6 +17,8 @@ from swarm.training.rebalance import choose_stages, training_join, training_move
 from swarm.training.stage import StageTrainingConfig, TrainableStage, stage_averager
 
 logger = logging.getLogger(__name__)
+
+STAY_LOG_PERIOD = 10.0  # seconds between log lines saying why a peer stays on its stage
 
 
 class TrainingPeer(Peer):
@@ -46,6 +49,7 @@ class TrainingPeer(Peer):
             max_lr=config.max_lr,
             trainers=tuple(config.run_trainers),
         )
+        self._told_stay = float("-inf")  # when we last logged why we stay
 
     async def _load(self, start: int, end: int) -> SpanBackend:
         # Before the weights load (its process forks), on the main thread (it sets a signal
@@ -103,6 +107,14 @@ class TrainingPeer(Peer):
         )
         return target
 
+    def _tell_stay(self, why: str, *args) -> None:
+        """Log why we stay on our stage, at most every STAY_LOG_PERIOD seconds."""
+        now = time.monotonic()
+        if now - self._told_stay >= STAY_LOG_PERIOD:
+            self._told_stay = now
+            msg = "training rebalance: staying on %d:%d (" + why + ")"
+            logger.info(msg, self.start, self.end, *args)
+
     async def _maybe_move(self) -> bool:
         if self.handler is None or self.handler.draining:
             return False
@@ -113,17 +125,23 @@ class TrainingPeer(Peer):
         try:
             chain = choose_stages(records, self.num_layers)
         except Exception as e:  # no full chain yet: nothing to balance
-            logger.debug("no training chain to rebalance: %s", e)
+            self._tell_stay("no chain of stages in the records read: %s", e)
             return False
         keys = [k for k, _ in chain]
         if (self.start, self.end) not in keys:
             return False
         speeds = await self._stage_speeds(keys)
         mine = keys.index((self.start, self.end))
-        target = training_move(
-            keys, speeds, [len(p) for _, p in chain], mine, me.throughput, self.config.min_gain
-        )
+        replicas = [len(p) for _, p in chain]
+        target = training_move(keys, speeds, replicas, mine, me.throughput, self.config.min_gain)
         if target is None:
+            self._tell_stay(
+                "stages %s, replicas %s, samples/s %s, ours %.1f",
+                [f"{a}:{b}" for a, b in keys],
+                replicas,
+                [round(s, 1) for s in speeds],
+                me.throughput,
+            )
             return False
         logger.info("training rebalance: stage %s -> %s", keys[mine], target)
         await self._move(*target)
