@@ -38,9 +38,6 @@ logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 5.0  # how long we read a finished stream's leftovers before dropping it
 ENCODE_IN_THREAD = 1 << 16  # replies with more elements are encoded off the event loop
-# A step of at most this many tokens (batch x positions) of a peer's only session runs on the
-# event loop when the worker is idle (a decoding or draft-verifying step, not a prefill).
-INLINE_TOKENS = 16
 # Share of a backward's timeout within which a training peer still counts its gradient.
 COMMIT_FRACTION = 0.8
 # Slack over the largest legitimate request: protobuf framing, codec scales, a part's rounding.
@@ -453,9 +450,7 @@ class PeerHandler(ServicerBase):
             self.inflight += 1
             try:
                 if len(items) == 1:
-                    # A lone session's decoding step runs on this loop if the worker is idle.
-                    inline = len(self.sessions) == 1 and hidden.shape[0] * t <= INLINE_TOKENS
-                    work = self.worker.step(items[0], client, inline=inline)
+                    work = self.worker.step(items[0], client)
                 else:
                     run = session.backend.inference_step
                     work = self.worker.call(lambda: [run([it])[0] for it in items], client)

@@ -106,11 +106,9 @@ class ComputeWorker:
         self._cv = threading.Condition()
         self._stopped = False
         self._last_was_step = False
-        self._busy = False  # a batch or call runs, on the thread or inline (under _cv)
         self.batches_run = 0  # how many inference batches ran (tests, benchmarks)
         self.max_batch_seen = 0
         self.calls_run = 0
-        self.inline_run = 0  # steps run inline on the caller's thread (step(inline=True))
         self.dropped = 0  # tasks dropped because their caller had gone
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -123,33 +121,10 @@ class ComputeWorker:
         task = _Task(asyncio.get_running_loop(), None, fn=fn)
         return await self._submit(task, self._calls, client)
 
-    async def step(self, item: StepItem, client: Hashable = None, inline: bool = False) -> Any:
-        """Run one inference step, batched with other sessions' steps of the same shape.
-
-        inline: if nothing runs or waits, run it here, on the caller's thread (its event loop
-        waits): two thread hand-overs less, 0.2-0.4 ms of a step here. For a lone session's
-        steps; with several, the thread batches them.
-        """
-        if inline and self._claim():
-            try:
-                (result,) = item.session.backend.inference_step([item])
-                self.batches_run += 1
-                self.max_batch_seen = max(self.max_batch_seen, 1)
-                self.inline_run += 1
-                return result
-            finally:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify()
+    async def step(self, item: StepItem, client: Hashable = None) -> Any:
+        """Run one inference step, batched with other sessions' steps of the same shape."""
         task = _Task(asyncio.get_running_loop(), None, step=item)
         return await self._submit(task, self._steps, client)
-
-    def _claim(self) -> bool:
-        with self._cv:
-            if self._busy or self._steps or self._calls or self._stopped:
-                return False
-            self._busy = True
-            return True
 
     async def _submit(self, task: _Task, turns: _Turns, client: Hashable) -> Any:
         task.future = task.loop.create_future()
@@ -173,7 +148,7 @@ class ComputeWorker:
     def _take(self) -> list[_Task] | None:
         with self._cv:
             while True:
-                while (self._busy or not (self._steps or self._calls)) and not self._stopped:
+                while not self._steps and not self._calls and not self._stopped:
                     self._cv.wait()
                 if self._stopped:
                     return None
@@ -186,7 +161,6 @@ class ComputeWorker:
             # Alternate when both kinds wait, so neither steps nor calls can starve the other.
             use_steps = bool(self._steps) and not (self._calls and self._last_was_step)
             self._last_was_step = use_steps
-            self._busy = True
             if use_steps:
                 return self._steps.take_batch()
             return [self._calls.pop_next()]
@@ -206,13 +180,10 @@ class ComputeWorker:
                 if len(batch) > 1:
                     logger.warning("batched step failed (%s); retrying one by one", e)
                     self._run_singly(batch)
-                    self._done()
-                else:
-                    self._done()
-                    _reply(batch[0], None, e)
+                    continue
+                for task in batch:
+                    _reply(task, None, e)
                 continue
-            # Idle before the replies: a caller woken by one may run its next step inline.
-            self._done()
             # Replies outside the try: a failed reply must not re-run (or re-fail) the compute.
             for task, result in zip(batch, results, strict=True):
                 _reply(task, result, None)
@@ -220,10 +191,6 @@ class ComputeWorker:
             leftover = self._steps.drain() + self._calls.drain()
         for task in leftover:
             _reply(task, None, RuntimeError("the compute worker has stopped"))
-
-    def _done(self) -> None:
-        with self._cv:
-            self._busy = False
 
     def _run_singly(self, batch: list[_Task]) -> None:
         for task in batch:

@@ -77,39 +77,6 @@ async def test_worker_batches_concurrent_steps(backend):
         worker.stop()
 
 
-async def test_an_inline_step_runs_here_only_when_the_worker_is_idle(backend):
-    """step(inline=True) computes on the caller's thread when nothing runs or waits, with the
-    thread's result; while the thread is busy it queues and batches as before."""
-    worker = ComputeWorker()
-    try:
-        s = _session(backend, "lone")
-        x = torch.randn(1, 1, 64)
-        out = await worker.step(StepItem(s, x, 0), inline=True)
-        assert worker.inline_run == 1 and worker.batches_run == 1
-        torch.testing.assert_close(out, backend.forward(x, 1, 5), atol=1e-5, rtol=1e-5)
-        gate = threading.Event()
-        hold = asyncio.ensure_future(worker.call(lambda: gate.wait(30)))
-        await asyncio.sleep(0.05)  # the thread is busy: inline steps must queue, not run here
-        sessions = [_session(backend, f"s{i}") for i in range(3)]
-        steps = [
-            asyncio.ensure_future(worker.step(StepItem(t, torch.randn(1, 1, 64), 0), inline=True))
-            for t in sessions
-        ]
-        await asyncio.sleep(0.05)
-        assert not any(t.done() for t in steps) and worker.inline_run == 1
-        gate.set()
-        await hold
-        await asyncio.gather(*steps)
-        assert worker.max_batch_seen == 3 and worker.inline_run == 1
-        with pytest.raises(RuntimeError):  # an inline failure is the caller's; the worker lives
-            await worker.step(StepItem(s, torch.randn(1, 1, 3), 1), inline=True)
-        assert await worker.call(lambda: 7) == 7
-        await worker.step(StepItem(s, torch.randn(1, 1, 64), 1), inline=True)
-        assert worker.inline_run == 2  # no claim was left behind by the failure
-    finally:
-        worker.stop()
-
-
 def test_worker_survives_a_closed_event_loop():
     """A result for a loop closed while its task ran is dropped, queued ones are never run;
     the thread lives on."""
