@@ -138,20 +138,13 @@ async def _bench(dht, model, spans, peer_ids, steps: int, batch_tokens: int) -> 
     results: dict = {}
     for hops in (1, 2, 3):
         chain = _spans(n, hops)
-        ids = [peer_ids[c] for c in chain]
-        sessions = [
-            await client.open_inference(pid, s, e, steps + 8)
-            for pid, (s, e) in zip(ids, chain, strict=False)
-        ]
-        local = _local_span(model, 0, n, steps + 8)
-        results[f"{hops}_peers"] = await _timed_steps(sessions, local, h, steps)
-        if hops > 1:  # the same chain again, pushed: fresh sessions, fresh caches
+        # Relayed, then (2 and 3 hops) pushed: fresh sessions and caches for each.
+        for name, how in [("", _relayed)] + ([("_push", _pushed)] if hops > 1 else []):
             sessions = [
-                await client.open_inference(pid, s, e, steps + 8)
-                for pid, (s, e) in zip(ids, chain, strict=False)
+                await client.open_inference(peer_ids[(s, e)], s, e, steps + 8) for s, e in chain
             ]
             local = _local_span(model, 0, n, steps + 8)
-            results[f"{hops}_peers_push"] = await _timed_steps(sessions, local, h, steps, _pushed)
+            results[f"{hops}_peers{name}"] = await _timed_steps(sessions, local, h, steps, how)
     # One block through the first peer vs that block here: transport + software, little compute.
     first = _spans(n, 3)[0]
     sessions = [await client.open_inference(peer_ids[first], 0, 1, steps + 8)]

@@ -109,6 +109,19 @@ def from_proto(msg: tensor_pb2.Tensor, max_elements: int = MAX_ELEMENTS) -> kern
     max_elements: the largest element count this receiver accepts. Raises WireFormatError with
     the reason for any message that is inconsistent, unknown or too large.
     """
+    spec, dtype, shape, numel, n_scales = _check(msg, max_elements)
+    codes = _from_bytes(msg.codes, spec.code_dtype(dtype), numel)
+    scales = None
+    if spec.has_scales:
+        scales = _from_bytes(msg.scales, torch.bfloat16, n_scales)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise WireFormatError("scales must be finite and non-negative")
+    return kernels.QuantizedTensor(spec.name, shape, dtype, codes, scales, spec.block_size)
+
+
+def _check(msg: tensor_pb2.Tensor, max_elements: int):
+    """(codec spec, dtype, shape, element count, scale count) of a message whose fields agree
+    and fit `max_elements`, before anything is allocated; WireFormatError naming the fault."""
     if not isinstance(msg, tensor_pb2.Tensor):
         raise WireFormatError(f"expected a swarm_mesh.Tensor message, got {type(msg).__name__}")
     if msg.version != WIRE_VERSION:
@@ -152,13 +165,7 @@ def from_proto(msg: tensor_pb2.Tensor, max_elements: int = MAX_ELEMENTS) -> kern
             f"scales hold {len(msg.scales)} bytes; shape {shape} under {spec.name!r} needs"
             f" {2 * n_scales}"
         )
-    codes = _from_bytes(msg.codes, code_dtype, numel)
-    scales = None
-    if spec.has_scales:
-        scales = _from_bytes(msg.scales, torch.bfloat16, n_scales)
-        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-            raise WireFormatError("scales must be finite and non-negative")
-    return kernels.QuantizedTensor(spec.name, shape, dtype, codes, scales, spec.block_size)
+    return spec, dtype, shape, numel, n_scales
 
 
 def encode(x: torch.Tensor, codec: str) -> tensor_pb2.Tensor:
@@ -183,21 +190,11 @@ def _plain_to_proto(x: torch.Tensor) -> tensor_pb2.Tensor:
 
 
 def _plain_from_proto(msg: tensor_pb2.Tensor, max_elements: int) -> np.ndarray | None:
-    """A well-formed codec "none" float32 message's values (a writable array of its shape, not
-    the message's buffer); None for anything else (from_proto then says what is wrong)."""
+    """A codec "none" float32 message's values, checked as from_proto checks them (a writable
+    array of its shape, not the message's buffer); None for any other codec or dtype."""
     if not isinstance(msg, tensor_pb2.Tensor) or msg.codec != "none" or msg.dtype != "float32":
         return None
-    shape = tuple(msg.shape)
-    if (
-        msg.version != WIRE_VERSION
-        or len(shape) > MAX_DIMS
-        or msg.block_size
-        or msg.scales
-        or any(d > max_elements for d in shape)
-        or math.prod(shape) > max_elements
-        or len(msg.codes) != 4 * math.prod(shape)
-    ):
-        return None
+    shape = _check(msg, max_elements)[2]
     return np.frombuffer(bytearray(msg.codes), dtype="<f4").reshape(shape)
 
 
