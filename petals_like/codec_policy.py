@@ -13,7 +13,6 @@ nothing but real forwards is asked of it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 import kernels
+from swarm.loops import within
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ async def measure_link(
         for name, (n, last) in probes.items():
             x = torch.randn(1, n, hidden_size, generator=gen)
             t0 = time.perf_counter()
-            await asyncio.wait_for(
+            await within(
                 client.forward(peer_id, x, start, last, timeout=timeout, codec=LOSSLESS),
                 timeout + 0.5,
             )

@@ -23,6 +23,7 @@ from petals_like.latency import StepLatency
 from petals_like.probing import guarded, is_timeout
 from petals_like.routing import Hop, RouteCosts, block_time, find_route, missing_blocks, usable
 from swarm.errors import NoRoute, PeerUnavailable
+from swarm.loops import within
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class SwarmRouter:
                     fetch = self._fetch
                 else:
                     from swarm.peer import fetch_swarm_async as fetch
-                records = await asyncio.wait_for(
+                records = await within(
                     fetch(self.dht, self.model_prefix, self.num_blocks, self.config.dht_timeout),
                     self.config.dht_timeout + 1.0,
                 )
@@ -166,7 +167,7 @@ class SwarmRouter:
         """Measure one round trip to `peer_id` (None if it did not answer in time)."""
         t0 = time.perf_counter()
         try:
-            await asyncio.wait_for(
+            await within(
                 self.client.info(peer_id, timeout=self.config.ping_timeout),
                 self.config.ping_timeout + 0.5,
             )
@@ -278,7 +279,7 @@ class SwarmRouter:
 
     async def _answers(self, peer_id: str) -> bool:
         try:
-            await asyncio.wait_for(self.probe(peer_id), self.config.ping_timeout + 0.5)
+            await within(self.probe(peer_id), self.config.ping_timeout + 0.5)
             return True
         except Exception as e:  # the probe's verdict: gone or hung
             logger.debug("probe of banned peer %s: %r", peer_id, e)
@@ -330,7 +331,7 @@ class SwarmRouter:
         if self._probing is None:
             self._probing = asyncio.Lock()
         try:
-            link, hidden = await asyncio.wait_for(self._measure(hop), budget)
+            link, hidden = await within(self._measure(hop), budget)
         except asyncio.TimeoutError:  # a link too slow to probe in time is slow: compress
             codec = self.codec_for(hop.peer_id)
             self.codec_choices[hop.peer_id] = CodecChoice(codec, None)
@@ -386,7 +387,7 @@ class SwarmRouter:
                 self.codec_choices.setdefault(hop.peer_id, CodecChoice(codec, None))
         codec = await self.session_codec(hop)
         self.codec_wait[hop.peer_id] = time.perf_counter() - t0
-        return await asyncio.wait_for(
+        return await within(
             self.client.open_inference(
                 hop.peer_id,
                 hop.start,
@@ -471,7 +472,7 @@ class SwarmRouter:
     ) -> torch.Tensor:
         """Blocks [start, end) of `peer_id` on `hidden` from position 0, with no cache."""
         extra = {} if adapter is None else {"adapter": adapter}
-        return await asyncio.wait_for(
+        return await within(
             self.client.forward(
                 peer_id,
                 hidden,

@@ -19,6 +19,7 @@ from petals_like.push_steps import PushSteps
 from petals_like.routing import Hop, describe
 from petals_like.verify import Liar, RolledBack, Verifier
 from swarm.errors import BadRequest, PeerUnavailable
+from swarm.loops import within
 
 logger = logging.getLogger(__name__)
 
@@ -533,6 +534,6 @@ def _span(h: _HopState) -> tuple[int, int]:
 
 async def _close_quietly(stream: StepStream, timeout: float) -> None:
     try:
-        await asyncio.wait_for(stream.close(), timeout)
+        await within(stream.close(), timeout)
     except Exception as e:  # the peer may be dead: closing is best effort
         logger.debug("closing a stream: %r", e)

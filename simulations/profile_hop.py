@@ -63,7 +63,7 @@ async def profile(iters: int, hidden: int) -> dict[str, float]:
     )
 
     async def wait_for():
-        return await asyncio.wait_for(asyncio.sleep(0), 30)
+        return await loops.within(asyncio.sleep(0), 30)
 
     async def bare():
         return await asyncio.sleep(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -43,3 +43,15 @@ def run(main: Coroutine[Any, Any, T], default: str = "uvloop") -> T:
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+async def within(aw: Awaitable[T], timeout: float | None) -> T:
+    """`await aw`, raising TimeoutError after `timeout` seconds: asyncio.wait_for, less a bug.
+
+    Python 3.11's wait_for drops a cancellation that arrives as the awaited call completes: it
+    returns the result and the cancelled task runs on. An announcer cancelled that way kept
+    refreshing its records (tests/peer/test_announcer.py saw them live 22 s after the cancel).
+    asyncio.timeout counts cancellations and never loses one.
+    """
+    async with asyncio.timeout(timeout):
+        return await aw

@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from swarm.dashboard.snapshot import fetch_tables, snapshot
 from swarm.dht import make_dht
+from swarm.loops import within
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class RoundTrips:
     async def _ping(self, peer_id: str) -> None:
         t0 = time.perf_counter()
         try:
-            await asyncio.wait_for(self._client.info(peer_id, timeout=PING_TIMEOUT), PING_TIMEOUT)
+            await within(self._client.info(peer_id, timeout=PING_TIMEOUT), PING_TIMEOUT)
         except Exception as e:  # shown as "no answer"
             logger.debug("ping %s: %r", peer_id, e)
             self.rtts.pop(peer_id, None)

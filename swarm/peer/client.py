@@ -20,6 +20,7 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from proto import peer_pb2, tensor_pb2
 from swarm.errors import AdapterMissing, BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.link import NO_LINK, Link
+from swarm.loops import within
 from swarm.model.lora import AdapterPayload, BlockTensors
 from swarm.peer import streams, wire
 from swarm.peer.handler import PART_MESSAGE_BYTES, PeerHandler
@@ -128,7 +129,7 @@ class PeerClient:
         try:
             maddrs = [dial_maddr(a) for a in addrs]
             # hivemind's P2P has no public connect: its daemon client is the only way in.
-            await asyncio.wait_for(self.p2p._client.connect(peer, maddrs), DIAL_TIMEOUT)
+            await within(self.p2p._client.connect(peer, maddrs), DIAL_TIMEOUT)
             self._dialled[key] = time.monotonic()
         except (ValueError, *TRANSPORT_ERRORS) as e:
             self._dialled.pop(key, None)
@@ -156,7 +157,7 @@ class PeerClient:
         peer = as_peer_id(peer_id)
         t0 = time.perf_counter()
         try:
-            await asyncio.wait_for(self.info(peer, timeout=timeout), timeout)
+            await within(self.info(peer, timeout=timeout), timeout)
         except asyncio.TimeoutError:
             raise PeerTimeout(f"peer {peer}: ping timed out after {timeout:.1f} s") from None
         return time.perf_counter() - t0
@@ -324,7 +325,7 @@ class PeerClient:
             if max(request.ByteSize(), reply_bytes) <= wire.UNARY_LIMIT_BYTES:
                 reply = await getattr(stub, unary)(request, timeout=timeout)
             else:
-                reply = await asyncio.wait_for(
+                reply = await within(
                     _stream_call(getattr(stub, stream), request, reply_type), timeout
                 )
         except TRANSPORT_ERRORS as e:
@@ -527,7 +528,7 @@ class InferenceStream:
         await self.client._dial(self.peer)
         name = PeerHandler._get_handle_name(None, "rpc_inference")
         try:
-            self._responses = await asyncio.wait_for(
+            self._responses = await within(
                 streams.call_stream(
                     self.client.p2p,
                     self.peer,
@@ -629,7 +630,7 @@ class InferenceStream:
             self._reader.cancel()
         if self._responses is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._responses.aclose(), 1.0)
+                await within(self._responses.aclose(), 1.0)
 
     async def __aenter__(self) -> InferenceStream:
         return self

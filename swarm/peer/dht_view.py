@@ -16,6 +16,7 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.utils import get_dht_time
 
 from swarm.errors import PeerUnavailable
+from swarm.loops import within
 from swarm.peer.records import MODELS_KEY, ModelEntry, SpanRecord, block_key
 from swarm.signing import is_peer_id, owner_of
 
@@ -77,7 +78,7 @@ async def fetch_swarm_async(
     keys = [block_key(model_prefix, b) for b in range(num_blocks)]
     future = dht.run_coroutine(partial(_get_blocks, keys=keys), return_future=True)
     try:
-        found = await asyncio.wait_for(future, timeout)
+        found = await within(future, timeout)
     except asyncio.TimeoutError:
         future.cancel()
         raise PeerUnavailable(f"the DHT did not answer within {timeout:.0f} s") from None
@@ -125,7 +126,7 @@ async def store_records_async(
         return_future=True,
     )
     try:
-        result = await asyncio.wait_for(future, timeout)
+        result = await within(future, timeout)
     except asyncio.TimeoutError:
         future.cancel()
         logger.warning("storing records for %d blocks timed out", len(keys))
@@ -148,7 +149,7 @@ async def store_model_entry_async(
         return_future=True,
     )
     try:
-        await asyncio.wait_for(future, timeout)
+        await within(future, timeout)
     except asyncio.TimeoutError:
         future.cancel()
         logger.warning("registering model %s timed out", entry.prefix)

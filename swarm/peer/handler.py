@@ -24,6 +24,7 @@ import kernels
 from proto import peer_pb2
 from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
 from swarm.link import Link
+from swarm.loops import within
 from swarm.model.lora import TARGETS, AdapterSpec, block_shapes
 from swarm.peer import streams, wire
 from swarm.peer.adapters import AdapterCache, AdapterEntry
@@ -222,7 +223,7 @@ class PeerHandler(ServicerBase):
         """One request, refused from its first part's header if it declares more than
         `max_bytes` or than the peer's request memory has left (held until `held` is released)."""
         try:
-            msg = await asyncio.wait_for(
+            msg = await within(
                 wire.join(requests, msg_type, max_bytes, held.reserve), self.config.request_timeout
             )
         except asyncio.TimeoutError:
@@ -508,9 +509,7 @@ class PeerHandler(ServicerBase):
         with self.clients.request(client):
             self.inflight += 1
             try:
-                return await asyncio.wait_for(
-                    self.worker.call(fn, client), self.config.request_timeout
-                )
+                return await within(self.worker.call(fn, client), self.config.request_timeout)
             finally:
                 self.inflight -= 1
 
@@ -587,7 +586,7 @@ def _chunks(steps, t: int) -> list[tuple[int, int]]:
 async def _drain(requests: AsyncIterator) -> None:
     """Read what the client still sends, so our last reply is not lost (DESIGN: streams)."""
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(_consume(requests), DRAIN_TIMEOUT)
+        await within(_consume(requests), DRAIN_TIMEOUT)
 
 
 async def _consume(requests: AsyncIterator) -> None:

@@ -15,6 +15,7 @@ from hivemind.p2p import P2P, PeerID
 from proto import peer_pb2
 from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
 from swarm.link import Link
+from swarm.loops import within
 from swarm.peer import wire
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class Pushes:
         if push is None:
             return None
         try:
-            await asyncio.wait_for(push, PUSH_TIMEOUT + 4 * self.link.delay)
+            await within(push, PUSH_TIMEOUT + 4 * self.link.delay)
         except Exception as e:
             logger.info("push to the next hop failed: %r", e)
             if not isinstance(e, (BadRequest, SessionExpired, PeerUnavailable)):

@@ -17,6 +17,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from proto import reachability_pb2
 from swarm.errors import Unreachable
+from swarm.loops import within
 from swarm.peer.config import PeerConfig
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,7 @@ class DialBackHandler(ServicerBase):
             try:
                 probe = await self._get_probe()
                 # The caller's own id: we never dial a third party on someone's request.
-                await asyncio.wait_for(
-                    probe._client.connect(context.remote_id, maddrs), DIAL_TIMEOUT
-                )
+                await within(probe._client.connect(context.remote_id, maddrs), DIAL_TIMEOUT)
             except Exception as e:  # noqa: BLE001 - every failure to dial is the answer "no"
                 return _no(f"{type(e).__name__}: {e}"[:200])
             finally:
@@ -132,7 +131,7 @@ async def check_reachability(
         async def ask(peer: str) -> bool | None:
             stub = DialBackHandler.get_stub(p2p, PeerID.from_base58(peer))
             try:
-                reply = await asyncio.wait_for(stub.rpc_dial_back(request), timeout)
+                reply = await within(stub.rpc_dial_back(request), timeout)
             except Exception as e:  # noqa: BLE001 - a peer that cannot answer does not vote
                 logger.debug("dial-back by %s failed: %r", peer, e)
                 return None

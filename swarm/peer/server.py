@@ -247,7 +247,7 @@ class Peer:
         # Peers started together would all see the same swarm: spread their choices in time.
         delay = self.rng.uniform(0, self.config.max_start_delay)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), delay)
+            await loops.within(self._stop.wait(), delay)
         return await self._place(await self._fetch())
 
     async def _place(self, records: list[SpanRecord]) -> tuple[int, int]:

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 # hivemind's group-key buckets: the most replicas one round takes.
 TARGET_GROUP_SIZE = 16
+MAX_SAMPLES = 1 << 30  # a sample count a groupmate may tell
 
 StateGetter = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
 
@@ -104,20 +105,32 @@ class StageAverager(DecentralizedAverager):
             raise PeerUnavailable(f"replica sent bad state metadata {metadata!r}")
         return metadata, list(tensors)
 
-    def average(self, weight: float, timeout: float, group: int = 0) -> int:
-        """One all-reduce round with the stage's other replicas; returns the group size.
+    def average(
+        self, weight: float, timeout: float, group: int = 0, samples: int = 0
+    ) -> list[int | None]:
+        """One all-reduce round with the stage's other replicas; each groupmate's `samples`.
 
         group: how many replicas will join (this one included); the round starts as soon as they
         did instead of at the end of the matchmaking time (0: unknown, wait it out).
-        Raises PeerUnavailable when no group formed or the round failed (e.g. a peer left).
+        samples: what this replica's gradients hold, told to the group (ours is in the list; None
+        where a replica of an earlier version told nothing).
+        Raises PeerUnavailable when no group formed, the round failed (e.g. a peer left) or a
+        groupmate told something that is not a sample count.
         """
         # Sent down the same pipe as the step, so the averager process applies it first.
         size = min(max(group, 2), TARGET_GROUP_SIZE) if group else TARGET_GROUP_SIZE
         self._outer_pipe.send(("_set_group_size", [], dict(size=size)))
         try:
-            gathered = self.step(weight=weight, timeout=timeout, allow_retries=False, wait=True)
+            gathered = self.step(
+                gather=int(samples), weight=weight, timeout=timeout, allow_retries=False, wait=True
+            )
         except Exception as e:
             raise PeerUnavailable(f"averaging round failed: {e!r}") from e
         if not gathered:
             raise PeerUnavailable("averaging round found no group")
-        return len(gathered)
+        counts = list(gathered.values())
+        # From the network: a bool is an int to Python, a huge count would mask a short round.
+        # None: a replica of an earlier version, which tells nothing.
+        if not all(c is None or type(c) is int and 0 <= c <= MAX_SAMPLES for c in counts):
+            raise PeerUnavailable("a groupmate told a bad sample count")
+        return counts

@@ -49,9 +49,10 @@ class StageTrainingConfig:
     progress_ttl: float = 6.0  # a replica not heard of for this long is gone
     matchmaking_time: float = 1.0  # how long a round waits for the stage's replicas to gather
     averaging_timeout: float = 10.0  # bound on one averaging round
-    # Lock-step: failed rounds in one epoch before stepping alone. Long enough for a dead
-    # partner's progress record to expire (progress_ttl) and the trainers to resend its share.
-    max_failed_rounds: int = 8
+    # Lock-step: how long one epoch's failed or short rounds are retried before the replica
+    # steps on what it has. Long enough for a dead partner's progress record to expire
+    # (progress_ttl) and the trainers to resend its share (2 s later) on a loaded machine.
+    max_retry_s: float = 30.0
     load_state_timeout: float = 30.0
     load_state_attempts: int = 3
     dht_timeout: float = 5.0
@@ -93,7 +94,7 @@ class TrainableStage(SpanBackend):
       arrives meanwhile counts toward the next step (at most one step stale). A failed round
       steps alone; the next round's parameter averaging brings the replicas back in line.
     - lock-step (`swarm-train --sync`): a failed round is retried (the trainers resend what a dead
-      replica held); after `max_failed_rounds` the replica steps alone.
+      replica held); after `max_retry_s` the replica steps on what it holds.
     - DiLoCo (`--average-every H`): local AdamW steps; every H steps an outer Nesterov step on
       the replicas' averaged parameter deltas.
     Memory per parameter: weights 4 B, accumulated gradients 4 B, AdamW moments 8 B (2 B with
@@ -128,7 +129,7 @@ class TrainableStage(SpanBackend):
         self.steps_averaged = 0
         self.steps_local = 0
         self.rounds_discarded = 0  # averaged rounds refused as non-finite or out of bounds
-        self._failed_rounds = 0
+        self._retrying_since: float | None = None  # lock-step: this epoch's first failed round
         self._lag_seen: tuple[int, float] | None = None  # (epoch, when) a replica behind was seen
         self._published_samples = 0
         self._busy_s = 0.0  # seconds of backward compute, for the throughput estimate
@@ -640,7 +641,7 @@ class TrainableStage(SpanBackend):
             self.epoch += 1
             self._averaging = -1
             self._round_samples = 0
-            self._failed_rounds = 0
+            self._retrying_since = None
         self.averager.state_sharing_priority = float(self.epoch)
         self._publish()
 
@@ -671,30 +672,46 @@ class TrainableStage(SpanBackend):
         """One round over the buffers; False if it failed (None: lock-step retries later).
 
         group: replicas expected (0: unknown, the round waits out the matchmaking time).
+        Lock-step rounds must hold the whole target batch: a partner that died holding samples
+        may still be counted in its last record, and a round without it (with a joiner, say)
+        would step on part of the batch. Such a round is retried once the trainers resent.
         """
         t0 = time.monotonic()
         try:
-            size = self.averager.average(
-                max(float(n), 1e-3), self.train_config.averaging_timeout, group
+            counts = self.averager.average(
+                max(float(n), 1e-3), self.train_config.averaging_timeout, group, samples=n
             )
         except PeerUnavailable as e:
-            self._failed_rounds += 1
-            logger.warning("stage %s:%s epoch %d: %s", *self.key, self.epoch, e)
-            if retry_failed and self._failed_rounds <= self.train_config.max_failed_rounds:
+            why, short = str(e), False
+        else:
+            told = [c for c in counts if c is not None]
+            held = sum(told) if len(told) == len(counts) else self.target_batch  # None: unknown
+            logger.info(
+                "stage %s:%s epoch %d: averaged %d samples with %d replicas in %.2fs (%d in all)",
+                *self.key,
+                self.epoch,
+                n,
+                len(counts),
+                time.monotonic() - t0,
+                held,
+            )
+            if not retry_failed or held >= self.target_batch:
+                return True
+            why = f"the round held {held} of the batch's {self.target_batch} samples"
+            short = True
+        logger.warning("stage %s:%s epoch %d: %s", *self.key, self.epoch, why)
+        if retry_failed:
+            now = time.monotonic()
+            if self._retrying_since is None:
+                self._retrying_since = now
+            if now - self._retrying_since < self.train_config.max_retry_s:
                 # A replica may have died holding samples: keep ours and wait until the
                 # trainers resend the lost ones to live replicas.
                 self._restore(own, n)
                 return None
-            return False
-        logger.info(
-            "stage %s:%s epoch %d: averaged %d samples with %d replicas in %.2fs",
-            *self.key,
-            self.epoch,
-            n,
-            size,
-            time.monotonic() - t0,
-        )
-        return True
+            # No trainer filled the batch in time: a short round still keeps replicas together.
+            logger.warning("stage %s:%s: stepping on what the stage holds", *self.key)
+        return short
 
     def _restore(self, grad_sums: list[torch.Tensor], n: int) -> None:
         with self._lock:

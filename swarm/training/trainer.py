@@ -19,6 +19,7 @@ from hivemind import DHT
 
 from swarm.dht import make_dht
 from swarm.errors import BadRequest, NoRoute, SwarmError
+from swarm.loops import within
 from swarm.model.loading import load_client_parts, load_config, load_tokenizer, resolve_model
 from swarm.model.tokenizer import Tokenizer
 from swarm.net import check_initial_peers
@@ -687,7 +688,7 @@ class Trainer:
                         await self._resend(client, s, peer, held)
             changed.set()
             try:
-                await asyncio.wait_for(stop.wait(), 0.2)
+                await within(stop.wait(), 0.2)
             except asyncio.TimeoutError:
                 pass
 
@@ -712,7 +713,7 @@ class Trainer:
                 logger.warning("waiting %.0f s: %s", now - t0, what())
             changed.clear()
             try:
-                await asyncio.wait_for(changed.wait(), 1.0)
+                await within(changed.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
         return time.monotonic() - t0

@@ -104,6 +104,64 @@ def test_a_replica_in_a_lock_step_round_still_counts_its_samples(dhts):
         b.shutdown()
 
 
+@pytest.mark.timeout(120)
+def test_a_lock_step_round_short_of_the_batch_waits_for_the_resend(dhts):
+    """A replica died holding 2 of the batch's 6 samples; its record still counts them.
+
+    The survivor (4 samples) and a joiner (none) form a round: it holds 4 samples, and stepping
+    on it parted the run from single-process training (a CI run's loss gap 0.15). The round is
+    retried until the trainer's resend of the lost 2 samples reaches the joiner.
+    """
+    torch.manual_seed(0)
+    span = BlockSpan(STAGE_MODEL, 0, 2)
+    adam = AdamConfig(lr=1e-2)
+    trainer = TrainerRecord(dhts[3].peer_id.to_base58(), 6, adam, sync=True)
+    store_trainer(dhts[3], "t1", trainer, ttl=60, timeout=5)
+    x, g = torch.randn(6, 5, 32), torch.randn(6, 5, 32)
+    ref = copy.deepcopy(span).float()
+    torch.autograd.backward(ref(x), g)
+    for p in ref.parameters():
+        p.grad /= 6
+    AdamW(list(ref.parameters()), adam).step()
+    # Records outlive the test's waits: the dead replica is counted throughout.
+    a = make_stage(dhts[0], span, progress_ttl=40.0)
+    dead = make_stage(dhts[1], span, progress_ttl=40.0)
+    b = None
+    try:
+        a.join()
+        dead.join()
+        dead.backward(x[4:], g[4:])
+        wait_for(
+            lambda: (
+                (fetch_progress(dhts[3], "t1", (0, 2), timeout=5) or {}).get(dead.peer_id)
+                and fetch_progress(dhts[3], "t1", (0, 2), timeout=5)[dead.peer_id].samples == 2
+            ),
+            10,
+            what="the doomed replica's 2 samples published",
+        )
+        # It dies: its threads and averager stop, its record stays (no retraction).
+        dead._stop.set()
+        dead._wake.set()
+        dead._thread.join(5)
+        dead._beat.join(5)
+        dead.averager.shutdown()
+        b = make_stage(dhts[2], span, progress_ttl=40.0)
+        b.join()
+        a.backward(x[:4], g[:4])
+        wait_for(lambda: a._retrying_since is not None, 40, what="a round short of the batch")
+        assert a.epoch == 0 and b.epoch == 0 and a.samples == 4
+        b.backward(x[4:], g[4:])  # the trainer resends what the dead replica held
+        wait_for(lambda: a.epoch == 1 and b.epoch == 1, 40, what="both replicas stepping")
+        va, vb = a.parameters_vector(), b.parameters_vector()
+        vr = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+        assert (va - vb).abs().max() < 1e-6
+        assert (va - vr).abs().max() < 1e-5
+    finally:
+        for stage in (a, b):
+            if stage is not None:
+                stage.shutdown()
+
+
 @pytest.mark.timeout(60)
 def test_a_backward_past_its_deadline_is_not_counted(dhts):
     torch.manual_seed(0)
