@@ -255,9 +255,11 @@ class TrainableStage(SpanBackend):
                 self._anchor = [t.clone() for t in outer[:n]]
                 self._outer_m = [t.clone() for t in outer[n:]]
             self.epoch = epoch
-            # Buckets the download overtook count toward the coming step.
-            if any(k <= epoch + 1 for k in self._later):
-                self._merge_later()
+            # Buckets the download overtook count toward the coming step; later ones wait for
+            # theirs. Folding those in too ran this replica one batch ahead of the trainers'
+            # step tags for good: each step then held 12 samples or 4 of 8, and waited for the
+            # trainers' staleness bound (tests/training, a peer moving mid-run).
+            self._merge_later(upto=epoch + 1)
 
     # Compute (called by the peer's compute worker)
 
@@ -540,9 +542,12 @@ class TrainableStage(SpanBackend):
             p.grad = g
         self.samples = n
 
-    def _merge_later(self) -> None:
-        """Under the lock: fold every later step's bucket into the coming step's gradients."""
+    def _merge_later(self, upto: int | None = None) -> None:
+        """Under the lock: fold the later steps' buckets (those up to step `upto`; None: all)
+        into the coming step's gradients."""
         for step in sorted(self._later):
+            if upto is not None and step > upto:
+                break
             grads, count = self._later.pop(step)
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = g if p.grad is None else p.grad.add_(g)

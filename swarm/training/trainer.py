@@ -51,7 +51,11 @@ class NoRunPeers(NoRoute):
 
 # A replica's progress record must be absent this long before its microbatches are resent.
 MISSING_GRACE_S = 2.0
-NOTE_EVERY_S = 10.0  # a wait this long or longer is reported on stderr, again every as long
+NOTE_EVERY_S = 10.0
+# Our trainer record lives RECORD_TTL_S and is refreshed every RECORD_REFRESH_S, whatever the run
+# waits for: stages take a lapsed record for the end of the run and step on all they hold.
+RECORD_TTL_S = 30.0
+RECORD_REFRESH_S = 10.0  # a wait this long or longer is reported on stderr, again every as long
 
 
 @dataclass
@@ -473,8 +477,16 @@ class Trainer:
         )
         for item in items:
             try:
+                # With its step tag: counted toward the coming step instead, an item meant for
+                # the next one (a bucket the replica held) left that step short of its batch.
                 _, new_peer, step = await self._call(
-                    client, s, "backward", item.inputs, item.grad_out, lane=item.lane
+                    client,
+                    s,
+                    "backward",
+                    item.inputs,
+                    item.grad_out,
+                    lane=item.lane,
+                    step=item.step,
                 )
             except NoRoute as e:
                 logger.warning("resend failed: %s", e)
@@ -538,9 +550,6 @@ class Trainer:
             except SwarmError as e:
                 logger.warning("swarm incomplete (%s); waiting for peers", e)
                 await self.wait_for_swarm(self.config.stall_timeout)
-            await asyncio.to_thread(
-                store_trainer, self.dht, cfg.run_id, record, 30.0, cfg.dht_timeout
-            )
             before = await self._stage_epochs()
             held: list[dict[str, list[_Held]]] = [defaultdict(list) for _ in self.stages]
             batch = next(batches)
@@ -759,7 +768,6 @@ class Trainer:
         waited = 0.0
         t_last = time.monotonic()
         retries0 = self.retries
-        last_store = time.monotonic()
 
         def apply_ready() -> None:
             nonlocal applied, t_last, retries0
@@ -799,11 +807,6 @@ class Trainer:
                 while applied < k - 2 and tasks:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     apply_ready()
-                if time.monotonic() - last_store > 10.0:
-                    last_store = time.monotonic()
-                    await asyncio.to_thread(
-                        store_trainer, self.dht, cfg.run_id, record, 30.0, cfg.dht_timeout
-                    )
                 # Step k's gradients are meant for each stage's step base + k; they go out once
                 # every stage has applied step base + k - 2 (its round for k - 1 may still run).
                 waited += await self._wait_epochs([b + k - 2 for b in base], changed)
@@ -827,6 +830,7 @@ class Trainer:
             apply_ready()
             # The last steps: with our record gone, stages step on what they hold; wait
             # (bounded) until they applied all we sent them.
+            await self._stop_record()
             await asyncio.to_thread(
                 _retract, self.dht, cfg.run_id, self.trainer_id, cfg.dht_timeout
             )
@@ -862,20 +866,48 @@ class Trainer:
             cfg.outer_lr,
             cfg.outer_momentum,
         )
-        await asyncio.to_thread(store_trainer, self.dht, cfg.run_id, record, 30.0, cfg.dht_timeout)
-        # Stages read trainer records every second or two: let them learn the target batch.
-        await asyncio.sleep(2.5)
+        await asyncio.to_thread(
+            store_trainer, self.dht, cfg.run_id, record, RECORD_TTL_S, cfg.dht_timeout
+        )
+        self._record_stop = asyncio.Event()
+        self._record_task = asyncio.create_task(self._keep_record(record, self._record_stop))
         try:
+            # Stages read trainer records every second or two: let them learn the target batch.
+            await asyncio.sleep(2.5)
             if cfg.sync:
                 await self._run_sync(client, record, on_step)
             else:
                 await self._run_async(client, record, on_step)
         finally:
+            await self._stop_record()
             # A tombstone so that stages stop counting our batch size.
             await asyncio.to_thread(
                 _retract, self.dht, cfg.run_id, self.trainer_id, cfg.dht_timeout
             )
         return self.history
+
+    async def _keep_record(self, record: TrainerRecord, stop: asyncio.Event) -> None:
+        """Store our record every RECORD_REFRESH_S until `stop` is set. Stored only between
+        steps, it lapsed while the run waited 30 s for a stage, and the stages, taking the run
+        for ended, stepped on every bucket they held at once."""
+        cfg = self.config
+        while not stop.is_set():
+            try:
+                await within(stop.wait(), RECORD_REFRESH_S)
+            except TimeoutError:
+                ok = await asyncio.to_thread(
+                    store_trainer, self.dht, cfg.run_id, record, RECORD_TTL_S, cfg.dht_timeout
+                )
+                if not ok:
+                    logger.warning("refreshing our trainer record failed; retrying")
+
+    async def _stop_record(self) -> None:
+        """Stop refreshing our record (a store in flight completes first)."""
+        task = getattr(self, "_record_task", None)
+        if task is not None:
+            self._record_stop.set()
+            await task
+            self._record_task = None
 
     def shutdown(self) -> None:
         self.dht.shutdown()

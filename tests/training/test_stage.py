@@ -163,6 +163,29 @@ def test_a_lock_step_round_short_of_the_batch_waits_for_the_resend(dhts):
 
 
 @pytest.mark.timeout(60)
+def test_a_download_folds_in_only_the_buckets_it_overtook(dhts):
+    """Asynchronous mode: a replica that downloads a newer epoch counts the buckets for steps
+    now due toward the coming step; a later step's bucket stays its own. Folding it in too ran
+    a replica one batch ahead of the trainers' step tags for the rest of a run."""
+    span = BlockSpan(STAGE_MODEL, 0, 2)
+    record = TrainerRecord(dhts[3].peer_id.to_base58(), 100, AdamConfig(), sync=False)
+    store_trainer(dhts[3], "t1", record, ttl=60, timeout=5)  # a batch of 100: no step here
+    a = make_stage(dhts[0], span)
+    try:
+        a.join()
+        wait_for(lambda: a.plan is not None, 10, what="the trainer's plan read")
+        x, g = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
+        for i, step in enumerate([1, 2, 3]):  # the coming step (epoch 0 + 1), then two buckets
+            assert a.backward_counted(x[i : i + 1], g[i : i + 1], step=step)[1] == step
+        assert a.samples == 1 and sorted(a._later) == [2, 3]
+        metadata, tensors = a._state_for_download()
+        a._load_state({**metadata, "epoch": 1}, tensors)  # a replica one step ahead
+        assert a.epoch == 1 and a.samples == 2 and sorted(a._later) == [3]
+    finally:
+        a.shutdown()
+
+
+@pytest.mark.timeout(60)
 def test_a_backward_past_its_deadline_is_not_counted(dhts):
     torch.manual_seed(0)
     a = make_stage(dhts[0], BlockSpan(STAGE_MODEL, 0, 2), run_id="t2")
