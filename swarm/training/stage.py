@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 # A replica behind us is waited for this long per epoch before we step alone: a record read
 # lags a publish by a poll or two (0.25 s each), and a state download takes about a second.
 LAG_GRACE_S = 3.0
+# Asynchronous mode: a coming step whose count stays short of the target batch this long is
+# stepped on as it is. Counts can end up off by a microbatch (a trainer paused, a gradient
+# resent after its holder stepped), and the trainers wait for our step before they send more:
+# without this the run stalled for good. A step cut short moves late gradients to the next one.
+SHORT_GRACE_S = 5.0
 
 
 @dataclass
@@ -131,6 +136,7 @@ class TrainableStage(SpanBackend):
         self.rounds_discarded = 0  # averaged rounds refused as non-finite or out of bounds
         self._retrying_since: float | None = None  # lock-step: this epoch's first failed round
         self._lag_seen: tuple[int, float] | None = None  # (epoch, when) a replica behind was seen
+        self._short_seen: tuple[tuple[int, int], float] | None = None  # ((epoch, count), since)
         self._published_samples = 0
         self._busy_s = 0.0  # seconds of backward compute, for the throughput estimate
         self._done = 0
@@ -500,12 +506,13 @@ class TrainableStage(SpanBackend):
         started = any(r.averaging == self.epoch for r in same)
         total = mine + sum(r.samples for r in same if r.averaging != self.epoch)
         if not started and not (self.target_batch > 0 and total >= self.target_batch):
-            if not self.plan_ended():
+            if self.plan_ended():
+                with self._lock:
+                    self._merge_later()  # no trainer left to fill them: step on all we hold
+                    if not self.samples:
+                        return
+            elif not self._stuck_short(total):
                 return
-            with self._lock:
-                self._merge_later()  # no trainer left to fill them: step on all we hold
-                if not self.samples:
-                    return
         if plan.average_every > 1:
             self._local_step(plan, rounds_with=bool(others))
         else:
@@ -532,6 +539,26 @@ class TrainableStage(SpanBackend):
         if self._lag_seen is None or self._lag_seen[0] != self.epoch:
             self._lag_seen = (self.epoch, now)
         return now - self._lag_seen[1] < LAG_GRACE_S
+
+    def _stuck_short(self, total: int) -> bool:
+        """Whether the stage's count for the coming step, short of the target, has stayed at
+        `total` (> 0) for SHORT_GRACE_S: it is all the trainers send for this step."""
+        now = time.monotonic()
+        key = (self.epoch, total)
+        if self._short_seen is None or self._short_seen[0] != key:
+            self._short_seen = (key, now)
+            return False
+        if total <= 0 or now - self._short_seen[1] < SHORT_GRACE_S:
+            return False
+        logger.warning(
+            "stage %s:%s epoch %d: %d of the batch's %d samples, none more in %.0f s: stepping",
+            *self.key,
+            self.epoch,
+            total,
+            self.target_batch,
+            SHORT_GRACE_S,
+        )
+        return True
 
     def _take_next_bucket(self) -> None:
         """Under the lock, once the current gradients are taken: the next step's bucket is now

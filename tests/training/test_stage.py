@@ -13,6 +13,7 @@ from swarm.errors import BadRequest
 from swarm.model import BlockSpan
 from swarm.training.optim8bit import AdamConfig, AdamW
 from swarm.training.progress import TrainerRecord, fetch_progress, store_trainer
+from swarm.training.stage import SHORT_GRACE_S
 from tests.conftest import wait_for
 from tests.training.conftest import STAGE_MODEL, make_stage
 
@@ -181,6 +182,29 @@ def test_a_download_folds_in_only_the_buckets_it_overtook(dhts):
         metadata, tensors = a._state_for_download()
         a._load_state({**metadata, "epoch": 1}, tensors)  # a replica one step ahead
         assert a.epoch == 1 and a.samples == 2 and sorted(a._later) == [3]
+    finally:
+        a.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_an_asynchronous_step_short_of_its_batch_goes_on_after_a_grace(dhts):
+    """A coming step that stays short (counts off by a microbatch after a trainer's pause) is
+    stepped on after SHORT_GRACE_S: trainers wait for that step before they send more, and the
+    run stalled for good. The next step's bucket stays its own."""
+    span = BlockSpan(STAGE_MODEL, 0, 2)
+    record = TrainerRecord(dhts[3].peer_id.to_base58(), 6, AdamConfig(), sync=False)
+    store_trainer(dhts[3], "t1", record, ttl=60, timeout=5)
+    a = make_stage(dhts[0], span)
+    try:
+        a.join()
+        wait_for(lambda: a.plan is not None, 10, what="the trainer's plan read")
+        x, g = torch.randn(6, 5, 32), torch.randn(6, 5, 32)
+        a.backward_counted(x[:4], g[:4], step=1)  # 4 of the first step's 6
+        a.backward_counted(x[4:], g[4:], step=2)  # a part of the next one
+        t0 = time.monotonic()
+        wait_for(lambda: a.epoch == 1, 30, what="the short step")
+        assert time.monotonic() - t0 >= SHORT_GRACE_S - 1.0
+        assert a.steps_local == 1 and a.samples == 2 and not a._later
     finally:
         a.shutdown()
 
