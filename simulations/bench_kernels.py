@@ -93,8 +93,9 @@ def decode_quantized(msg) -> torch.Tensor:
     size = np.frombuffer(msg.buffer, count=1, dtype=np.int64).item()
     codebook = np.frombuffer(msg.buffer, offset=8, count=size, dtype=np.float32)
     indices = np.frombuffer(msg.buffer, offset=8 + codebook.nbytes, dtype=np.uint8)
-    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(tuple(msg.size))
-    return torch.as_tensor(codebook).to(getattr(torch, msg.dtype))[indices]
+    # Copies: buffers from the wire are read-only, which torch does not support.
+    indices = torch.from_numpy(indices.astype(np.int64)).reshape(tuple(msg.size))
+    return torch.from_numpy(codebook.copy()).to(getattr(torch, msg.dtype))[indices]
 
 
 def numpy_version() -> str:

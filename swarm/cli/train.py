@@ -42,7 +42,7 @@ def train(config: TrainerConfig) -> int:
         )
 
     try:
-        history = loops.run(trainer.run(on_step), "asyncio")  # see swarm.loops
+        history = loops.run(trainer.run(on_step))
         if config.save:
             from swarm.training.checkpoint import save_checkpoint
 

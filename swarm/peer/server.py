@@ -141,11 +141,10 @@ class Peer:
         self._cooldown_until = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    EVENT_LOOP = "uvloop"  # swarm.loops: training peers stay on asyncio (see there)
 
     def run(self) -> int:
         try:
-            return loops.run(self._main(), self.EVENT_LOOP)
+            return loops.run(self._main())  # uvloop unless SWARM_MESH_EVENT_LOOP says (swarm.loops)
         finally:
             self.dht.shutdown()
             if self.relay is not None:

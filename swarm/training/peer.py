@@ -31,8 +31,6 @@ class TrainingPeer(Peer):
     throughput to the bottleneck, downloading the new stage's state before it serves there.
     """
 
-    EVENT_LOOP = "asyncio"  # see swarm.loops: lock-step training drifted on uvloop
-
     def __init__(self, config, on_maddrs=None, stage_config: StageTrainingConfig | None = None):
         if config.quant != "none":
             raise ValueError(

@@ -94,7 +94,7 @@ def test_scenario_gradients_through_three_peers_equal_local_autograd(
         loss.backward()
         want = local_loss(local_model, reference, IDS)
         want.backward()
-        assert abs(float(loss) - float(want)) < 1e-5
+        assert abs(loss.item() - want.item()) < 1e-5
         worst = 0.0
         for (name, p), (_, q) in zip(
             model.tuning.named_parameters(), reference.named_parameters(), strict=True
