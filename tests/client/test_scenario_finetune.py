@@ -102,7 +102,7 @@ def test_scenario_gradients_through_three_peers_equal_local_autograd(
             assert p.grad is not None, name
             err = float((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12))
             worst = max(worst, err)
-        print(f"{method}: loss {float(loss):.5f}, worst relative L2 gradient error {worst:.2e}")
+        print(f"{method}: loss {loss.item():.5f}, worst relative L2 gradient error {worst:.2e}")
         # fp32 on the wire and the same ops: only the order of float sums differs.
         assert worst < 1e-4
 
