@@ -134,7 +134,7 @@ class TrainableStage(SpanBackend):
         self.steps_averaged = 0
         self.steps_local = 0
         self.rounds_discarded = 0  # averaged rounds refused as non-finite or out of bounds
-        self._retrying_since: float | None = None  # lock-step: this epoch's first failed round
+        self._retrying: tuple[int, float] | None = None  # lock-step: (epoch, first failed round)
         self._lag_seen: tuple[int, float] | None = None  # (epoch, when) a replica behind was seen
         self._short_seen: tuple[tuple[int, int], float] | None = None  # ((epoch, count), since)
         self._published_samples = 0
@@ -673,7 +673,6 @@ class TrainableStage(SpanBackend):
             self.epoch += 1
             self._averaging = -1
             self._round_samples = 0
-            self._retrying_since = None
         self.averager.state_sharing_priority = float(self.epoch)
         self._publish()
 
@@ -734,9 +733,10 @@ class TrainableStage(SpanBackend):
         logger.warning("stage %s:%s epoch %d: %s", *self.key, self.epoch, why)
         if retry_failed:
             now = time.monotonic()
-            if self._retrying_since is None:
-                self._retrying_since = now
-            if now - self._retrying_since < self.train_config.max_retry_s:
+            # Per epoch: one reached by a download (catching up) starts its own count.
+            if self._retrying is None or self._retrying[0] != self.epoch:
+                self._retrying = (self.epoch, now)
+            if now - self._retrying[1] < self.train_config.max_retry_s:
                 # A replica may have died holding samples: keep ours and wait until the
                 # trainers resend the lost ones to live replicas.
                 self._restore(own, n)

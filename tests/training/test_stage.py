@@ -149,7 +149,7 @@ def test_a_lock_step_round_short_of_the_batch_waits_for_the_resend(dhts):
         b = make_stage(dhts[2], span, progress_ttl=40.0)
         b.join()
         a.backward(x[:4], g[:4])
-        wait_for(lambda: a._retrying_since is not None, 40, what="a round short of the batch")
+        wait_for(lambda: a._retrying is not None, 40, what="a round short of the batch")
         assert a.epoch == 0 and b.epoch == 0 and a.samples == 4
         b.backward(x[4:], g[4:])  # the trainer resends what the dead replica held
         wait_for(lambda: a.epoch == 1 and b.epoch == 1, 40, what="both replicas stepping")
