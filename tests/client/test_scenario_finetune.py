@@ -118,7 +118,7 @@ def test_scenario_lora_loss_decreases_on_the_tiny_model(swarm, tiny_model_dir):
             loss, _ = m(IDS, labels=IDS)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     print("lora losses:", " ".join(f"{x:.3f}" for x in losses))
     assert losses[-1] < 0.8 * losses[0]
 
