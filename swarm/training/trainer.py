@@ -51,11 +51,11 @@ class NoRunPeers(NoRoute):
 
 # A replica's progress record must be absent this long before its microbatches are resent.
 MISSING_GRACE_S = 2.0
-NOTE_EVERY_S = 10.0
+NOTE_EVERY_S = 10.0  # a wait this long or longer is reported on stderr, again every as long
 # Our trainer record lives RECORD_TTL_S and is refreshed every RECORD_REFRESH_S, whatever the run
 # waits for: stages take a lapsed record for the end of the run and step on all they hold.
 RECORD_TTL_S = 30.0
-RECORD_REFRESH_S = 10.0  # a wait this long or longer is reported on stderr, again every as long
+RECORD_REFRESH_S = 10.0
 
 
 @dataclass
@@ -281,6 +281,8 @@ class Trainer:
         self.wiring: Any = StochasticWiring(random.Random(config.seed))
         self.stages: list[tuple[int, int]] = []
         self.retries = self.resent = self.lost = 0
+        # Refreshing our trainer record while the run lasts (_keep_record): (task, its stop).
+        self._record_keeper: tuple[asyncio.Task, asyncio.Event] | None = None
         self.samples_done = 0
         self.wire_bytes = 0  # tensor payload of successful calls, all four directions
         self.max_staleness = 0  # most optimizer steps a microbatch's stages ran ahead of it
@@ -869,8 +871,8 @@ class Trainer:
         await asyncio.to_thread(
             store_trainer, self.dht, cfg.run_id, record, RECORD_TTL_S, cfg.dht_timeout
         )
-        self._record_stop = asyncio.Event()
-        self._record_task = asyncio.create_task(self._keep_record(record, self._record_stop))
+        stop = asyncio.Event()
+        self._record_keeper = (asyncio.create_task(self._keep_record(record, stop)), stop)
         try:
             # Stages read trainer records every second or two: let them learn the target batch.
             await asyncio.sleep(2.5)
@@ -903,11 +905,11 @@ class Trainer:
 
     async def _stop_record(self) -> None:
         """Stop refreshing our record (a store in flight completes first)."""
-        task = getattr(self, "_record_task", None)
-        if task is not None:
-            self._record_stop.set()
+        if self._record_keeper is not None:
+            task, stop = self._record_keeper
+            self._record_keeper = None
+            stop.set()
             await task
-            self._record_task = None
 
     def shutdown(self) -> None:
         self.dht.shutdown()
