@@ -89,7 +89,9 @@ class TrainingPeer(Peer):
     async def _place(self, records) -> tuple[int, int]:
         others = [r for r in records if r.peer_id != self.peer_id]
         try:
-            chain = choose_stages(others, self.num_layers)
+            # Peers still loading count: their stage is chosen. Started beside them (the README's
+            # run), an auto peer saw only the first online and took a span across both stages.
+            chain = choose_stages(others, self.num_layers, ("online", "joining"))
         except NoRoute:  # the stages do not cover the model yet: fill a gap
             return await super()._place(records)
         keys = [k for k, _ in chain]

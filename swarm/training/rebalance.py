@@ -153,16 +153,16 @@ def training_join(
 
 
 def choose_stages(
-    records: list[SpanRecord], num_layers: int
+    records: list[SpanRecord], num_layers: int, states: tuple[str, ...] = ("online",)
 ) -> list[tuple[tuple[int, int], list[str]]]:
-    """A chain of spans [0, a), [a, b), ... [z, num_layers) and each span's online peers.
+    """A chain of spans [0, a), [a, b), ... [z, num_layers) and each span's peers in `states`.
 
     At each block the span with the most replicas wins (ties: the longer one). Raises NoRoute if
-    online peers do not cover the model.
+    those peers do not cover the model.
     """
     by_span: dict[tuple[int, int], list[str]] = defaultdict(list)
     for r in records:
-        if r.state == "online" and r.end <= num_layers:
+        if r.state in states and r.end <= num_layers:
             by_span[(r.start, r.end)].append(r.peer_id)
     chain, pos = [], 0
     while pos < num_layers:

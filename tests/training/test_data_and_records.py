@@ -122,6 +122,10 @@ def test_choose_stages_prefers_replicated_spans():
     assert choose_stages(recs, 6) == [((0, 3), ["a", "b"]), ((3, 6), ["d"])]
     with pytest.raises(NoRoute):
         choose_stages(recs[:3], 6)
+    # A joining peer has chosen its stage: placing a new training peer counts it.
+    both = ("online", "joining")
+    assert choose_stages(recs, 6, both) == [((0, 3), ["a", "b"]), ((3, 6), ["d", "f"])]
+    assert choose_stages([*recs[:3], recs[5]], 6, both) == [((0, 3), ["a", "b"]), ((3, 6), ["f"])]
 
 
 def test_payload_bytes_of_codecs():
