@@ -1,12 +1,16 @@
 """`swarm-train`: SWARM training of a model over the mesh's training peers.
 
 Prints one line per step (`step N loss X samples/s Y retries R`) and a summary with `lost=N`.
+SIGINT (Ctrl-C) or SIGTERM ends the run cleanly: the steps begun finish, --save still saves and
+the summary is printed; a second signal aborts.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 
 from swarm import loops
@@ -42,7 +46,7 @@ def train(config: TrainerConfig) -> int:
         )
 
     try:
-        history = loops.run(trainer.run(on_step))
+        history = loops.run(_run_until_signalled(trainer, on_step))
         if config.save:
             from swarm.training.checkpoint import save_checkpoint
 
@@ -59,6 +63,25 @@ def train(config: TrainerConfig) -> int:
         flush=True,
     )
     return 0 if trainer.lost == 0 else 1
+
+
+async def _run_until_signalled(trainer: Trainer, on_step) -> list[StepStats]:
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def stop(sig: signal.Signals) -> None:
+        print(f"swarm-train: {sig.name}: stopping after the steps begun", file=sys.stderr)
+        trainer.stop()
+        for s in signals:  # the next one aborts (SIGINT: KeyboardInterrupt, SIGTERM: exit)
+            loop.remove_signal_handler(s)
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await trainer.run(on_step)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,15 @@ class Trainer:
         self.epochs: list[int] = []  # asynchronous mode: each stage's epoch as last read
         self.pending: list[int] = []  # asynchronous mode: our samples each stage holds unapplied
         self._lane = 0
+        self.stopping = False  # set by stop(): no new step starts
+
+    def stop(self) -> None:
+        """End the run early and cleanly: no new step starts, those begun finish and are applied
+        by the stages, and run() returns what was done (swarm-train calls this on SIGINT/SIGTERM).
+        """
+        if not self.stopping:
+            logger.warning("stopping: the steps begun finish, no new one starts")
+        self.stopping = True
 
     # Discovery
 
@@ -545,6 +554,8 @@ class Trainer:
         cfg = self.config
         batches = self.data.batches(cfg.batch_size, cfg.seed)
         for step in range(1, cfg.steps + 1):
+            if self.stopping:
+                break
             t0 = time.monotonic()
             retries0 = self.retries
             try:
@@ -805,6 +816,8 @@ class Trainer:
 
         try:
             for k in range(1, cfg.steps + 1):
+                if self.stopping:
+                    break
                 # Our head too is at most one step stale: step k waits for step k - 2's update.
                 while applied < k - 2 and tasks:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

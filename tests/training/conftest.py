@@ -81,10 +81,13 @@ class TrainerProcess:
 
     def wait(self, timeout: float) -> int:
         try:
-            return self.proc.wait(timeout)
+            rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             pytest.fail(f"trainer did not finish in {timeout} s:\n{self.log_tail()}")
+        # Its last lines (the summary) may still sit in the pipe: read them all before returning.
+        self._reader.join(10)
+        return rc
 
     def log_tail(self, n: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
