@@ -64,6 +64,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # (scales tensor, its version, kernels.pack_scales of it): see _pack_scales.
+        self._pack_cache: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD) -> Int8Linear:
@@ -76,7 +78,23 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self) -> kernels.Int8Weight:
-        return kernels.Int8Weight(self.codes, self.scales)
+        return kernels.Int8Weight(self.codes, self.scales, self._pack_scales())
+
+    def _pack_scales(self) -> torch.Tensor | None:
+        """The CPU kernel's bf16 scales, kept while `scales` is the same tensor, unchanged (a
+        .to(), a new tensor or an in-place write makes them anew); None off the CPU."""
+        s = self.scales
+        if s.device.type != "cpu":
+            return None
+        version = None if s.is_inference() else s._version  # inference tensors keep none
+        cached = self._pack_cache
+        if cached is None or cached[0] is not s or cached[1] != version:
+            cached = self._pack_cache = (s, version, kernels.pack_scales(s))
+        return cached[2]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._pack_cache = None  # copied in place: under inference mode no version tells
+        super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def nbytes(self) -> int:

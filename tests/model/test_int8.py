@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import kernels
 from swarm.model import Block, LlamaModel, ModelConfig
 from swarm.model.int8 import Int8Linear, quantize_blocks, weight_bytes
 from swarm.model.loading import load_model
@@ -90,6 +91,35 @@ def test_int8_linear_keeps_dtype_and_shape():
     assert q(x.bfloat16()).dtype == torch.bfloat16
     sd = q.state_dict()
     assert set(sd) == {"codes", "scales", "bias"}
+
+
+def test_kept_kernel_scales_follow_the_weights_they_were_made_from():
+    # The CPU kernel's bf16 scales are kept between calls: the same output bit for bit as
+    # scales made at the call, and made anew when the layer's scales change (state dict loaded,
+    # in or out of inference mode; a new tensor; an in-place write).
+    torch.manual_seed(0)
+    q, other = (Int8Linear.from_linear(nn.Linear(64, 32, bias=False)) for _ in range(2))
+    x = torch.randn(1, 64)
+
+    def fresh(layer):  # what the layer computes with nothing kept
+        w = kernels.Int8Weight(layer.codes, layer.scales)
+        return kernels.int8_linear(x, w, None, layer.threshold, "weight-only")
+
+    assert torch.equal(q(x), fresh(q))
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q(x), fresh(other))
+    with torch.inference_mode():
+        q.load_state_dict(Int8Linear.from_linear(nn.Linear(64, 32, bias=False)).state_dict())
+        assert torch.equal(q(x), fresh(q))
+        made_here = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))  # inference tensors
+        made_here(x)
+        made_here.load_state_dict(other.state_dict())
+        assert torch.equal(made_here(x), fresh(other))
+    q.scales = q.scales * 2
+    assert torch.equal(q(x), fresh(q))
+    with torch.no_grad():
+        q.scales.mul_(0.5)
+    assert torch.equal(q(x), fresh(q))
 
 
 def test_load_with_int8(tmp_path):
