@@ -219,17 +219,20 @@ def int8_linear(
     if torch.is_grad_enabled():
         with torch.no_grad():
             return _int8_linear(x, weight, bias, threshold, path)
-    # Decode calls these ~200 times a token, each a ~11 us matmul at M = 1 on CPU: the checks
-    # and conversions around it are kept to what is needed (they were 18 us of a 29 us call).
     return _int8_linear(x, weight, bias, threshold, path)
 
 
 def _int8_linear(x, weight: Int8Weight, bias, threshold: float, path: str) -> torch.Tensor:
+    """int8_linear's body. Decode calls it ~200 times a token, each a ~11 us matmul at M = 1 on
+    CPU: the checks and conversions around it are kept to those needed (they were 18 us)."""
     out_features, in_features = weight.codes.shape
     x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
     m, device = x2d.shape[0], x2d.device
-    small = path == "weight-only" or (path == "auto" and m <= weight_only_max_tokens(device))
-    if small and m and weight_only_supported(weight, device):
+    if path == "auto":
+        path = choose_path(m, weight, device)  # checks that the weight-only kernel runs here
+    elif path == "weight-only" and not weight_only_supported(weight, device):
+        path = "int8"
+    if path == "weight-only" and m:
         out = int8_weight_only_mm(x2d, weight)
     else:
         out = int8_activation_mm(x2d, weight, threshold)

@@ -62,7 +62,6 @@ def join_args(model: Path, run_id: str, stage: str, maddr: str | None, *extra: s
 
 
 AUTO = ("--num-blocks", "3", "--max-start-delay", "0")
-AFTER = 4  # steps a run goes on after a peer joins or moves, in step with its stage
 TWO_BY_TWO = ["0:3", "0:3", "3:6", "3:6"]
 
 
@@ -308,7 +307,7 @@ def test_scenario_auto_peer_moves_to_the_bottleneck_stage(
     extra = [training_peers(*join_args(*common, "3:6", maddr, "--optim-8bit")) for _ in range(2)]
     for p in extra:
         wait_for(lambda p=p: serving(p), 120, what="3:6 replica serving")
-    # The run lasts until the move is seen and AFTER steps more are done, then it is stopped
+    # The run lasts until the move is seen and `after` steps more are done, then it is stopped
     # with SIGINT (ends cleanly: steps begun finish). A fixed length raced the move: 14 steps
     # ended first on a loaded machine, 24 on a fast one (CI), where steps outran the checks.
     trainer = trainers(*train_args(tiny_model_dir, maddr, text_file, "runD", steps=500, mode=()))
@@ -318,13 +317,13 @@ def test_scenario_auto_peer_moves_to_the_bottleneck_stage(
         150,
         what=f"the auto peer moving to 0:3:\n{mover.log_path.read_text(errors='replace')[-3000:]}",
     )
-    moved_at = len(trainer.steps)
-    wait_for(lambda: len(trainer.steps) >= moved_at + AFTER, 150, what="steps after the move")
+    moved_at, after = len(trainer.steps), 4
+    wait_for(lambda: len(trainer.steps) >= moved_at + after, 150, what="steps after the move")
     os.kill(trainer.proc.pid, signal.SIGINT)
     assert trainer.wait(120) == 0, trainer.log_tail()
     done = int(summary_fields(trainer)["steps"])
     assert done == len(trainer.steps) and trainer.lost == 0, trainer.log_tail()
-    assert moved_at + AFTER <= done < 500, (moved_at, done)
+    assert moved_at + after <= done < 500, (moved_at, done)
     assert trainer.losses[-1] < trainer.losses[0] - 0.5, trainer.losses
     log = mover.log_path.read_text(errors="replace")
     assert "training rebalance: stage (3, 6) -> (0, 3)" in log, log[-3000:]
