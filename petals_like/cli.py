@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-import swarm.cli  # noqa: F401, I001 - first: sets OMP_WAIT_POLICY before torch is imported
+import swarm.cli  # noqa: F401, I001 - first: bounds OpenMP spin before torch is imported
 from petals_like.console import PrefillProgress, cut_notice
 from petals_like.distributed_cli import add_distributed_arguments, run_distributed
 from petals_like.verify import DEFAULT_FRACTION

@@ -9,6 +9,9 @@ import argparse
 import logging
 import sys
 
+import swarm.cli  # noqa: F401 - first: bounds OpenMP spin before torch is imported
+
+# isort: split
 import torch
 
 from petals_like.finetune import (

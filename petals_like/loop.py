@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from swarm import loops
+from swarm.threads import serial_torch
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class BackgroundLoop:
         self._closed = False
 
     def _main(self) -> None:
+        serial_torch()  # the caller's thread computes; this one decodes and waits
         asyncio.set_event_loop(self._loop)
         self._loop.call_soon(self._ready.set)
         try:

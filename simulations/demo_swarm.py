@@ -19,7 +19,7 @@ from pathlib import Path
 from simulations.progress import Progress
 from simulations.scratch import raise_interrupt, scratch_dir
 from swarm.dht import make_dht
-from swarm.procs import family, stop_tree, threads_per_peer
+from swarm.procs import family, stop_tree
 from swarm.quant import DEFAULT_PEER_QUANT, QUANT_MODES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,11 +170,8 @@ def start_local_swarm(
         boot = swarm.start_bootstrap()
         dht = make_dht(initial_peers=boot, client_mode=True, start=True)
         try:
-            threads = str(threads_per_peer(len(spans)))
             for s in spans:
-                swarm.start_peer(
-                    "--stage", s, "--max-start-delay", "0", "--torch-threads", threads, *flags
-                )
+                swarm.start_peer("--stage", s, "--max-start-delay", "0", *flags)
             swarm.wait_online(dht, prefix, num_blocks, len(spans), timeout)
         finally:
             dht.shutdown()
@@ -232,8 +229,6 @@ def run_demo(args: argparse.Namespace) -> int:
                 "0",
                 "--announce-period",
                 "5",
-                "--torch-threads",
-                str(threads_per_peer(args.peers)),
             )
             swarm.wait_online(
                 dht, source.name, config.num_layers, i + 1, args.ready_timeout, cover=False

@@ -15,6 +15,8 @@ import os
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
+from swarm.threads import serial_executor
+
 T = TypeVar("T")
 
 
@@ -26,11 +28,15 @@ def _use_uvloop(default: str = "uvloop") -> bool:
 
 
 def new_event_loop(default: str = "uvloop") -> asyncio.AbstractEventLoop:
+    """A new loop whose `asyncio.to_thread` runs torch serially (swarm.threads says why)."""
     if _use_uvloop(default):
         import uvloop
 
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    loop.set_default_executor(serial_executor())
+    return loop
 
 
 def run(main: Coroutine[Any, Any, T], default: str = "uvloop") -> T:

@@ -19,11 +19,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def threads_per_peer(peers: int) -> int:
-    """Compute threads for each of `peers` peers sharing this machine's cores (at least 1)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, peers))
-
-
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (state first), or None if gone."""
     try:

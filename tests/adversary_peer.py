@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import swarm.cli  # noqa: F401 - sets OMP_WAIT_POLICY before torch's threads start
+import swarm.cli  # noqa: F401 - bounds OpenMP spin (GOMP_SPINCOUNT) before torch loads
 from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args
 from swarm.peer.backend import SpanBackend, StepItem

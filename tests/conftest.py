@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-import swarm.cli  # noqa: F401 - sets OMP_WAIT_POLICY=PASSIVE before torch loads (why: its doc)
+import swarm.cli  # noqa: F401 - bounds OpenMP spin before torch loads (why: its doc)
 from swarm.procs import alive, family, kill_tree, stop_tree
 from swarm.tiny_checkpoint import write_tiny_checkpoint
 

@@ -10,6 +10,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+import swarm.cli  # noqa: F401, I001 - first: bounds OpenMP spin before torch is imported
 from petals_like.verify import DEFAULT_FRACTION
 from swarm.cli.console import run_main, setup_logging
 from swarm.cli.options import add_config_options, config_from_args

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import signal
@@ -37,6 +38,7 @@ from swarm.peer.relay import RelayedDaemon
 from swarm.peer.throughput import BlockThroughput, get_block_throughput
 from swarm.peer.worker import ComputeWorker
 from swarm.quant import bytes_per_param
+from swarm.threads import in_own_thread, serial_torch
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +159,7 @@ class Peer:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def _main(self) -> int:
+        serial_torch()  # compute runs on the worker thread (and loading on its own): not here
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._loop.set_exception_handler(self._loop_error)
@@ -169,7 +172,7 @@ class Peer:
         tasks: list[asyncio.Task] = []
         try:
             # Measured (or read from the cache) first, so even our "joining" record has a speed.
-            self.block_speed = await asyncio.to_thread(self._measure)
+            self.block_speed = await in_own_thread(self._measure, "swarm-measure")
             start, end = await self._choose_span()
             if self._stop.is_set():
                 return 0
@@ -258,7 +261,7 @@ class Peer:
         return start, end
 
     async def _load(self, start: int, end: int) -> SpanBackend:
-        span = await asyncio.to_thread(
+        load = functools.partial(
             load_span,
             self.source,
             start,
@@ -267,7 +270,7 @@ class Peer:
             dtype=self.dtype,
             progress=False,
         )
-        return SpanBackend(span, self.dtype)
+        return SpanBackend(await in_own_thread(load, "swarm-load"), self.dtype)
 
     def _measure(self) -> BlockThroughput:
         """One block's speed on this machine: cached, else timed on a random block of this shape."""
