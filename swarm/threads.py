@@ -30,15 +30,28 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
+def _loaded_openmp() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; none elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    paths = {line.split(None, 5)[-1] for line in maps.splitlines()}
+    return sorted(p for p in paths if Path(p).name.startswith(OPENMP_RUNTIMES))
+
+
 @functools.cache
 def _openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch runs on, as loaded in this process (None if none is found)."""
     lib = Path(torch.__file__).parent / "lib"
-    for pattern in ("libgomp*.so*", "libiomp*.so*", "libomp*.so*", "libomp*.dylib"):
-        for path in sorted(lib.glob(pattern)):
-            with contextlib.suppress(OSError):
-                return ctypes.CDLL(str(path))
-    logger.debug("no OpenMP runtime next to torch in %s: threads keep their parallelism", lib)
+    bundled = [str(p) for name in OPENMP_RUNTIMES for p in sorted(lib.glob(f"{name}*"))]
+    for path in _loaded_openmp() + bundled:
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(path)
+    logger.debug("no OpenMP runtime found in this process: threads keep their parallelism")
     return None
 
 
