@@ -1,19 +1,41 @@
 """Command-line entry points of the mesh (`swarm-peer`, `swarm-train`; the client CLIs use this
 package too). Each module builds its parser from the component's config dataclass.
 
-Importing it bounds how long idle OpenMP threads spin (GOMP_SPINCOUNT, read when torch loads, so
-this import must precede torch's) unless the user set a wait policy: peers, trainers and clients
-share cores. Spinning forever (OMP_WAIT_POLICY=ACTIVE, or libgomp's default of ~3 ms after each
-op) took the CPU from the process that had work: `simulations.bench_peer`'s own 30-block step
-took 260-780 ms beside six idle peers, 43-100 ms with sleeping threads. Sleeping at once
-(PASSIVE) halved decode instead: SmolLM2 fp32 on 2 cores, 15.6 tok/s against 23.8 with
-GOMP_SPINCOUNT=100000 (~0.4 ms of spin). swarm.threads keeps each process to one OpenMP team,
-without which libgomp cuts every spin to 100 turns.
+Importing it chooses how idle OpenMP threads wait (read when torch loads, so this import must
+precede torch's), unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT: peers, trainers and
+clients share cores. Serving and clients spin for about 0.4 ms (GOMP_SPINCOUNT=100000): a decode
+step is hundreds of small ops, and threads that sleep at once (PASSIVE) halved it (SmolLM2 fp32
+on 2 cores: 15.6 tok/s against 23.8), while spinning forever (ACTIVE, or libgomp's ~3 ms) took
+the cores from the process that had work (`simulations.bench_peer`'s own step took 260-780 ms
+beside six idle peers, 43-100 ms with sleeping threads). Training (`swarm-peer join --train`,
+`swarm-train`) keeps PASSIVE: its peers compute at once on large ops, and spinning cost SWARM
+10% (`simulations.bench_training --steps 10`: 15.0 and 17.2 samples/s against 16.6 and 19.3).
+swarm.threads keeps each process to one OpenMP team, without which libgomp cuts every spin to
+100 turns.
 """
 
 import os
+import sys
 
 SPIN_COUNT = "100000"
+CHOSEN = "SWARM_MESH_OPENMP"  # set with our choice: a child process of ours chooses for its role
 
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+
+def _training() -> bool:
+    argv = getattr(sys, "orig_argv", sys.argv)
+    return "--train" in argv or any("swarm.cli.train" in a or "swarm-train" in a for a in argv)
+
+
+def _choose_wait_policy() -> None:
+    if CHOSEN not in os.environ and {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+        return  # the user's
+    os.environ.pop("OMP_WAIT_POLICY", None)
+    os.environ.pop("GOMP_SPINCOUNT", None)
+    if _training():
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    os.environ[CHOSEN] = "1"
+
+
+_choose_wait_policy()
