@@ -5,4 +5,4 @@ OpenMP's spin as the CLIs do (swarm/cli/__init__.py): a benchmark's own compute 
 with the peers it started.
 """
 
-import swarm.cli  # noqa: F401 - before torch: sets GOMP_SPINCOUNT
+import swarm.cli  # noqa: F401 - before torch: chooses OpenMP's wait policy

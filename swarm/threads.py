@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -55,17 +55,13 @@ def _openmp() -> ctypes.CDLL | None:
     return None
 
 
-def _omp_set_num_threads() -> Callable[[int], None] | None:
-    return getattr(_openmp(), "omp_set_num_threads", None)
-
-
 def serial_torch() -> None:
     """Run torch's CPU ops serially in the calling thread (other threads keep their own count).
 
     torch sets a thread's OpenMP team size on that thread's first parallel op; it is read here
     first, so the 1 set after it stays. Call it at the start of a thread that must not compute.
     """
-    set_threads = _omp_set_num_threads()
+    set_threads = getattr(_openmp(), "omp_set_num_threads", None)
     if set_threads is None:
         return
     torch.get_num_threads()  # torch's once-per-thread setup of the team size, done now
@@ -83,24 +79,13 @@ def serial_executor(max_workers: int | None = None) -> concurrent.futures.Thread
 async def in_own_thread(fn: Callable[[], T], name: str = "swarm-load") -> T:
     """`fn()` on a new thread that may compute in parallel, and exits after: its OpenMP team
     goes with it, so the process is back to one team once `fn` returns (loading, measuring)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.cancelled():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    done: concurrent.futures.Future = concurrent.futures.Future()
 
     def main() -> None:
         try:
-            result, error = fn(), None
+            done.set_result(fn())
         except BaseException as e:  # handed to the awaiting task, raised there
-            result, error = None, e
-        with contextlib.suppress(RuntimeError):  # the loop closed while fn ran
-            loop.call_soon_threadsafe(settle, result, error)
+            done.set_exception(e)
 
     threading.Thread(target=main, name=name, daemon=True).start()
-    return await future
+    return await asyncio.wrap_future(done)
