@@ -22,8 +22,12 @@ CHOSEN = "SWARM_MESH_OPENMP"  # set with our choice: a child process of ours cho
 
 
 def _training() -> bool:
+    """`swarm-peer join --train` or the trainer (its script, `-m swarm.cli.train`, or `-c` code
+    that imports it); the program is looked at, not its arguments, which may be any text."""
     argv = getattr(sys, "orig_argv", sys.argv)
-    return "--train" in argv or any("swarm.cli.train" in a or "swarm-train" in a for a in argv)
+    program = argv[: len(argv) - len(sys.argv) + 1]
+    trainer = any("swarm.cli.train" in a or os.path.basename(a) == "swarm-train" for a in program)
+    return trainer or "--train" in sys.argv[1:]
 
 
 def _choose_wait_policy() -> None:

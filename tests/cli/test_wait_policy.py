@@ -35,6 +35,11 @@ def test_serving_spins_briefly_and_training_sleeps():
     assert _policy("-c", PROBE, "join") == ("None", "100000")
     assert _policy("-c", PROBE, "join", "--train", "--run-id", "r") == ("PASSIVE", "None")
     assert _policy("-c", PROBE + "  # from swarm.cli.train import main") == ("PASSIVE", "None")
+    # A prompt is not the program: a client asked about the trainer still spins.
+    assert _policy("-c", PROBE, "how do I run swarm-train or swarm.cli.train?") == (
+        "None",
+        "100000",
+    )
 
 
 @pytest.mark.timeout(120)
