@@ -45,6 +45,7 @@ COMMIT_FRACTION = 0.8
 REQUEST_HEADROOM = 1 << 20
 PART_MESSAGE_BYTES = wire.PART_BYTES + 1024  # a Part message: its data and a few fields
 TRIM_AFTER_BYTES = 32 << 20  # after freeing a request this large, hand freed heap back to the OS
+PUSH_ACKS_AHEAD = 16  # acknowledgements a push stream may owe before we stop reading it
 # A refusal that ends the stream unread: draining it would read what we refused.
 REFUSED = (wire.RequestTooLarge, streams.MessageTooLarge, PeerBusy)
 
@@ -84,7 +85,14 @@ class PeerHandler(ServicerBase):
         )
         self.codecs = sorted(kernels.CODECS)
         self.link = link or Link(config.link_delay, config.link_bandwidth)  # --link-delay
-        self.pushes = Pushes(self.link, self._decode, self.get_stub, config.request_timeout)
+        self.pushes = Pushes(
+            self.link,
+            self._decode,
+            self.get_stub,
+            config.request_timeout,
+            stream_name=self._get_handle_name(None, "rpc_push_stream"),
+        )
+        self._push_streams: dict[Hashable, asyncio.Event] = {}  # sender -> "end your stream"
         self.adapters = AdapterCache(
             backend.config,
             max_bytes=int(config.adapter_cache_mb * (1 << 20)),
@@ -478,16 +486,78 @@ class PeerHandler(ServicerBase):
         self, request: peer_pb2.PushStep, context: P2PContext
     ) -> peer_pb2.PushResponse:
         """A previous hop's output for one of our sessions: queued for its pushed step."""
+        return await self._unary(self._accept_push(request, context))
+
+    async def rpc_push_stream(
+        self, requests: AsyncIterator[peer_pb2.Part], context: P2PContext
+    ) -> AsyncIterator[peer_pb2.PushResponse]:
+        """A previous hop's pushes, one stream per sender (a newer one ends the older): each is
+        accepted as rpc_push accepts it, as soon as it arrives, and acknowledged in order after
+        the emulated link's delay. Ends after a session timeout without a push."""
+        sender = context.remote_id
+        if (older := self._push_streams.get(sender)) is not None:
+            older.set()
+        ended = self._push_streams[sender] = asyncio.Event()
+        acks: asyncio.Queue = asyncio.Queue(PUSH_ACKS_AHEAD)  # full: we stop reading pushes
+
+        def paid(
+            reply: peer_pb2.PushResponse,
+        ) -> tuple[asyncio.Future | None, peer_pb2.PushResponse]:
+            # The emulated link's delay starts now, so acknowledgements travel in parallel.
+            delay = self.link.send(reply.ByteSize()) if self.link.emulated else None
+            return (None if delay is None else asyncio.ensure_future(delay)), reply
+
+        async def read() -> None:
+            held = Held(self.request_bytes, sender)
+            max_bytes = self.max_request_bytes(1)
+            try:
+                while True:
+                    held.release()
+                    async with asyncio.timeout(self.config.session_timeout):
+                        msg = await wire.join(requests, peer_pb2.PushStep, max_bytes, held.reserve)
+                    if msg is None:
+                        return
+                    await acks.put(paid(self._accept_push(msg, context)))
+            except TimeoutError:
+                return  # idle: the sender opens a new stream when it pushes again
+            except Exception as e:  # refused (too large, malformed): said, then ended
+                await acks.put(paid(peer_pb2.PushResponse(error=self._report(e, "push", context))))
+            finally:
+                self._release(held)
+
+        reading = asyncio.ensure_future(read())
+        stop = asyncio.ensure_future(ended.wait())
+        got: asyncio.Future | None = None
+        try:
+            while not (reading.done() and acks.empty()):
+                got = asyncio.ensure_future(acks.get())
+                await asyncio.wait((got, stop, reading), return_when=asyncio.FIRST_COMPLETED)
+                if stop.done():
+                    return  # a newer stream from the same sender took over
+                if not got.done():
+                    got.cancel()
+                    continue  # reading ended: what it queued is sent first
+                delay, reply = got.result()
+                if delay is not None:
+                    await delay
+                yield reply
+        finally:
+            for task in (got, stop, reading):
+                if task is not None:
+                    task.cancel()
+            if self._push_streams.get(sender) is ended:
+                del self._push_streams[sender]
+
+    def _accept_push(self, request: peer_pb2.PushStep, context: P2PContext):
         try:
             if request.session_id not in self.sessions:
                 raise SessionExpired(
                     f"unknown session {request.session_id[:64]!r}: nothing to push to"
                 )
             self.pushes.accept(request, context.remote_id, self._owners.get(request.session_id))
-            reply = peer_pb2.PushResponse()
+            return peer_pb2.PushResponse()
         except Exception as e:
-            reply = peer_pb2.PushResponse(error=self._report(e, "push", context))
-        return await self._unary(reply)
+            return peer_pb2.PushResponse(error=self._report(e, "push", context))
 
     def _free(self, session: Session | None) -> None:
         if session is None:
@@ -571,6 +641,7 @@ class PeerHandler(ServicerBase):
     async def close_all_sessions(self) -> None:
         for session in list(self.sessions.values()):
             self._free(session)
+        self.pushes.close()
 
 
 def _chunks(steps, t: int) -> list[tuple[int, int]]:

@@ -1,22 +1,28 @@
 """Server-to-server push: a peer sends its step output straight to the session's next hop.
 
-Used by `swarm.peer.handler.PeerHandler`: one `Pushes` per handler holds each session's inbox.
+Used by `swarm.peer.handler.PeerHandler`: one `Pushes` per handler holds each session's inbox
+and, per next hop, one long-lived push stream (`PushChannel`): a push is one message on it, not
+a unary call that opens a stream of its own (2.5 ms against 0.6 ms on loopback, measured).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from proto import peer_pb2
 from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
 from swarm.link import Link
 from swarm.loops import within
-from swarm.peer import wire
+from swarm.peer import streams, wire
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +31,127 @@ logger = logging.getLogger(__name__)
 # the client at once, which re-routes the next hop.
 PUSH_INBOX = 4
 PUSH_TIMEOUT = 2.0
+ACK_BYTES = 1 << 16  # the most a push stream's acknowledgement may take (an error's text)
+
+
+class PushChannel:
+    """One push stream to a next hop: pushes go out in order, each acknowledged in that order.
+
+    A push that is not acknowledged in time, or a stream that breaks, closes the channel (its
+    waiting pushes fail at once); the next push opens a new one.
+    """
+
+    def __init__(self, p2p: P2P, peer: PeerID, name: str):
+        self.p2p, self.peer, self.name = p2p, peer, name
+        self.closed = False
+        self._writer: asyncio.StreamWriter | None = None  # set once open
+        self._acks: deque[asyncio.Future] = deque()  # sent, unacknowledged, oldest first
+        self._reader: asyncio.Task | None = None
+        self._opening: asyncio.Future | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._writer is not None
+
+    async def open(self, timeout: float) -> None:
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        await within(asyncio.shield(self._opening), timeout)
+        if self.closed:
+            raise PeerUnavailable(f"the push stream to {self.peer} is closed")
+
+    async def _open(self) -> None:
+        try:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(self.peer, self.name)
+        except BaseException:
+            self._fail(PeerUnavailable(f"no push stream to {self.peer} could be opened"))
+            raise
+        if self.closed:  # closed while opening
+            writer.close()
+            return
+        self._writer = writer
+        self._reader = asyncio.ensure_future(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        error: BaseException = PeerUnavailable(f"peer {self.peer} closed the push stream")
+        try:
+            while True:
+                reply = await streams.receive(reader, peer_pb2.PushResponse, ACK_BYTES, RPCError)
+                if isinstance(reply, RPCError):
+                    raise PeerUnavailable(f"the push stream of {self.peer} failed: {reply.message}")
+                if not self._acks:
+                    raise BadRequest(f"peer {self.peer} acknowledged a push never sent")
+                ack = self._acks.popleft()
+                if not ack.done():
+                    ack.set_result(reply)
+        except asyncio.IncompleteReadError:
+            pass  # the stream ended
+        except asyncio.CancelledError:
+            error = PeerUnavailable(f"the push stream to {self.peer} was closed")
+        except Exception as e:
+            error = e
+        finally:
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        self.closed = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.write(streams.frame(P2P.END_OF_STREAM, error=True))
+            writer.close()
+        while self._acks:
+            ack = self._acks.popleft()
+            if not ack.done():
+                ack.set_exception(error)
+
+    def send(self, msg: peer_pb2.PushStep) -> asyncio.Future:
+        """Write `msg` now (the channel is ready); the future gets its acknowledgement."""
+        if not self.ready:
+            raise PeerUnavailable(f"the push stream to {self.peer} is not open")
+        ack = asyncio.get_running_loop().create_future()
+        self._acks.append(ack)
+        for part in wire.split(msg):
+            self._writer.write(streams.frame(part))
+        return ack
+
+    async def wait(self, ack: asyncio.Future, timeout: float) -> peer_pb2.PushResponse:
+        """The acknowledgement of a push sent; no answer in time closes the channel."""
+        try:
+            return await within(ack, timeout)
+        except TimeoutError:
+            self.close()
+            raise PeerUnavailable(f"peer {self.peer} did not acknowledge a push in time") from None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        elif self._opening is not None:
+            self._opening.cancel()
+        self._fail(PeerUnavailable(f"the push stream to {self.peer} was closed"))
 
 
 class Pushes:
     """Each open session's inbox of pushed inputs and the one peer allowed to push into it.
 
     decode(msg, what, batch_size): the handler's checked decode of an activation.
-    stub(p2p, peer): the servicer stub whose rpc_push reaches `peer`.
+    stub(p2p, peer): the servicer stub whose rpc_push reaches `peer` (peers without a push
+    stream); stream_name: the handler name of the push stream ("": unary pushes only).
     """
 
-    def __init__(self, link: Link, decode: Callable[..., torch.Tensor], stub, wait: float):
+    def __init__(
+        self,
+        link: Link,
+        decode: Callable[..., torch.Tensor],
+        stub,
+        wait: float,
+        stream_name: str = "",
+    ):
         self.link, self._decode, self._stub, self.wait = link, decode, stub, wait
+        self.stream_name = stream_name
         self.p2p: P2P | None = None  # set when the handlers are registered
+        self._channels: dict[PeerID, PushChannel] = {}
+        self._unary_only: set[PeerID] = set()  # peers that serve no push stream
         self._inbox: dict[str, asyncio.Queue] = {}
         self._prev: dict[str, str] = {}
         self._batch: dict[str, int] = {}
@@ -90,7 +205,12 @@ class Pushes:
         return hidden
 
     def start(self, peer: PeerID, msg: peer_pb2.PushStep) -> asyncio.Future:
-        """Send `msg` to `peer` in the background; failure() tells how it went."""
+        """Send `msg` to `peer` in the background; failure() tells how it went. On an open push
+        stream without link emulation it is written before this returns (before the reply to
+        the client: the push is on the token's critical path, the client's copy is not)."""
+        channel = self._channels.get(peer)
+        if channel is not None and channel.ready and not self.link.emulated:
+            return asyncio.ensure_future(self._acked(peer, channel, channel.send(msg)))
         return asyncio.ensure_future(self._push(peer, msg))
 
     async def _push(self, peer: PeerID, msg: peer_pb2.PushStep) -> None:
@@ -98,9 +218,38 @@ class Pushes:
             raise PeerUnavailable("this peer has no P2P to push through")
         await self.link.send(msg.ByteSize())
         timeout = PUSH_TIMEOUT + 2 * self.link.delay
-        reply = await self._stub(self.p2p, peer).rpc_push(msg, timeout=timeout)
+        if self.stream_name and peer not in self._unary_only:
+            reply = await self._push_stream(peer, msg, timeout)
+        else:
+            reply = await self._stub(self.p2p, peer).rpc_push(msg, timeout=timeout)
         if reply.HasField("error"):
             raise wire.error_from_wire(reply.error, str(peer))
+
+    async def _acked(self, peer: PeerID, channel: PushChannel, ack: asyncio.Future) -> None:
+        reply = await channel.wait(ack, PUSH_TIMEOUT + 2 * self.link.delay)
+        if reply.HasField("error"):
+            raise wire.error_from_wire(reply.error, str(peer))
+
+    async def _push_stream(self, peer: PeerID, msg: peer_pb2.PushStep, timeout: float):
+        channel = self._channels.get(peer)
+        if channel is None or channel.closed:
+            self._channels = {p: c for p, c in self._channels.items() if not c.closed}
+            channel = self._channels[peer] = PushChannel(self.p2p, peer, self.stream_name)
+        try:
+            await channel.open(timeout)
+            return await channel.wait(channel.send(msg), timeout)
+        except ControlFailure as e:
+            if "protocols not supported" not in str(e):  # a peer older than push streams
+                raise
+            logger.info("peer %s serves no push stream (%s): pushing unary", peer, e)
+            self._unary_only.add(peer)
+            return await self._stub(self.p2p, peer).rpc_push(msg, timeout=timeout)
+
+    def close(self) -> None:
+        """Close every push stream (the peer is stopping or leaving)."""
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
 
     async def failure(self, push: asyncio.Future | None) -> peer_pb2.Error | None:
         """None if there was no push or it went through; else the error for the client."""

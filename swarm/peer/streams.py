@@ -80,7 +80,7 @@ async def add_bounded_stream_handler(
             ended = False  # the caller's end of stream came: nothing more will arrive
             try:
                 while True:
-                    receiving = asyncio.create_task(_receive(reader, input_type, max_message_bytes))
+                    receiving = asyncio.create_task(receive(reader, input_type, max_message_bytes))
                     await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
                     if processing.done():
                         receiving.cancel()
@@ -148,7 +148,7 @@ async def call_stream(
             try:
                 while True:
                     try:
-                        reply = await _receive(reader, reply_type, max_message_bytes, RPCError)
+                        reply = await receive(reader, reply_type, max_message_bytes, RPCError)
                     except asyncio.IncompleteReadError:  # the peer closed the stream
                         break
                     if isinstance(reply, RPCError):
@@ -160,7 +160,7 @@ async def call_stream(
     return read()
 
 
-async def _receive(
+async def receive(
     reader: asyncio.StreamReader,
     msg_type: type[Message],
     max_bytes: int,

@@ -1,5 +1,7 @@
 """Server-to-server push with real peer processes on 127.0.0.1: three hops, push text == relay
-text == local, a push from a peer that is not the previous hop refused, a SIGKILLed middle peer.
+text == local, a push from a peer that is not the previous hop refused, pushes on one push
+stream (in order, refusals answered, bad input refused, unary for a peer without the stream),
+a SIGKILLed middle peer.
 
 The tests share one swarm (module scope: a 0:2, b and b2 2:4, c 4:6) and run in file order:
 the last one kills a middle peer.
@@ -20,7 +22,9 @@ from petals_like.router import RouterConfig
 from proto import peer_pb2
 from swarm.errors import BadRequest
 from swarm.generation import generate_local
-from swarm.peer import wire
+from swarm.link import NO_LINK
+from swarm.peer import streams, wire
+from swarm.peer.push import Pushes
 from tests.conftest import PeerProcess, Swarm
 from tests.conftest import connect as shared_connect
 
@@ -108,6 +112,106 @@ def test_scenario_push_from_a_peer_that_is_not_the_previous_hop_is_refused(
     hidden = local_model.config.hidden_size
     assert hidden == 64, "the test's tensor assumes the tiny model"
     asyncio.run(_foreign_push(swarm, swarm.peers["a"].peer_id, swarm.peers["b"].peer_id))
+
+
+def _pushes(p2p, stream_name: str = "rpc_push_stream") -> Pushes:
+    from swarm.peer.handler import PeerHandler
+
+    name = PeerHandler._get_handle_name(None, stream_name)
+    pushes = Pushes(NO_LINK, None, PeerHandler.get_stub, 10.0, stream_name=name)
+    pushes.p2p = p2p
+    return pushes
+
+
+def _push_msg(session_id: str, x: torch.Tensor, position: int) -> peer_pb2.PushStep:
+    return peer_pb2.PushStep(
+        session_id=session_id, hidden=wire.encode(x, "none"), position=position
+    )
+
+
+async def _stream_pushes(swarm: Swarm, target: str) -> None:
+    """The session's client pushes each step's input on one push stream, then steps it: the
+    outputs are a plain session's, bit for bit; a foreign peer's pushes on its own push stream
+    are refused in order and that stream stays open; a peer without the stream gets unary."""
+    from hivemind.p2p import P2P, PeerID
+
+    from swarm.peer.client import PeerClient
+
+    client = PeerClient(await swarm.dht.replicate_p2p())
+    pushed = await client.open_inference(target, 0, 2, max_length=8)
+    plain = await client.open_inference(target, 0, 2, max_length=8)
+    foreign = await P2P.create(initial_peers=swarm.boot)
+    peer = PeerID.from_base58(target)
+    # (Unary calls go out from `foreign`: a replica of the DHT's P2P made in a later event loop
+    # loses unary replies, tests/peer/test_rpc.py.)
+    mine, theirs, old = _pushes(client.p2p), _pushes(foreign), _pushes(foreign, "rpc_nope")
+    try:
+        x = torch.randn(1, 4, 64)
+        for pos in range(3):
+            await mine.start(peer, _push_msg(pushed.session_id, x[:, pos : pos + 1], pos))
+            got = await pushed.step(x[:, pos : pos + 1], pos, timeout=10, pushed=True)
+            want = await plain.step(x[:, pos : pos + 1], pos, timeout=10)
+            assert torch.equal(got, want)
+        # The three went on one stream, none unary.
+        assert list(mine._channels) == [peer] and mine._channels[peer].ready
+        assert not mine._unary_only
+        for _ in range(2):  # refused, answered, and the stream goes on
+            with pytest.raises(BadRequest, match="not the previous hop"):
+                await theirs.start(peer, _push_msg(pushed.session_id, x[:, 3:], 3))
+        assert theirs._channels[peer].ready
+        # A peer that serves no push stream (here: a name it does not serve) gets rpc_push,
+        # whose answer comes back (a refusal: `foreign` is not the previous hop).
+        with pytest.raises(BadRequest, match="not the previous hop"):
+            await old.start(peer, _push_msg(pushed.session_id, x[:, 3:], 3))
+        assert peer in old._unary_only and not old._channels[peer].ready
+        await mine.start(peer, _push_msg(pushed.session_id, x[:, 3:], 3))
+        out = await pushed.step(x[:, 3:], 3, timeout=10, pushed=True)
+        assert torch.equal(out, await plain.step(x[:, 3:], 3, timeout=10))
+    finally:
+        for p in (mine, theirs, old):
+            p.close()
+        await pushed.close()
+        await plain.close()
+        await foreign.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_scenario_pushes_share_one_stream_in_order(swarm, tiny_model_dir, local_model):
+    asyncio.run(_stream_pushes(swarm, swarm.peers["a"].peer_id))
+
+
+async def _bad_push_stream(swarm: Swarm, target: str) -> None:
+    """A push declaring more parts than a peer takes is refused on the stream, which ends; the
+    peer keeps serving."""
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.proto.p2pd_pb2 import RPCError
+
+    from swarm.peer.client import PeerClient
+    from swarm.peer.handler import PeerHandler
+
+    p2p = await P2P.create(initial_peers=swarm.boot)
+    try:
+        name = PeerHandler._get_handle_name(None, "rpc_push_stream")
+        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(target), name)
+        writer.write(streams.frame(peer_pb2.Part(count=wire.MAX_PARTS, data=b"x" * 100)))
+        reply = await asyncio.wait_for(
+            streams.receive(reader, peer_pb2.PushResponse, 1 << 16, RPCError), 10
+        )
+        assert reply.HasField("error")
+        with pytest.raises(BadRequest, match="more than this peer accepts"):
+            raise wire.error_from_wire(reply.error, target)
+        with pytest.raises(asyncio.IncompleteReadError):  # the stream ended
+            await asyncio.wait_for(reader.readexactly(1), 10)
+        writer.close()
+        x = torch.randn(1, 2, 64)  # the peer serves on
+        assert (await PeerClient(p2p).forward(target, x, 0, 2, timeout=30)).shape == x.shape
+    finally:
+        await p2p.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_scenario_push_stream_refuses_an_oversized_push(swarm, tiny_model_dir, local_model):
+    asyncio.run(_bad_push_stream(swarm, swarm.peers["a"].peer_id))
 
 
 @pytest.mark.timeout(300)
