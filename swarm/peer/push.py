@@ -2,7 +2,8 @@
 
 Used by `swarm.peer.handler.PeerHandler`: one `Pushes` per handler holds each session's inbox
 and, per next hop, one long-lived push stream (`PushChannel`): a push is one message on it, not
-a unary call that opens a stream of its own (2.5 ms against 0.6 ms on loopback, measured).
+a unary call that opens a stream of its own (a step's end to the next peer's accept, loopback
+medians: 1.3 ms against 2.5 ms).
 """
 
 from __future__ import annotations
