@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -211,40 +211,41 @@ class Pushes:
         the client: the push is on the token's critical path, the client's copy is not)."""
         channel = self._channels.get(peer)
         if channel is not None and channel.ready and not self.link.emulated:
-            return asyncio.ensure_future(self._acked(peer, channel, channel.send(msg)))
-        return asyncio.ensure_future(self._push(peer, msg))
+            reply = channel.wait(channel.send(msg), self._timeout())
+        else:
+            reply = self._send(peer, msg)
+        return asyncio.ensure_future(self._checked(peer, reply))
 
-    async def _push(self, peer: PeerID, msg: peer_pb2.PushStep) -> None:
+    def _timeout(self) -> float:
+        return PUSH_TIMEOUT + 2 * self.link.delay
+
+    async def _checked(self, peer: PeerID, reply: Awaitable[peer_pb2.PushResponse]) -> None:
+        answer = await reply
+        if answer.HasField("error"):
+            raise wire.error_from_wire(answer.error, str(peer))
+
+    async def _send(self, peer: PeerID, msg: peer_pb2.PushStep) -> peer_pb2.PushResponse:
         if self.p2p is None:
             raise PeerUnavailable("this peer has no P2P to push through")
         await self.link.send(msg.ByteSize())
-        timeout = PUSH_TIMEOUT + 2 * self.link.delay
-        if self.stream_name and peer not in self._unary_only:
-            reply = await self._push_stream(peer, msg, timeout)
-        else:
-            reply = await self._stub(self.p2p, peer).rpc_push(msg, timeout=timeout)
-        if reply.HasField("error"):
-            raise wire.error_from_wire(reply.error, str(peer))
-
-    async def _acked(self, peer: PeerID, channel: PushChannel, ack: asyncio.Future) -> None:
-        reply = await channel.wait(ack, PUSH_TIMEOUT + 2 * self.link.delay)
-        if reply.HasField("error"):
-            raise wire.error_from_wire(reply.error, str(peer))
-
-    async def _push_stream(self, peer: PeerID, msg: peer_pb2.PushStep, timeout: float):
+        if not self.stream_name or peer in self._unary_only:
+            return await self._unary(peer, msg)
         channel = self._channels.get(peer)
         if channel is None or channel.closed:
             self._channels = {p: c for p, c in self._channels.items() if not c.closed}
             channel = self._channels[peer] = PushChannel(self.p2p, peer, self.stream_name)
         try:
-            await channel.open(timeout)
-            return await channel.wait(channel.send(msg), timeout)
+            await channel.open(self._timeout())
         except ControlFailure as e:
-            if "protocols not supported" not in str(e):  # a peer older than push streams
+            if "protocols not supported" not in str(e):
                 raise
             logger.info("peer %s serves no push stream (%s): pushing unary", peer, e)
-            self._unary_only.add(peer)
-            return await self._stub(self.p2p, peer).rpc_push(msg, timeout=timeout)
+            self._unary_only.add(peer)  # a peer older than push streams
+            return await self._unary(peer, msg)
+        return await channel.wait(channel.send(msg), self._timeout())
+
+    async def _unary(self, peer: PeerID, msg: peer_pb2.PushStep) -> peer_pb2.PushResponse:
+        return await self._stub(self.p2p, peer).rpc_push(msg, timeout=self._timeout())
 
     def close(self) -> None:
         """Close every push stream (the peer is stopping or leaving)."""
