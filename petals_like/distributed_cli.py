@@ -41,6 +41,12 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
         "to the next peer (push costs hops + 1 one-way delays a token, relay 2 x hops)",
     )
     parser.add_argument(
+        "--no-direct",
+        action="store_true",
+        help="reach peers through libp2p only, not on the direct channels they announce "
+        "(plain TCP keyed over libp2p, without the p2pd daemons' two extra hops)",
+    )
+    parser.add_argument(
         "--link-delay",
         type=float,
         default=0.0,
@@ -97,7 +103,9 @@ def run_distributed(args: argparse.Namespace) -> int:
     from swarm.model.tokenizer import StreamDecoder
 
     t0 = time.perf_counter()
-    relay = {"router_config": RouterConfig(push=False)} if getattr(args, "no_push", False) else {}
+    router_config = RouterConfig(
+        push=not getattr(args, "no_push", False), direct=not getattr(args, "no_direct", False)
+    )
     model = DistributedModelForCausalLM.from_pretrained(
         args.model,
         args.initial_peers,
@@ -106,7 +114,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         link_bandwidth=getattr(args, "link_bandwidth", 0.0),
         adapter=getattr(args, "adapter", None),
         verify=getattr(args, "verify", DEFAULT_FRACTION),
-        **relay,
+        router_config=router_config,
     )
     load_s = time.perf_counter() - t0
     try:

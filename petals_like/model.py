@@ -258,7 +258,7 @@ class DistributedModelForCausalLM(FineTuningMixin):
             p2p = loop.run(dht.replicate_p2p(), timeout=start_timeout)
             router = SwarmRouter(
                 dht,
-                PeerClient(p2p, link=Link(link_delay, link_bandwidth)),
+                PeerClient(p2p, link=Link(link_delay, link_bandwidth), use_direct=rc.direct),
                 source.name,
                 config.num_layers,
                 config=rc,

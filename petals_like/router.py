@@ -65,6 +65,8 @@ class RouterConfig:
         step replayed (in one message, one compute call on the peer). False: one step for the
         whole prefix (faster, but not bit-exact even with fp32 or bf16 weights and no codec:
         matmuls round by step shape, tests/peer/test_replay_shapes.py; a word may change).
+    direct: streams go on a peer's direct channel where it announces one (plain TCP keyed over
+        libp2p, without the two p2pd daemons: swarm.peer.direct); False: libp2p only.
     """
 
     update_period: float = 10.0
@@ -85,6 +87,7 @@ class RouterConfig:
     compression: str = "auto"
     push: bool = True
     exact_replay: bool = True
+    direct: bool = True
 
 
 class SwarmRouter:

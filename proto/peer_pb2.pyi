@@ -246,3 +246,21 @@ class InferenceResponse(_message.Message):
     push: bool
     push_failed: Error
     def __init__(self, hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., opened: _Optional[bool] = ..., closed: _Optional[bool] = ..., length: _Optional[int] = ..., adapter: _Optional[str] = ..., push: _Optional[bool] = ..., push_failed: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class DirectTicketRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DirectTicket(_message.Message):
+    __slots__ = ("ticket_id", "secret", "port", "ttl", "error")
+    TICKET_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ticket_id: bytes
+    secret: bytes
+    port: int
+    ttl: float
+    error: Error
+    def __init__(self, ticket_id: _Optional[bytes] = ..., secret: _Optional[bytes] = ..., port: _Optional[int] = ..., ttl: _Optional[float] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

@@ -72,13 +72,27 @@ def run_local(source, quant: str, prompt: list[int], new: int, repeats: int):
 
 
 def run_swarm(
-    model_name, boot, prompt, new, repeats, compression, link_delay=0.0, speculative=None
+    model_name,
+    boot,
+    prompt,
+    new,
+    repeats,
+    compression,
+    link_delay=0.0,
+    speculative=None,
+    direct=True,
 ):
-    """Best decode tokens/s through the swarm, first-token ms, tokens, route."""
+    """Best decode tokens/s through the swarm, first-token ms, tokens, route. direct: the
+    client's streams on the peers' direct channels (False: libp2p, as peers without one)."""
     from petals_like.model import DistributedModelForCausalLM
+    from petals_like.router import RouterConfig
 
     with DistributedModelForCausalLM.from_pretrained(
-        model_name, boot, compression=compression, link_delay=link_delay
+        model_name,
+        boot,
+        compression=compression,
+        link_delay=link_delay,
+        router_config=RouterConfig(direct=direct),
     ) as model:
         best, first_ms, tokens, route = 0.0, 0.0, [], []
         for _ in range(repeats):
@@ -305,11 +319,15 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
         log(f"starting {len(spans)} peers ({quant} weights): {spans}; {why}")
         swarm, boot = start_swarm(args.model, quant, spans, n, source.name)
         try:
-            for codec in ("none", args.codec):
-                tps, ftm, toks, route = run_swarm(args.model, boot, prompt, new, reps, codec)
+            # The fp32 rows: on the direct channels, then on libp2p only (same peers).
+            runs = [("swarm", "none", True), ("swarm-libp2p", "none", False)]
+            for name, codec, direct in runs + [("swarm", args.codec, True)]:
+                tps, ftm, toks, route = run_swarm(
+                    args.model, boot, prompt, new, reps, codec, direct=direct
+                )
                 rows.append(
                     Row(
-                        "swarm",
+                        name,
                         quant,
                         codec,
                         tokens_per_s=tps,
@@ -320,7 +338,7 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
                         extra={"route": route},
                     )
                 )
-                log(f"swarm {quant}/{codec}: {tps:.1f} tok/s via {route}")
+                log(f"{name} {quant}/{codec}: {tps:.1f} tok/s via {route}")
             if quant == "none":
                 for trial in range(args.failover_trials):
                     r = run_failover(args.model, boot, swarm, prompt, new, local["none"][1], 12)
@@ -390,8 +408,9 @@ def summary(rows: list[Row], failovers: list[dict]) -> dict:
             out["wan_weights"] = r.weights
         if r.name == "local":
             out["local_tokens_per_s"] = r.tokens_per_s
-        elif r.name == "swarm":
-            out["swarm_tokens_per_s"], out["swarm_vs_local"] = r.tokens_per_s, r.vs_local
+        elif r.name in ("swarm", "swarm-libp2p"):
+            key = r.name.replace("-", "_")
+            out[f"{key}_tokens_per_s"], out[f"{key}_vs_local"] = r.tokens_per_s, r.vs_local
         elif r.name in ("wan", "wan+ngram", "wan-push", "wan-push+ngram"):
             key = {
                 "wan": "wan_plain",

@@ -27,10 +27,12 @@ from simulations.progress import Progress
 from simulations.scratch import scratch_dir
 from swarm import loops
 from swarm.dht import make_dht
+from swarm.peer.dht_view import fetch_swarm_async
 from swarm.procs import family, kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 FORWARD_CODECS = ("none", "int8-block64")
+ROWS = ("1_peers", "2_peers", "3_peers", "2_peers_push", "3_peers_push", "fixed_cost")
 
 
 def _start_peer(args: list[str], log: Path) -> subprocess.Popen:
@@ -127,30 +129,41 @@ def _local_span(model, first: int, last: int, max_len: int):
     return step
 
 
-async def _bench(dht, model, spans, peer_ids, steps: int, batch_tokens: int) -> dict:
+async def _bench(dht, model, prefix, spans, peer_ids, steps: int, batch_tokens: int) -> dict:
     import torch
 
     from swarm.peer import PeerClient
 
     p2p = await dht.replicate_p2p()
-    client = PeerClient(p2p)
     h, n = model.config.hidden_size, model.config.num_layers
     results: dict = {}
-    for hops in (1, 2, 3):
-        chain = _spans(n, hops)
-        # Relayed, then (2 and 3 hops) pushed: fresh sessions and caches for each.
-        for name, how in [("", _relayed)] + ([("_push", _pushed)] if hops > 1 else []):
-            sessions = [
-                await client.open_inference(peer_ids[(s, e)], s, e, steps + 8) for s, e in chain
-            ]
-            local = _local_span(model, 0, n, steps + 8)
-            results[f"{hops}_peers{name}"] = await _timed_steps(sessions, local, h, steps, how)
-    # One block through the first peer vs that block here: transport + software, little compute.
-    first = _spans(n, 3)[0]
-    sessions = [await client.open_inference(peer_ids[first], 0, 1, steps + 8)]
-    results["fixed_cost"] = await _timed_steps(
-        sessions, _local_span(model, 0, 1, steps + 8), h, steps
-    )
+    # The client's streams on the peers' direct channels (the default), then on libp2p.
+    for _ in range(60):  # the online records, which announce the channels
+        records = await fetch_swarm_async(dht, prefix, n, timeout=10.0)
+        if set(peer_ids.values()) <= {r.peer_id for r in records if r.direct_port}:
+            break
+        await asyncio.sleep(0.5)
+    for suffix, use_direct in (("", True), ("_libp2p", False)):
+        client = PeerClient(p2p, use_direct=use_direct)
+        client.learn_addrs(records)
+        for hops in (1, 2, 3):
+            chain = _spans(n, hops)
+            # Relayed, then (2 and 3 hops) pushed: fresh sessions and caches for each.
+            for name, how in [("", _relayed)] + ([("_push", _pushed)] if hops > 1 else []):
+                sessions = [
+                    await client.open_inference(peer_ids[(s, e)], s, e, steps + 8) for s, e in chain
+                ]
+                local = _local_span(model, 0, n, steps + 8)
+                row = f"{hops}_peers{name}{suffix}"
+                results[row] = await _timed_steps(sessions, local, h, steps, how)
+        # One block through the first peer vs that block here: transport + software.
+        first = _spans(n, 3)[0]
+        sessions = [await client.open_inference(peer_ids[first], 0, 1, steps + 8)]
+        results[f"fixed_cost{suffix}"] = await _timed_steps(
+            sessions, _local_span(model, 0, 1, steps + 8), h, steps
+        )
+        if use_direct and client.direct_streams == 0:
+            raise RuntimeError("no stream went on a direct channel: do the peers announce one?")
     # The transport's floor: a small unary round trip through both daemons (an info call).
     trips = []
     for _ in range(steps):
@@ -179,16 +192,19 @@ def format_table(results: dict) -> str:
         "batch 1, one token per step",
         f"{'peers':>10} {'step ms':>8} {'local ms':>9} {'overhead/hop ms':>16}",
     ]
-    for row in ("1_peers", "2_peers", "3_peers", "2_peers_push", "3_peers_push", "fixed_cost"):
-        r = results[row]
-        name = {"fixed_cost": "1 blk"}.get(row, row.split("_")[0])
-        name += " push" if row.endswith("push") else ""
-        lines.append(
-            f"{name:>10} {r['step_ms']:>8.2f} {r['local_step_ms']:>9.2f} "
-            f"{r['overhead_per_hop_ms']:>16.2f}"
-        )
+    for suffix, transport in (("", "direct channel"), ("_libp2p", "libp2p")):
+        lines.append(f"client's streams on {transport}:")
+        for row in ROWS:
+            r = results[row + suffix]
+            name = {"fixed_cost": "1 blk"}.get(row, row.split("_")[0])
+            name += " push" if row.endswith("push") else ""
+            lines.append(
+                f"{name:>10} {r['step_ms']:>8.2f} {r['local_step_ms']:>9.2f} "
+                f"{r['overhead_per_hop_ms']:>16.2f}"
+            )
     lines.append("medians; overhead/hop: median of per-step (remote - local), steps interleaved")
-    lines.append("push: each peer sends its output straight to the next (generation's default)")
+    lines.append("push: each peer sends its output straight to the next (generation's default);")
+    lines.append("peers push on each other's direct channels in both parts")
     lines.append(
         f"a small unary round trip through both daemons: {results['p2p_round_trip_ms']} ms"
     )
@@ -227,9 +243,14 @@ def main() -> None:
         "batch_tokens": args.batch_tokens,
         **results,
     }
-    for row in ("1_peers", "2_peers", "3_peers", "2_peers_push", "3_peers_push"):
-        results[f"overhead_per_hop_ms_{row}"] = results[row]["overhead_per_hop_ms"]
-    results["fixed_cost_per_hop_ms"] = results["fixed_cost"]["overhead_per_hop_ms"]
+    for suffix in ("", "_libp2p"):
+        for row in ROWS[:-1]:
+            results[f"overhead_per_hop_ms_{row}{suffix}"] = results[row + suffix][
+                "overhead_per_hop_ms"
+            ]
+        results[f"fixed_cost_per_hop_ms{suffix}"] = results[f"fixed_cost{suffix}"][
+            "overhead_per_hop_ms"
+        ]
     print(json.dumps(results) if args.json else format_table(results))
 
 
@@ -276,6 +297,7 @@ def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
 
 
 async def _wait_and_bench(dht, model, spans, ids, args) -> dict:
+    from swarm.model.loading import resolve_model
     from swarm.peer import PeerClient
 
     p2p = await dht.replicate_p2p()
@@ -288,7 +310,8 @@ async def _wait_and_bench(dht, model, spans, ids, args) -> dict:
             except Exception:
                 pass
             await asyncio.sleep(0.5)
-    return await _bench(dht, model, spans, ids, args.steps, args.batch_tokens)
+    prefix = resolve_model(args.model).name
+    return await _bench(dht, model, prefix, spans, ids, args.steps, args.batch_tokens)
 
 
 if __name__ == "__main__":

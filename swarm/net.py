@@ -29,7 +29,7 @@ def check_initial_peers(maddrs: list[str]) -> None:
             raise ValueError(f"--initial-peers {maddr!r} must end in /p2p/PEER_ID; {MADDR_HINT}")
 
 
-def ensure_port_free(host: str, port: int) -> None:
+def ensure_port_free(host: str, port: int, flag: str = "--port") -> None:
     """Raise AddressInUse if `port` on `host` is taken; port 0 (any) always passes.
 
     p2pd binds with SO_REUSEPORT, so a second daemon would share a busy port and split its
@@ -45,8 +45,8 @@ def ensure_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as e:
             raise AddressInUse(
-                f"port {port} on {host} is in use (another peer?): pick another --port, "
-                "or --port 0 for any free one"
+                f"port {port} on {host} is in use (another peer?): pick another {flag}, "
+                f"or {flag} 0 for any free one"
             ) from e
 
 

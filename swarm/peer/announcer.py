@@ -43,6 +43,7 @@ class Announcer:
         self.peer_id = peer_id
         self.addrs = tuple(addrs)
         self.reachability = "direct"  # the server sets "relayed" (and keeps addrs current)
+        self.direct_port = 0  # the server sets its direct channel's port once it listens
         self.next_pings: dict[str, float] = {}  # round trips to the peers serving block pings_end
         self.pings_end: int | None = None
         self._online_end: int | None = None  # end of the span last announced online
@@ -72,6 +73,7 @@ class Announcer:
             forward_tps=speed.forward_tps / n,
             addrs=self.addrs,
             reachability=self.reachability,
+            direct_port=self.direct_port,
             run_id=self.config.run_id if self.config.train else "",
             # Pings are to the peers after `pings_end`: a record of another span has none yet.
             next_pings=dict(self.next_pings) if end == self.pings_end else {},

@@ -22,7 +22,7 @@ from swarm.errors import AdapterMissing, BadRequest, PeerTimeout, PeerUnavailabl
 from swarm.link import NO_LINK, Link
 from swarm.loops import within
 from swarm.model.lora import AdapterPayload, BlockTensors
-from swarm.peer import streams, wire
+from swarm.peer import direct, streams, wire
 from swarm.peer.handler import PART_MESSAGE_BYTES, PeerHandler
 from swarm.peer.relay import dial_maddr, is_circuit
 
@@ -33,6 +33,17 @@ SENT_MEMORY = 4096  # (peer, adapter hash) pairs we remember having sent
 DIAL_TIMEOUT = 5.0  # seconds to reach a peer at its announced addrs (through relays if relayed)
 MAX_DIAL_ADDRS = 8  # most announced addrs tried per peer
 REDIAL_AFTER = 5.0  # seconds a successful dial is trusted before the next call dials again
+
+
+def direct_host(addrs: Iterable[str]) -> str | None:
+    """The host of a peer's direct channel: that of its first announced addr that is neither a
+    relay circuit nor a wildcard (None if there is none)."""
+    for a in addrs:
+        parts = a.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6"):
+            if not is_circuit(a) and parts[2] not in ("0.0.0.0", "::"):
+                return parts[2]
+    return None
 
 
 def as_peer_id(peer_id: PeerID | str) -> PeerID:
@@ -69,7 +80,13 @@ class PeerClient:
     (swarm.link; none by default).
     """
 
-    def __init__(self, p2p: P2P, compression: str = "none", link: Link | None = None):
+    def __init__(
+        self,
+        p2p: P2P,
+        compression: str = "none",
+        link: Link | None = None,
+        use_direct: bool = True,
+    ):
         self.p2p = p2p
         self.compression = compression
         self.link = link or NO_LINK
@@ -77,6 +94,12 @@ class PeerClient:
         self.adapter_bytes_sent = 0  # adapter tensors sent, in bytes (benchmarks)
         self.addrs: dict[str, tuple[str, ...]] = {}  # peer id -> multiaddrs from its record
         self._dialled: dict[str, float] = {}  # peer id -> when a dial last succeeded
+        # Direct channels (swarm.peer.direct): streams go there when the peer announces one.
+        self.use_direct = use_direct
+        self.direct: dict[str, str] = {}  # peer id -> host of its direct channel
+        self._tickets: dict[str, tuple[peer_pb2.DirectTicket, float]] = {}  # and their expiry
+        self._direct_down: dict[str, float] = {}  # peer id -> until when libp2p is used
+        self.direct_streams = 0  # streams opened on direct channels (benchmarks, tests)
 
     async def _with_adapter(
         self, peer: PeerID, adapter: AdapterPayload | None, call: Callable[[Any], Awaitable[T]]
@@ -111,6 +134,55 @@ class PeerClient:
             addrs = tuple(a for a in getattr(r, "addrs", ()) if isinstance(a, str))
             if addrs:
                 self.addrs[r.peer_id] = addrs[:MAX_DIAL_ADDRS]
+            host = direct_host(addrs) if getattr(r, "direct_port", 0) else None
+            if host is not None:
+                self.direct[r.peer_id] = host
+            else:
+                self.direct.pop(r.peer_id, None)
+
+    async def open_stream(self, peer: PeerID, name: str, timeout: float):
+        """(reader, writer) of a new stream to `peer`'s handler `name`: on the peer's direct
+        channel when it announces one (swarm.peer.direct), else, or when that fails, on libp2p.
+        A failed channel is left alone for direct.DIRECT_RETRY_S."""
+        key = peer.to_base58()
+        host = self.direct.get(key) if self.use_direct else None
+        if host is not None and self._direct_down.get(key, 0.0) <= time.monotonic():
+            try:
+                ticket = await self._ticket(peer, timeout)
+                wait = min(timeout / 2, direct.CONNECT_TIMEOUT)  # leave libp2p its half
+                reader, writer = await direct.connect(host, ticket, name, wait)
+                self.direct_streams += 1
+                return reader, writer
+            except (SwarmError, *TRANSPORT_ERRORS) as e:  # ChannelBroken is a ConnectionError
+                self._tickets.pop(key, None)
+                self._direct_down[key] = time.monotonic() + direct.DIRECT_RETRY_S
+                logger.info("direct channel to %s failed (%r): using libp2p", peer, e)
+        await self._dial(peer)
+        _, reader, writer = await within(self.p2p.call_binary_stream_handler(peer, name), timeout)
+        return reader, writer
+
+    async def _ticket(self, peer: PeerID, timeout: float) -> peer_pb2.DirectTicket:
+        """A ticket to the peer's direct channel: the one held while it lasts, else a new one."""
+        key = peer.to_base58()
+        held = self._tickets.get(key)
+        if held is not None and held[1] > time.monotonic():
+            return held[0]
+        await self._dial(peer)
+        await self.link.send(0)
+        reply = await self._stub(peer).rpc_direct_ticket(
+            peer_pb2.DirectTicketRequest(), timeout=timeout
+        )
+        if reply.HasField("error"):
+            raise wire.error_from_wire(reply.error, str(peer))
+        if (
+            len(reply.ticket_id) != direct.ID_BYTES
+            or len(reply.secret) != direct.SECRET_BYTES
+            or not 0 < reply.port < 65536
+        ):
+            raise BadRequest(f"peer {peer} sent a malformed direct-channel ticket")
+        lasts = min(reply.ttl, direct.TICKET_TTL) - direct.TICKET_MARGIN
+        self._tickets[key] = (reply, time.monotonic() + lasts)
+        return reply
 
     async def _dial(self, peer: PeerID) -> None:
         """Connect to a peer at its announced addrs (a no-op for p2pd when connected).
@@ -525,19 +597,11 @@ class InferenceStream:
     async def _open(
         self, timeout: float, adapter: peer_pb2.Adapter | None = None, prev_peer: str = ""
     ) -> None:
-        await self.client._dial(self.peer)
         name = PeerHandler._get_handle_name(None, "rpc_inference")
         try:
-            self._responses = await within(
-                streams.call_stream(
-                    self.client.p2p,
-                    self.peer,
-                    name,
-                    self._requests(),
-                    peer_pb2.Part,
-                    PART_MESSAGE_BYTES,
-                ),
-                timeout,
+            reader, writer = await self.client.open_stream(self.peer, name, timeout)
+            self._responses = streams.stream_over(
+                reader, writer, name, self.peer, self._requests(), peer_pb2.Part, PART_MESSAGE_BYTES
             )
         except TRANSPORT_ERRORS as e:
             self.closed = True

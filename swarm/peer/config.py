@@ -57,6 +57,14 @@ class PeerConfig:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
     port: int = field(default=0, metadata={"help": "TCP port to listen on (0: any)"})
+    direct_port: int = field(
+        default=0,
+        metadata={
+            "help": "TCP port of the direct channel, which serves the streams without the p2pd "
+            "daemons (0: any free port; -1: none). Announced only when the peer is reachable "
+            "(not behind NAT); clients that cannot reach it use libp2p"
+        },
+    )
     announce_maddrs: list[str] = field(
         default_factory=list,
         metadata={
@@ -239,6 +247,10 @@ class PeerConfig:
             raise ValueError(f"--torch-threads must be in 0..1024, got {self.torch_threads}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError("--num-blocks must be positive")
+        if not -1 <= self.direct_port < 65536:
+            raise ValueError(
+                f"--direct-port must be -1 (none), 0 (any) or a port, got {self.direct_port}"
+            )
         if self.reachability not in ("auto", "direct", "relayed"):
             raise ValueError(
                 f"--reachability must be auto, direct or relayed, got {self.reachability!r}"

@@ -30,6 +30,7 @@ from swarm.peer import streams, wire
 from swarm.peer.adapters import AdapterCache, AdapterEntry
 from swarm.peer.backend import Session, SpanBackend, StepItem
 from swarm.peer.config import PeerConfig
+from swarm.peer.direct import DirectServer
 from swarm.peer.fairness import ClientLedger
 from swarm.peer.memory import ByteBudget, CacheBudget, Held, PeerBusy
 from swarm.peer.push import Pushes
@@ -93,6 +94,7 @@ class PeerHandler(ServicerBase):
             stream_name=self._get_handle_name(None, "rpc_push_stream"),
         )
         self._push_streams: dict[Hashable, asyncio.Event] = {}  # sender -> "end your stream"
+        self.direct = DirectServer({})  # listens once start_direct is called
         self.adapters = AdapterCache(
             backend.config,
             max_bytes=int(config.adapter_cache_mb * (1 << 20)),
@@ -115,13 +117,31 @@ class PeerHandler(ServicerBase):
             name = self._get_handle_name(namespace, h.method_name)
             method = getattr(self if wrapper is None else wrapper, h.method_name)
             if h.stream_input:
-                await streams.add_bounded_stream_handler(
-                    p2p, name, method, h.request_type, PART_MESSAGE_BYTES, balanced=balanced
+                handle = streams.stream_server(
+                    name, method, h.request_type, PART_MESSAGE_BYTES, p2p.peer_id
                 )
+                self.direct.handlers[name] = handle  # the same streams on the direct channel
+                await p2p.add_binary_stream_handler(name, handle, balanced=balanced)
             else:  # unary: the daemon caps each message (4 MiB) before we see it
                 await p2p.add_protobuf_handler(
                     name, method, h.request_type, stream_output=h.stream_output, balanced=balanced
                 )
+
+    async def start_direct(self, host: str, port: int = 0) -> int:
+        """Serve the stream handlers on the direct channel too (swarm.peer.direct); its port."""
+        return await self.direct.start(host, port)
+
+    async def rpc_direct_ticket(
+        self, request: peer_pb2.DirectTicketRequest, context: P2PContext
+    ) -> peer_pb2.DirectTicket:
+        """A ticket to the direct channel, bound to the caller's peer id (libp2p authenticated
+        it, and the libp2p stream keeps the secret)."""
+        await self.link.send(0)
+        if not self.direct.port:
+            return peer_pb2.DirectTicket(
+                error=self._report(PeerUnavailable("no direct channel here"), "ticket", context)
+            )
+        return self.direct.ticket(context.remote_id)
 
     # ---- limits -------------------------------------------------------------------------------
     def max_request_bytes(self, tensors: int) -> int:
@@ -642,6 +662,7 @@ class PeerHandler(ServicerBase):
         for session in list(self.sessions.values()):
             self._free(session)
         self.pushes.close()
+        await self.direct.close()
 
 
 def _chunks(steps, t: int) -> list[tuple[int, int]]:

@@ -24,6 +24,7 @@ from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
 from swarm.link import Link
 from swarm.loops import within
 from swarm.peer import streams, wire
+from swarm.peer.direct import SealedWriter
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class PushChannel:
     waiting pushes fail at once); the next push opens a new one.
     """
 
-    def __init__(self, p2p: P2P, peer: PeerID, name: str):
-        self.p2p, self.peer, self.name = p2p, peer, name
+    def __init__(self, open_stream: Callable[..., Awaitable], peer: PeerID, name: str):
+        self._open_stream, self.peer, self.name = open_stream, peer, name
         self.closed = False
         self._writer: asyncio.StreamWriter | None = None  # set once open
         self._acks: deque[asyncio.Future] = deque()  # sent, unacknowledged, oldest first
@@ -63,13 +64,15 @@ class PushChannel:
 
     async def _open(self) -> None:
         try:
-            _, reader, writer = await self.p2p.call_binary_stream_handler(self.peer, self.name)
+            reader, writer = await self._open_stream(self.peer, self.name)
         except BaseException:
             self._fail(PeerUnavailable(f"no push stream to {self.peer} could be opened"))
             raise
         if self.closed:  # closed while opening
             writer.close()
             return
+        via = "the direct channel" if isinstance(writer, SealedWriter) else "libp2p"
+        logger.info("push stream to %s opened on %s", self.peer, via)
         self._writer = writer
         self._reader = asyncio.ensure_future(self._read(reader))
 
@@ -151,6 +154,9 @@ class Pushes:
         self.link, self._decode, self._stub, self.wait = link, decode, stub, wait
         self.stream_name = stream_name
         self.p2p: P2P | None = None  # set when the handlers are registered
+        # (peer, name, timeout) -> (reader, writer) of a new stream, e.g. PeerClient.open_stream
+        # (the direct channel when the peer has one); None: libp2p through self.p2p.
+        self.opener: Callable[..., Awaitable] | None = None
         self._channels: dict[PeerID, PushChannel] = {}
         self._unary_only: set[PeerID] = set()  # peers that serve no push stream
         self._inbox: dict[str, asyncio.Queue] = {}
@@ -233,7 +239,7 @@ class Pushes:
         channel = self._channels.get(peer)
         if channel is None or channel.closed:
             self._channels = {p: c for p, c in self._channels.items() if not c.closed}
-            channel = self._channels[peer] = PushChannel(self.p2p, peer, self.stream_name)
+            channel = self._channels[peer] = PushChannel(self._open, peer, self.stream_name)
         try:
             await channel.open(self._timeout())
         except ControlFailure as e:
@@ -243,6 +249,12 @@ class Pushes:
             self._unary_only.add(peer)  # a peer older than push streams
             return await self._unary(peer, msg)
         return await channel.wait(channel.send(msg), self._timeout())
+
+    async def _open(self, peer: PeerID, name: str):
+        if self.opener is not None:
+            return await self.opener(peer, name, self._timeout())
+        _, reader, writer = await self.p2p.call_binary_stream_handler(peer, name)
+        return reader, writer
 
     async def _unary(self, peer: PeerID, msg: peer_pb2.PushStep) -> peer_pb2.PushResponse:
         return await self._stub(self.p2p, peer).rpc_push(msg, timeout=self._timeout())

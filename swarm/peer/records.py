@@ -79,6 +79,8 @@ class SpanRecord:
     addrs: tuple[str, ...] = ()  # multiaddrs to dial, when announced
     run_id: str = ""  # training peers: the run whose stage this is ("" when serving inference)
     reachability: str = "direct"  # "relayed": addrs are /p2p-circuit ones (absent in old records)
+    # TCP port of the direct channel (swarm.peer.direct) at the host of `addrs`; 0: none.
+    direct_port: int = 0
     # Round trips (s) to peers serving block `end`: the router's server->server edges.
     next_pings: dict[str, float] = field(default_factory=dict, hash=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown fields, kept
@@ -98,6 +100,7 @@ class SpanRecord:
         _need(isinstance(self.quant, str) and isinstance(self.version, str), "bad quant/version")
         _need(isinstance(self.run_id, str) and len(self.run_id) <= 64, "bad run_id")
         _need(self.reachability in REACHABILITY, f"reachability must be one of {REACHABILITY}")
+        _need(_int(self.direct_port) and 0 <= self.direct_port < 65536, "bad direct_port")
         _need(isinstance(self.next_pings, dict), "next_pings must be a dict")
         for peer, rtt in self.next_pings.items():
             _need(isinstance(peer, str) and _num(rtt) and rtt >= 0, f"bad next_pings[{peer!r}]")
@@ -121,6 +124,8 @@ class SpanRecord:
             info["run_id"] = self.run_id
         if self.reachability != "direct":
             info["reachability"] = self.reachability
+        if self.direct_port:
+            info["direct_port"] = self.direct_port
         return (WIRE_VERSION, self.state, float(self.throughput), info)
 
     @classmethod
@@ -143,6 +148,7 @@ class SpanRecord:
             "next_pings",
             "run_id",
             "reachability",
+            "direct_port",
         }
         codecs, addrs = info.get("codecs", []), info.get("addrs", [])
         _need(isinstance(codecs, (list, tuple)) and isinstance(addrs, (list, tuple)), "bad lists")
@@ -161,6 +167,7 @@ class SpanRecord:
             addrs=tuple(addrs),
             run_id=info.get("run_id", ""),
             reachability=info.get("reachability", "direct"),
+            direct_port=info.get("direct_port", 0),
             next_pings=_pings(info.get("next_pings")),
             extra={k: v for k, v in info.items() if k not in known},
         )

@@ -40,6 +40,8 @@ from swarm.peer.worker import ComputeWorker
 from swarm.quant import bytes_per_param
 from swarm.threads import in_own_thread, serial_torch
 
+LOOKUP_PERIOD = 60.0  # seconds between record reads for one next hop without a direct channel
+
 logger = logging.getLogger(__name__)
 
 
@@ -86,6 +88,8 @@ class Peer:
         )
         check_initial_peers(config.initial_peers)
         ensure_port_free(config.host, config.port)
+        if config.direct_port > 0:
+            ensure_port_free(config.host, config.direct_port, "--direct-port")
         host_maddrs = [f"/ip4/{config.host}/tcp/{config.port}"]
         if ":" in config.host:
             host_maddrs = [f"/ip6/{config.host}/tcp/{config.port}"]
@@ -138,6 +142,7 @@ class Peer:
         self.block_speed = BlockThroughput(0.0, 0.0)
         self.start = self.end = 0
         self._stop: asyncio.Event | None = None
+        self._looked_up: dict[str, float] = {}  # next hop -> when we read records for it
         self._loop: asyncio.AbstractEventLoop | None = None
         self.moves = 0
         self._cooldown_until = 0.0
@@ -184,11 +189,16 @@ class Peer:
             )
             self.handler.throughput = self._throughput()
             await self.handler.add_p2p_handlers(p2p)
+            if self.reachability == "direct" and self.config.direct_port >= 0:
+                self.announcer.direct_port = await self.handler.start_direct(
+                    self.config.host, self.config.direct_port
+                )
             self.handler.state = "online"
             await self.announcer.announce(self._record("online"))
             logger.info("serving blocks %d:%d of %s as %s", start, end, self.prefix, self.peer_id)
             tasks.append(asyncio.create_task(self.announcer.run(self._current_record)))
             self.peer_client = PeerClient(p2p, link=self.link)
+            self.handler.pushes.opener = self._open_push_stream
             tasks.append(
                 asyncio.create_task(self.announcer.ping_loop(self.peer_client, self._fetch))
             )
@@ -205,6 +215,7 @@ class Peer:
             if self.handler is not None:
                 with contextlib.suppress(Exception):
                     await self.handler.remove_p2p_handlers(p2p)
+                await self.handler.direct.close()
             self.worker.stop()
             await self.dial_back.shutdown()
 
@@ -300,6 +311,23 @@ class Peer:
 
     def _current_record(self) -> SpanRecord:
         return self._record(self.handler.state)
+
+    async def _open_push_stream(self, peer, name: str, timeout: float):
+        """A push stream to a next hop, on its direct channel when it has one. A next hop
+        without a known channel makes us read the swarm's records first (at most once per
+        LOOKUP_PERIOD): the last ones we read may predate its channel, or it."""
+        key = peer.to_base58()
+        now = asyncio.get_running_loop().time()
+        if (
+            key not in self.peer_client.direct
+            and now - self._looked_up.get(key, -LOOKUP_PERIOD) >= LOOKUP_PERIOD
+        ):
+            self._looked_up[key] = now
+            try:
+                await loops.within(self._fetch(), timeout / 2)
+            except Exception as e:  # libp2p then, as if it had none
+                logger.debug("reading the records for next hop %s failed: %r", peer, e)
+        return await self.peer_client.open_stream(peer, name, timeout)
 
     async def _fetch(self) -> list[SpanRecord]:
         records = await fetch_swarm_async(

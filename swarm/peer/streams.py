@@ -35,15 +35,16 @@ class MessageTooLarge(BadRequest):
 StreamHandler = Callable[[AsyncIterator[Message], P2PContext], AsyncIterator[Message]]
 
 
-async def add_bounded_stream_handler(
-    p2p: P2P,
+def stream_server(
     name: str,
     handler: StreamHandler,
     input_type: type[Message],
     max_message_bytes: int,
-    balanced: bool = False,
-) -> None:
-    """Serve `handler` (requests stream in, replies stream out) as hivemind's streams do.
+    local_id: PeerID,
+):
+    """A connection handler (info, reader, writer) serving `handler` (requests stream in,
+    replies stream out) as hivemind's streams do, over any transport with asyncio's reader and
+    writer: libp2p's (P2P.add_binary_stream_handler) or the direct channel's.
 
     The wire format is hivemind's (marker byte, 8-byte length, protobuf), so hivemind stubs call
     it unchanged. A message longer than `max_message_bytes`, or one that does not parse, reaches
@@ -53,7 +54,7 @@ async def add_bounded_stream_handler(
     """
 
     async def handle(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=info.peer_id)
+        context = P2PContext(handle_name=name, local_id=local_id, remote_id=info.peer_id)
         queue: asyncio.Queue = asyncio.Queue(MAX_PREFETCH)
 
         async def requests() -> AsyncIterator[Message]:
@@ -104,7 +105,7 @@ async def add_bounded_stream_handler(
             finally:
                 processing.cancel()
 
-    await p2p.add_binary_stream_handler(name, handle, balanced=balanced)
+    return handle
 
 
 def frame(msg: Message, error: bool = False) -> bytes:
@@ -136,6 +137,19 @@ async def call_stream(
     handler's error message raises P2PHandlerError, as from hivemind's stubs.
     """
     _, reader, writer = await p2p.call_binary_stream_handler(peer, name)
+    return stream_over(reader, writer, name, peer, requests, reply_type, max_message_bytes)
+
+
+def stream_over(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    name: str,
+    peer: PeerID,
+    requests: AsyncIterator[Message],
+    reply_type: type[Message],
+    max_message_bytes: int,
+) -> AsyncIterator[Message]:
+    """call_stream's replies on a stream already open (libp2p's or the direct channel's)."""
 
     async def write() -> None:
         async for request in requests:

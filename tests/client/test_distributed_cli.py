@@ -49,3 +49,5 @@ def test_distributed_flags():
 
     assert p.parse_args([]).no_push is not RouterConfig.push
     assert p.parse_args(["--no-push"]).no_push
+    assert p.parse_args([]).no_direct is not RouterConfig.direct
+    assert p.parse_args(["--no-direct"]).no_direct

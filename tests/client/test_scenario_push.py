@@ -75,6 +75,28 @@ def test_scenario_push_text_equals_relay_and_local(swarm, tiny_model_dir, local_
     assert texts[True] == texts[False] == want
 
 
+@pytest.mark.timeout(300)
+def test_scenario_direct_channel_text_equals_libp2p(swarm, tiny_model_dir, local_model):
+    """Peers announce a direct channel (swarm.peer.direct): the client's streams and the peers'
+    pushes go there, and the text is the one libp2p gives, and local's."""
+    assert all(r.direct_port > 0 for r in swarm.online())
+    want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
+    texts, opened = {}, {}
+    for direct in (True, False):
+        rc = RouterConfig(compression="none", push=True, direct=direct)
+        with shared_connect(swarm, tiny_model_dir, router_config=rc) as model:
+            texts[direct], pushed = generate(model)
+            opened[direct] = model.router.client.direct_streams
+            assert len(model.last_stats.route) == 3 and not model.last_stats.failovers
+        assert pushed == NEW - 1
+    assert texts[True] == texts[False] == want
+    assert opened == {True: 3, False: 0}  # one inference stream per hop
+    # Peers push to their next hop on its direct channel (a, and the middle peer used).
+    logs = "".join((swarm.logs / f"{name}.log").read_text() for name in swarm.peers)
+    assert logs.count("opened on the direct channel") >= 2
+    assert "opened on libp2p" not in logs
+
+
 async def _foreign_push(swarm: Swarm, target: str, declared_prev: str) -> None:
     """Open a session on `target` (blocks 0:2) declaring `declared_prev` as its previous hop,
     then push into it from a third peer id (neither that hop nor the session's client): refused

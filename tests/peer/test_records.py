@@ -115,3 +115,26 @@ def test_unknown_reachability_is_rejected():
     version, state, tp, info = _record().to_wire()
     with pytest.raises(ValueError, match="reachability"):
         SpanRecord.from_wire("Qm1", (version, state, tp, {**info, "reachability": "teleported"}))
+
+
+def test_direct_port_round_trips_and_is_checked():
+    rec = _record(direct_port=40123)
+    version, state, tp, info = rec.to_wire()
+    assert SpanRecord.from_wire("Qm1", (version, state, tp, info)).direct_port == 40123
+    _, _, _, none = _record().to_wire()
+    assert "direct_port" not in none  # peers without a channel: records read as before
+    assert SpanRecord.from_wire("Qm1", (version, state, tp, none)).direct_port == 0
+    for bad in (-1, 65536, "80", 1.5, True):
+        with pytest.raises(ValueError, match="direct_port"):
+            SpanRecord.from_wire("Qm1", (version, state, tp, {**info, "direct_port": bad}))
+
+
+def test_direct_host_is_the_first_dialable_announced_host():
+    from swarm.peer.client import direct_host
+
+    circuit = "/ip4/203.0.113.10/tcp/1/p2p/R/p2p-circuit/p2p/Q"
+    assert direct_host([circuit, "/ip4/0.0.0.0/tcp/2", "/ip4/198.51.100.7/tcp/3/p2p/Q"]) == (
+        "198.51.100.7"
+    )
+    assert direct_host(["/ip6/2001:db8::1/tcp/3"]) == "2001:db8::1"
+    assert direct_host([circuit]) is None and direct_host([]) is None
