@@ -97,6 +97,27 @@ def test_scenario_direct_channel_text_equals_libp2p(swarm, tiny_model_dir, local
     assert "opened on libp2p" not in logs
 
 
+@pytest.mark.timeout(300)
+def test_scenario_a_refused_direct_channel_falls_back_to_libp2p(swarm, tiny_model_dir, local_model):
+    """Tickets the peers never gave (a restarted peer's, say): every channel refuses the hello,
+    each stream opens on libp2p instead, and the text is unchanged."""
+    want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
+    ports = {r.peer_id: r.direct_port for r in swarm.online()}
+    rc = RouterConfig(compression="none", push=True)
+    with shared_connect(swarm, tiny_model_dir, router_config=rc) as model:
+        client = model.router.client
+        for peer_id, port in ports.items():
+            forged = peer_pb2.DirectTicket(
+                ticket_id=os.urandom(16), secret=os.urandom(32), port=port
+            )
+            client._tickets[peer_id] = (forged, time.monotonic() + 3600)
+        text, pushed = generate(model)
+        route = {h.peer_id for h in model.last_stats.route}
+        assert client.direct_streams == 0 and route <= set(client._direct_down)
+        assert not model.last_stats.failovers
+    assert text == want and pushed == NEW - 1
+
+
 async def _foreign_push(swarm: Swarm, target: str, declared_prev: str) -> None:
     """Open a session on `target` (blocks 0:2) declaring `declared_prev` as its previous hop,
     then push into it from a third peer id (neither that hop nor the session's client): refused
