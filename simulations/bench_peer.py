@@ -137,33 +137,37 @@ async def _bench(dht, model, prefix, spans, peer_ids, steps: int, batch_tokens: 
     p2p = await dht.replicate_p2p()
     h, n = model.config.hidden_size, model.config.num_layers
     results: dict = {}
-    # The client's streams on the peers' direct channels (the default), then on libp2p.
+    # The client's streams on the peers' direct channels (the default) and on libp2p, row by
+    # row in turn, so that a load drift hits both.
     for _ in range(60):  # the online records, which announce the channels
         records = await fetch_swarm_async(dht, prefix, n, timeout=10.0)
         if set(peer_ids.values()) <= {r.peer_id for r in records if r.direct_port}:
             break
         await asyncio.sleep(0.5)
-    for suffix, use_direct in (("", True), ("_libp2p", False)):
-        client = PeerClient(p2p, use_direct=use_direct)
-        client.learn_addrs(records)
-        for hops in (1, 2, 3):
-            chain = _spans(n, hops)
-            # Relayed, then (2 and 3 hops) pushed: fresh sessions and caches for each.
-            for name, how in [("", _relayed)] + ([("_push", _pushed)] if hops > 1 else []):
+    clients = {"": PeerClient(p2p), "_libp2p": PeerClient(p2p, use_direct=False)}
+    for c in clients.values():
+        c.learn_addrs(records)
+    for hops in (1, 2, 3):
+        chain = _spans(n, hops)
+        # Relayed, then (2 and 3 hops) pushed: fresh sessions and caches for each.
+        for name, how in [("", _relayed)] + ([("_push", _pushed)] if hops > 1 else []):
+            for suffix, client in clients.items():
                 sessions = [
                     await client.open_inference(peer_ids[(s, e)], s, e, steps + 8) for s, e in chain
                 ]
                 local = _local_span(model, 0, n, steps + 8)
                 row = f"{hops}_peers{name}{suffix}"
                 results[row] = await _timed_steps(sessions, local, h, steps, how)
-        # One block through the first peer vs that block here: transport + software.
-        first = _spans(n, 3)[0]
+    # One block through the first peer vs that block here: transport + software.
+    first = _spans(n, 3)[0]
+    for suffix, client in clients.items():
         sessions = [await client.open_inference(peer_ids[first], 0, 1, steps + 8)]
         results[f"fixed_cost{suffix}"] = await _timed_steps(
             sessions, _local_span(model, 0, 1, steps + 8), h, steps
         )
-        if use_direct and client.direct_streams == 0:
-            raise RuntimeError("no stream went on a direct channel: do the peers announce one?")
+    if clients[""].direct_streams == 0:
+        raise RuntimeError("no stream went on a direct channel: do the peers announce one?")
+    client = clients["_libp2p"]
     # The transport's floor: a small unary round trip through both daemons (an info call).
     trips = []
     for _ in range(steps):
