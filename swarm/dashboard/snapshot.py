@@ -49,6 +49,7 @@ def swarm_table(
                 "run_id": r.run_id,
                 "reachability": reachability(r),
                 "addrs": list(r.addrs),
+                "direct_port": r.direct_port,  # its direct channel's TCP port (0: none)
                 "rtt_ms": None if rtt is None else round(rtt * 1000, 2),
                 # Round trips (ms) the peer measured to peers serving its next block.
                 "next_pings_ms": {k: round(v * 1000, 2) for k, v in r.next_pings.items()},

@@ -53,7 +53,10 @@ MAX_TICKETS = 1024  # tickets a peer keeps (the oldest go first)
 TICKETS_PER_CLIENT = 4  # a client asking for more loses its oldest
 NONCES_PER_TICKET = 256  # connections one ticket may open (its nonces are kept: 16 B each)
 HELLO_TIMEOUT = 5.0  # seconds a connection has to say its hello
-MAX_CONNECTIONS = 1024  # open connections a peer serves; more are closed at once
+# Open connections a peer serves, and of them those yet to say their hello: more are closed at
+# once (each holds a file descriptor; a refused client still has libp2p).
+MAX_CONNECTIONS = 256
+MAX_PENDING = 32
 CONNECT_TIMEOUT = 2.0  # to connect and hear the hello answered; then libp2p is tried
 DIRECT_RETRY_S = 60.0  # a peer whose channel failed is reached over libp2p this long
 _OK = b"ok"
@@ -178,6 +181,7 @@ class DirectServer:
         self._server: asyncio.Server | None = None
         self._tickets: OrderedDict[bytes, _Ticket] = OrderedDict()
         self._connections: set[asyncio.Task] = set()
+        self._pending = 0  # connections yet to say their hello
 
     async def start(self, host: str, port: int = 0) -> int:
         self._server = await asyncio.start_server(self._serve, host, port)
@@ -202,10 +206,11 @@ class DirectServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self._connections) >= MAX_CONNECTIONS:
+        if len(self._connections) >= MAX_CONNECTIONS or self._pending >= MAX_PENDING:
             writer.close()
             return
         self._connections.add(task)
+        self._pending += 1
         try:
             _nodelay(writer)
             try:
@@ -214,6 +219,8 @@ class DirectServer:
                     name = (await reader.readexactly(hello[-1])).decode("utf-8", "replace")
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
+            finally:
+                self._pending -= 1
             ticket_id = hello[len(MAGIC) : len(MAGIC) + ID_BYTES]
             nonce = hello[len(MAGIC) + ID_BYTES : -1]
             ticket = self._tickets.get(ticket_id)

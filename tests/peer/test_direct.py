@@ -200,3 +200,19 @@ async def test_sealed_records_hide_and_guard_what_they_carry():
         await direct.SealedReader(reader_of(bytes(wire))._r, s2c).readexactly(1)
     with pytest.raises(direct.ChannelBroken, match="inside a record"):
         await reader_of(bytes(wire[:20])).readexactly(1)
+
+
+@pytest.mark.timeout(60)
+async def test_connections_yet_to_say_hello_are_bounded(monkeypatch):
+    monkeypatch.setattr(direct, "MAX_PENDING", 2)
+    async with EchoServer() as s:
+        ticket = s.server.ticket(ALICE)
+        silent = [await asyncio.open_connection("127.0.0.1", s.server.port) for _ in range(2)]
+        await asyncio.sleep(0.2)  # both are being served, waiting for a hello
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):  # a third: closed
+            await direct.connect("127.0.0.1", ticket, "echo")
+        for _, writer in silent:
+            writer.close()
+        await asyncio.sleep(0.2)
+        parts = [peer_pb2.Part(data=b"served again", index=0, count=1)]
+        assert await s.echo(ticket, parts) == parts
