@@ -143,10 +143,11 @@ class Verifier:
         self.slow: dict[Any, float] = {}  # checker -> time.monotonic() until which others go first
 
     def no_replica(self, span: tuple[int, int]) -> None:
-        """Say (once) that blocks `span` cannot be checked: nobody else serves them."""
+        """Say (once, at INFO: the CLI's summary line says it too) that blocks `span` cannot
+        be checked: nobody else serves them, as in any swarm of one replica per span."""
         if span not in self.unverifiable:
             self.unverifiable.add(span)
-            logger.warning(
+            logger.info(
                 "verification impossible for blocks %d:%d: no other replica serves them", *span
             )
 

@@ -78,6 +78,7 @@ def stream_server(
 
         with contextlib.closing(writer):
             processing = asyncio.create_task(process())
+            receiving: asyncio.Task | None = None
             ended = False  # the caller's end of stream came: nothing more will arrive
             try:
                 while True:
@@ -102,10 +103,20 @@ def stream_server(
                     ended = request is None
             except Exception:
                 logger.warning("error while receiving on %s", name, exc_info=True)
-            finally:
+            finally:  # also when cancelled (the peer shuts down): the read in flight goes too
                 processing.cancel()
+                if receiving is not None:
+                    receiving.cancel()
+                    receiving.add_done_callback(_retrieve)
 
     return handle
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a task's outcome as seen, so a read that failed as the handler ended is not logged
+    as "Task exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def frame(msg: Message, error: bool = False) -> bytes:

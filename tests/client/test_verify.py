@@ -98,7 +98,7 @@ def test_lying_checker_is_banned_and_the_route_stands(seed):
 
 
 def test_no_second_replica_is_said_not_failed(caplog):
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         v, liar = check(Replicas(lies={"p": 0}, peers=("p",)), "p", torch.randn(1, 3, 8))
     assert liar is None and v.unverifiable == {(0, 3)}
     assert "verification impossible for blocks 0:3" in caplog.text
@@ -208,7 +208,7 @@ async def test_router_believes_an_unmeasured_peer_no_faster_than_the_best_measur
 
 
 @pytest.mark.timeout(60)
-def test_with_one_replica_per_span_text_streams_at_once_and_the_warning_says_why(
+def test_with_one_replica_per_span_text_streams_at_once_and_the_log_says_why(
     fake_swarm, tiny_model, caplog
 ):
     from swarm.generation import generate_local
@@ -218,7 +218,7 @@ def test_with_one_replica_per_span_text_streams_at_once_and_the_warning_says_why
     fake_swarm.add("b", 3, 6)
     want = generate_local(tiny_model, None, prompt, 8, stop_on_eos=False)
     streamed: list[tuple[int, int]] = []  # (token, positions fed when it was passed on)
-    with fake_swarm.distributed_model() as model, caplog.at_level("WARNING"):
+    with fake_swarm.distributed_model() as model, caplog.at_level("INFO"):
         model.verify = 0.5
         with model.inference_session(max_length=len(prompt) + 8) as session:
 

@@ -7,6 +7,7 @@ and the server serves on. The scenario with peer processes is in tests/client/te
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 
 import pytest
@@ -216,3 +217,26 @@ async def test_connections_yet_to_say_hello_are_bounded(monkeypatch):
         await asyncio.sleep(0.2)
         parts = [peer_pb2.Part(data=b"served again", index=0, count=1)]
         assert await s.echo(ticket, parts) == parts
+
+
+
+@pytest.mark.timeout(30)
+async def test_closing_the_server_mid_stream_leaves_no_unretrieved_error():
+    """A peer's shutdown cancels its open streams. The read each one had in flight was left
+    behind, failed when the connection went, and asyncio logged "Task exception was never
+    retrieved" with a traceback (seen on SIGTERM with a push stream open)."""
+    loop = asyncio.get_running_loop()
+    logged: list = []
+    loop.set_exception_handler(lambda _, context: logged.append(context["message"]))
+    try:
+        async with EchoServer() as s:
+            reader, writer = await direct.connect("127.0.0.1", s.server.ticket(ALICE), "echo")
+            part = peer_pb2.Part(data=b"x", index=0, count=1)
+            await streams.send(part, writer)
+            assert await streams.receive(reader, peer_pb2.Part, MIB) == part  # the stream is open
+        writer.close()  # after the server's close: its read fails, unawaited
+        await asyncio.sleep(0.1)
+        gc.collect()
+        assert not [m for m in logged if "never retrieved" in m], logged
+    finally:
+        loop.set_exception_handler(None)
