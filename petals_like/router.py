@@ -165,6 +165,12 @@ class SwarmRouter:
             learn = getattr(self.client, "learn_addrs", None)  # test doubles may not dial
             if learn is not None:
                 learn(self.records)  # relayed peers are dialled through their circuit addrs
+            prefetch = getattr(self.client, "prefetch_tickets", None)
+            if prefetch is not None:  # the nearest first: routes prefer them
+                online = {r.peer_id for r in self.records if r.state == "online"}
+                online -= self.bans.banned()
+                nearest = sorted(online, key=lambda p: self.rtts.get(p, float("inf")))
+                prefetch(nearest)
 
     async def ping(self, peer_id: str) -> float | None:
         """Measure one round trip to `peer_id` (None if it did not answer in time)."""

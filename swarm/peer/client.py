@@ -33,6 +33,8 @@ SENT_MEMORY = 4096  # (peer, adapter hash) pairs we remember having sent
 DIAL_TIMEOUT = 5.0  # seconds to reach a peer at its announced addrs (through relays if relayed)
 MAX_DIAL_ADDRS = 8  # most announced addrs tried per peer
 REDIAL_AFTER = 5.0  # seconds a successful dial is trusted before the next call dials again
+MAX_PREFETCH = 16  # tickets asked for ahead at once (prefetch_tickets)
+PREFETCH_TIMEOUT = 10.0
 
 
 def direct_host(addrs: Iterable[str]) -> str | None:
@@ -100,6 +102,8 @@ class PeerClient:
         self._tickets: dict[str, tuple[peer_pb2.DirectTicket, float]] = {}  # and their expiry
         self._direct_down: dict[str, float] = {}  # peer id -> until when libp2p is used
         self.direct_streams = 0  # streams opened on direct channels (benchmarks, tests)
+        self.direct_refusals = 0  # direct channels that failed or refused us (refused())
+        self._prefetching: dict[str, asyncio.Task] = {}  # peer id -> its ticket being fetched
 
     async def _with_adapter(
         self, peer: PeerID, adapter: AdapterPayload | None, call: Callable[[Any], Awaitable[T]]
@@ -143,23 +147,65 @@ class PeerClient:
     async def open_stream(self, peer: PeerID, name: str, timeout: float):
         """(reader, writer) of a new stream to `peer`'s handler `name`: on the peer's direct
         channel when it announces one (swarm.peer.direct), else, or when that fails, on libp2p.
-        A failed channel is left alone for direct.DIRECT_RETRY_S."""
+        A failed channel is left alone for direct.DIRECT_RETRY_S.
+
+        A direct stream is returned before the peer answered its hello (the first message goes
+        with it): if the peer refused, the first read raises direct.ChannelRefused, nothing
+        was served, and the caller calls refused(peer) and opens again (then on libp2p)."""
         key = peer.to_base58()
-        host = self.direct.get(key) if self.use_direct else None
-        if host is not None and self._direct_down.get(key, 0.0) <= time.monotonic():
+        if self.direct_reachable(peer) is not None:
             try:
                 ticket = await self._ticket(peer, timeout)
                 wait = min(timeout / 2, direct.CONNECT_TIMEOUT)  # leave libp2p its half
-                reader, writer = await direct.connect(host, ticket, name, wait)
+                reader, writer = await direct.connect(
+                    self.direct[key], ticket, name, wait, wait=False, link=self.link
+                )
                 self.direct_streams += 1
                 return reader, writer
             except (SwarmError, *TRANSPORT_ERRORS) as e:  # ChannelBroken is a ConnectionError
-                self._tickets.pop(key, None)
-                self._direct_down[key] = time.monotonic() + direct.DIRECT_RETRY_S
-                logger.info("direct channel to %s failed (%r): using libp2p", peer, e)
+                self.refused(peer, e)
         await self._dial(peer)
         _, reader, writer = await within(self.p2p.call_binary_stream_handler(peer, name), timeout)
         return reader, writer
+
+    def direct_reachable(self, peer: PeerID) -> str | None:
+        """The host of `peer`'s direct channel, if it announces one and it is not set aside."""
+        key = peer.to_base58()
+        host = self.direct.get(key) if self.use_direct else None
+        if host is None or self._direct_down.get(key, 0.0) > time.monotonic():
+            return None
+        return host
+
+    def refused(self, peer: PeerID, error: BaseException) -> None:
+        """`peer`'s direct channel failed or refused us: libp2p for direct.DIRECT_RETRY_S."""
+        key = peer.to_base58()
+        self._tickets.pop(key, None)
+        self._direct_down[key] = time.monotonic() + direct.DIRECT_RETRY_S
+        self.direct_refusals += 1
+        logger.info("direct channel to %s failed (%r): using libp2p", peer, error)
+
+    def prefetch_tickets(self, peers) -> None:
+        """Ask, in the background, for the tickets of those `peers` that announce a direct
+        channel and have none held, so that opening a stream to them later does not wait for
+        one (a round trip). Failures are left to open_stream, which asks again."""
+        now = time.monotonic()
+        for peer in map(as_peer_id, peers):
+            key = peer.to_base58()
+            held = self._tickets.get(key)
+            if self.direct_reachable(peer) is None or key in self._prefetching:
+                continue
+            if held is not None and held[1] > now:
+                continue
+            if len(self._prefetching) >= MAX_PREFETCH:
+                return
+            task = asyncio.ensure_future(self._ticket(peer, PREFETCH_TIMEOUT))
+            self._prefetching[key] = task
+            task.add_done_callback(lambda t, k=key: self._prefetched(k, t))
+
+    def _prefetched(self, key: str, task: asyncio.Task) -> None:
+        self._prefetching.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("prefetching the ticket of %s failed: %r", key, task.exception())
 
     async def _ticket(self, peer: PeerID, timeout: float) -> peer_pb2.DirectTicket:
         """A ticket to the peer's direct channel: the one held while it lasts, else a new one."""
@@ -167,6 +213,9 @@ class PeerClient:
         held = self._tickets.get(key)
         if held is not None and held[1] > time.monotonic():
             return held[0]
+        fetching = self._prefetching.get(key)
+        if fetching is not None and fetching is not asyncio.current_task():
+            return await within(asyncio.shield(fetching), timeout)
         await self._dial(peer)
         await self.link.send(0)
         reply = await self._stub(peer).rpc_direct_ticket(
@@ -583,6 +632,9 @@ class InferenceStream:
                 reply = await self._replies.get()
             if isinstance(reply, BaseException):
                 raise reply
+        except direct.ChannelRefused:
+            await self._shutdown()
+            raise  # nothing was served: _open goes on over libp2p
         except (BadRequest, *TRANSPORT_ERRORS) as e:
             await self._shutdown()
             raise _transport_error(e, self.peer, "inference") from None
@@ -596,6 +648,18 @@ class InferenceStream:
 
     async def _open(
         self, timeout: float, adapter: peer_pb2.Adapter | None = None, prev_peer: str = ""
+    ) -> None:
+        try:
+            await self._open_once(timeout, adapter, prev_peer)
+        except direct.ChannelRefused as e:  # the direct channel refused our hello (a stale
+            self.client.refused(self.peer, e)  # ticket: the peer restarted): libp2p
+            self.closed = False
+            self._queue, self._replies = asyncio.Queue(), asyncio.Queue()
+            self._responses = self._reader = None
+            await self._open_once(timeout, adapter, prev_peer)
+
+    async def _open_once(
+        self, timeout: float, adapter: peer_pb2.Adapter | None, prev_peer: str
     ) -> None:
         name = PeerHandler._get_handle_name(None, "rpc_inference")
         try:

@@ -12,7 +12,11 @@ nonce) and carries AES-GCM records: a 4-byte length, then the sealed bytes; the 
 the record's number in its direction. So only the ticket's holder can open a connection, each
 connection has its own keys (a nonce is taken once per ticket), nothing can be read, changed,
 reordered or replayed, and the handler sees the client's libp2p peer id as on libp2p. The
-server's first record seals b"ok": the client has the answer before it sends anything.
+server's first record seals b"ok". A client does not wait for it (connect(wait=False)): its
+first message follows the hello at once, so a stream costs the TCP handshake's round trip and
+no more, where waiting would add a second. A refused hello is closed without a byte: the
+client's first read then raises ChannelRefused, nothing was served, and the caller sends again
+over libp2p (swarm.peer.client, swarm.peer.push).
 
 A client falls back to libp2p for DIRECT_RETRY_S when a peer's channel fails to open.
 Used by swarm.peer.handler (serving), swarm.peer.client and swarm.peer.push (dialling).
@@ -37,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proto import peer_pb2
 from swarm.errors import BadRequest
+from swarm.link import NO_LINK, Link
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,10 @@ Handle = Callable[[object, object, object], Awaitable[None]]
 
 class ChannelBroken(ConnectionError):
     """A record that fails authentication or is malformed: the connection is dropped."""
+
+
+class ChannelRefused(ChannelBroken):
+    """The peer closed the connection before it accepted the hello: nothing was served."""
 
 
 def _keys(secret: bytes, nonce: bytes) -> tuple[AESGCM, AESGCM]:
@@ -116,10 +125,11 @@ class SealedWriter:
 class SealedReader:
     """An asyncio.StreamReader's interface (readexactly, read) over AES-GCM records."""
 
-    def __init__(self, reader: asyncio.StreamReader, aead: AESGCM):
+    def __init__(self, reader: asyncio.StreamReader, aead: AESGCM, accepted: bool = True):
         self._r, self._aead, self._count = reader, aead, 0
         self._buf = bytearray()
         self._eof = False
+        self._accepted = accepted  # False: the first record must be the hello's answer
 
     async def _record(self) -> bool:
         """Read and open one record into the buffer; False at the end of the connection."""
@@ -128,8 +138,14 @@ class SealedReader:
         except asyncio.IncompleteReadError as e:
             if e.partial:
                 raise ChannelBroken("the direct channel ended inside a record") from None
+            if not self._accepted:
+                raise ChannelRefused("the peer's direct channel refused the hello") from None
             self._eof = True
             return False
+        except ConnectionResetError:  # a refused hello whose first message was left unread
+            if not self._accepted:
+                raise ChannelRefused("the peer's direct channel refused the hello") from None
+            raise
         length = int.from_bytes(header, "big")
         if not TAG_BYTES <= length <= MAX_RECORD + TAG_BYTES:
             raise ChannelBroken(f"a direct-channel record of {length} bytes (limit {MAX_RECORD})")
@@ -140,9 +156,15 @@ class SealedReader:
         nonce = self._count.to_bytes(12, "big")
         self._count += 1
         try:
-            self._buf += self._aead.decrypt(nonce, sealed, None)
+            plain = self._aead.decrypt(nonce, sealed, None)
         except InvalidTag:
             raise ChannelBroken("a direct-channel record failed authentication") from None
+        if not self._accepted:
+            if plain != _OK:
+                raise ChannelBroken("the peer's direct channel did not accept the hello")
+            self._accepted = True
+            return True
+        self._buf += plain
         return True
 
     async def readexactly(self, n: int) -> bytes:
@@ -155,8 +177,14 @@ class SealedReader:
         del self._buf[:n]
         return data
 
+    async def accepted(self) -> None:
+        """Return once the hello's answer came; raise ChannelRefused if the peer refused it."""
+        while not self._accepted:
+            if not await self._record():
+                raise ChannelRefused("the peer's direct channel refused the hello")
+
     async def read(self, n: int = -1) -> bytes:
-        if not self._buf and not self._eof:
+        while not self._buf and not self._eof:
             await self._record()
         n = len(self._buf) if n < 0 else min(n, len(self._buf))
         data = bytes(self._buf[:n])
@@ -262,23 +290,33 @@ class DirectServer:
 
 
 async def connect(
-    host: str, ticket: peer_pb2.DirectTicket, name: str, timeout: float = CONNECT_TIMEOUT
+    host: str,
+    ticket: peer_pb2.DirectTicket,
+    name: str,
+    timeout: float = CONNECT_TIMEOUT,
+    wait: bool = True,
+    link: Link = NO_LINK,
 ) -> tuple[SealedReader, SealedWriter]:
     """Open a direct-channel stream to handler `name`, or raise (ConnectionError, TimeoutError,
-    ChannelBroken); returns once the peer answered the hello."""
+    ChannelBroken). wait: return once the peer answered the hello; else at once, and a refusal
+    raises ChannelRefused at the first read. link: an emulated link (--link-delay) also delays
+    the TCP handshake, a round trip the kernel makes."""
     raw = name.encode()
     if len(raw) > MAX_NAME:
         raise BadRequest(f"stream name {name[:32]!r}... is too long")
     nonce = os.urandom(NONCE_BYTES)
     async with asyncio.timeout(timeout):
+        if link.emulated:
+            await link.send(0)  # SYN
+            await asyncio.sleep(link.delay)  # SYN-ACK, on the peer's link as on ours
         reader, writer = await asyncio.open_connection(host, ticket.port)
         try:
             _nodelay(writer)
             writer.write(MAGIC + ticket.ticket_id + nonce + bytes([len(raw)]) + raw)
             c2s, s2c = _keys(ticket.secret, nonce)
-            sealed_reader = SealedReader(reader, s2c)
-            if await sealed_reader.readexactly(len(_OK)) != _OK:
-                raise ChannelBroken("the peer's direct channel did not accept the hello")
+            sealed_reader = SealedReader(reader, s2c, accepted=False)
+            if wait:
+                await sealed_reader.accepted()
         except BaseException:
             writer.close()
             raise

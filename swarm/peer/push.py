@@ -24,7 +24,7 @@ from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
 from swarm.link import Link
 from swarm.loops import within
 from swarm.peer import streams, wire
-from swarm.peer.direct import SealedWriter
+from swarm.peer.direct import ChannelRefused, SealedWriter
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,9 @@ class Pushes:
         # (peer, name, timeout) -> (reader, writer) of a new stream, e.g. PeerClient.open_stream
         # (the direct channel when the peer has one); None: libp2p through self.p2p.
         self.opener: Callable[..., Awaitable] | None = None
+        # (peer, error): that peer's direct channel refused our hello (PeerClient.refused); the
+        # push is then sent again on a new stream, which the opener opens on libp2p.
+        self.refused: Callable[[PeerID, BaseException], None] | None = None
         self._channels: dict[PeerID, PushChannel] = {}
         self._unary_only: set[PeerID] = set()  # peers that serve no push stream
         self._inbox: dict[str, asyncio.Queue] = {}
@@ -217,7 +220,7 @@ class Pushes:
         the client: the push is on the token's critical path, the client's copy is not)."""
         channel = self._channels.get(peer)
         if channel is not None and channel.ready and not self.link.emulated:
-            reply = channel.wait(channel.send(msg), self._timeout())
+            reply = self._or_again(peer, msg, channel.wait(channel.send(msg), self._timeout()))
         else:
             reply = self._send(peer, msg)
         return asyncio.ensure_future(self._checked(peer, reply))
@@ -230,7 +233,20 @@ class Pushes:
         if answer.HasField("error"):
             raise wire.error_from_wire(answer.error, str(peer))
 
-    async def _send(self, peer: PeerID, msg: peer_pb2.PushStep) -> peer_pb2.PushResponse:
+    async def _or_again(
+        self, peer: PeerID, msg: peer_pb2.PushStep, reply: Awaitable[peer_pb2.PushResponse]
+    ) -> peer_pb2.PushResponse:
+        """`reply`; a push whose direct channel refused the hello (nothing was read) goes again."""
+        try:
+            return await reply
+        except ChannelRefused as e:
+            if self.refused is not None:
+                self.refused(peer, e)
+            return await self._send(peer, msg, again=False)
+
+    async def _send(
+        self, peer: PeerID, msg: peer_pb2.PushStep, again: bool = True
+    ) -> peer_pb2.PushResponse:
         if self.p2p is None:
             raise PeerUnavailable("this peer has no P2P to push through")
         await self.link.send(msg.ByteSize())
@@ -248,7 +264,8 @@ class Pushes:
             logger.info("peer %s serves no push stream (%s): pushing unary", peer, e)
             self._unary_only.add(peer)  # a peer older than push streams
             return await self._unary(peer, msg)
-        return await channel.wait(channel.send(msg), self._timeout())
+        reply = channel.wait(channel.send(msg), self._timeout())
+        return await (self._or_again(peer, msg, reply) if again else reply)
 
     async def _open(self, peer: PeerID, name: str):
         if self.opener is not None:

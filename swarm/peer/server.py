@@ -199,6 +199,7 @@ class Peer:
             tasks.append(asyncio.create_task(self.announcer.run(self._current_record)))
             self.peer_client = PeerClient(p2p, link=self.link)
             self.handler.pushes.opener = self._open_push_stream
+            self.handler.pushes.refused = self.peer_client.refused
             tasks.append(
                 asyncio.create_task(self.announcer.ping_loop(self.peer_client, self._fetch))
             )

@@ -79,12 +79,19 @@ def test_scenario_push_text_equals_relay_and_local(swarm, tiny_model_dir, local_
 def test_scenario_direct_channel_text_equals_libp2p(swarm, tiny_model_dir, local_model):
     """Peers announce a direct channel (swarm.peer.direct): the client's streams and the peers'
     pushes go there, and the text is the one libp2p gives, and local's."""
-    assert all(r.direct_port > 0 for r in swarm.online())
+    ports = [r.direct_port for r in swarm.online()]
+    assert all(port > 0 for port in ports)
     want = generate_local(local_model, None, PROMPT, NEW, stop_on_eos=False)
     texts, opened = {}, {}
     for direct in (True, False):
         rc = RouterConfig(compression="none", push=True, direct=direct)
         with shared_connect(swarm, tiny_model_dir, router_config=rc) as model:
+            tickets = model.router.client._tickets  # written in the model's loop thread
+            deadline = time.monotonic() + 10
+            while direct and len(tickets) < len(ports) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # Asked for when the router read the records, before any stream (none with libp2p).
+            assert len(tickets) == (len(ports) if direct else 0)
             texts[direct], pushed = generate(model)
             opened[direct] = model.router.client.direct_streams
             assert len(model.last_stats.route) == 3 and not model.last_stats.failovers
@@ -113,7 +120,10 @@ def test_scenario_a_refused_direct_channel_falls_back_to_libp2p(swarm, tiny_mode
             client._tickets[peer_id] = (forged, time.monotonic() + 3600)
         text, pushed = generate(model)
         route = {h.peer_id for h in model.last_stats.route}
-        assert client.direct_streams == 0 and route <= set(client._direct_down)
+        # Each stream sent its hello and first message at once (no round trip to wait for the
+        # answer), heard the refusal at its first read, and opened again on libp2p.
+        assert client.direct_streams == client.direct_refusals == 3
+        assert route <= set(client._direct_down)
         assert not model.last_stats.failovers
     assert text == want and pushed == NEW - 1
 
@@ -221,6 +231,53 @@ async def _stream_pushes(swarm: Swarm, target: str) -> None:
 @pytest.mark.timeout(120)
 def test_scenario_pushes_share_one_stream_in_order(swarm, tiny_model_dir, local_model):
     asyncio.run(_stream_pushes(swarm, swarm.peers["a"].peer_id))
+
+
+async def _refused_push(swarm: Swarm, target: str) -> None:
+    """A push on a direct channel that refuses its hello (a stale ticket) is sent again on
+    libp2p: nothing is lost, the pushed step's output is a plain session's, bit for bit, and
+    later pushes go on the new stream."""
+    from hivemind.p2p import P2P, PeerID
+
+    from swarm.peer.client import PeerClient
+
+    # A P2P of its own: tickets are unary calls, which a replica of the DHT's P2P made in a
+    # later event loop loses (tests/peer/test_rpc.py).
+    p2p = await P2P.create(initial_peers=swarm.boot)
+    client = PeerClient(p2p)
+    client.learn_addrs(swarm.online())  # the target's direct channel
+    pushed = await client.open_inference(target, 0, 2, max_length=8)
+    plain = await client.open_inference(target, 0, 2, max_length=8)
+    assert client.direct_streams == 2  # both sessions' streams are direct
+    port = client._tickets[target][0].port
+    client._tickets[target] = (
+        peer_pb2.DirectTicket(ticket_id=os.urandom(16), secret=os.urandom(32), port=port),
+        time.monotonic() + 3600,
+    )
+    peer = PeerID.from_base58(target)
+    pushes = _pushes(client.p2p)
+    pushes.opener, pushes.refused = client.open_stream, client.refused
+    try:
+        x = torch.randn(1, 3, 64)
+        for pos in range(3):
+            await pushes.start(peer, _push_msg(pushed.session_id, x[:, pos : pos + 1], pos))
+            got = await pushed.step(x[:, pos : pos + 1], pos, timeout=10, pushed=True)
+            assert torch.equal(got, await plain.step(x[:, pos : pos + 1], pos, timeout=10))
+        # The first push's stream was refused at its first read; it went again on libp2p.
+        assert client.direct_streams == 3 and client.direct_refusals == 1
+        assert target in client._direct_down and pushes._channels[peer].ready
+    finally:
+        pushes.close()
+        await pushed.close()
+        await plain.close()
+        await p2p.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_scenario_a_push_refused_by_the_direct_channel_goes_again_on_libp2p(
+    swarm, tiny_model_dir, local_model
+):
+    asyncio.run(_refused_push(swarm, swarm.peers["a"].peer_id))
 
 
 async def _bad_push_stream(swarm: Swarm, target: str) -> None:

@@ -46,8 +46,8 @@ class EchoServer:
     async def __aexit__(self, *exc) -> None:
         await self.server.close()
 
-    async def echo(self, ticket, parts) -> list:
-        reader, writer = await direct.connect("127.0.0.1", ticket, "echo")
+    async def echo(self, ticket, parts, wait: bool = True) -> list:
+        reader, writer = await direct.connect("127.0.0.1", ticket, "echo", wait=wait)
         replies = streams.stream_over(
             reader, writer, "echo", PeerID(b"server"), _aiter(parts), peer_pb2.Part, 4 * MIB
         )
@@ -107,10 +107,10 @@ async def test_direct_channel_refuses_bad_hellos_without_a_byte():
         writer.close(), replay_writer.close()
         # An expired ticket, and a client's oldest ticket once it asked for too many.
         s.server._tickets[ticket.ticket_id].expires = 0.0
-        with pytest.raises(asyncio.IncompleteReadError):
+        with pytest.raises(direct.ChannelRefused):
             await direct.connect("127.0.0.1", ticket, "echo")
         tickets = [s.server.ticket(BOB) for _ in range(direct.TICKETS_PER_CLIENT + 1)]
-        with pytest.raises(asyncio.IncompleteReadError):
+        with pytest.raises(direct.ChannelRefused):
             await direct.connect("127.0.0.1", tickets[0], "echo")
         parts = [peer_pb2.Part(data=b"still serving", index=0, count=1)]
         assert await s.echo(tickets[-1], parts) == parts
@@ -210,14 +210,13 @@ async def test_connections_yet_to_say_hello_are_bounded(monkeypatch):
         ticket = s.server.ticket(ALICE)
         silent = [await asyncio.open_connection("127.0.0.1", s.server.port) for _ in range(2)]
         await asyncio.sleep(0.2)  # both are being served, waiting for a hello
-        with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):  # a third: closed
+        with pytest.raises(direct.ChannelRefused):  # a third: closed
             await direct.connect("127.0.0.1", ticket, "echo")
         for _, writer in silent:
             writer.close()
         await asyncio.sleep(0.2)
         parts = [peer_pb2.Part(data=b"served again", index=0, count=1)]
         assert await s.echo(ticket, parts) == parts
-
 
 
 @pytest.mark.timeout(30)
@@ -240,3 +239,42 @@ async def test_closing_the_server_mid_stream_leaves_no_unretrieved_error():
         assert not [m for m in logged if "never retrieved" in m], logged
     finally:
         loop.set_exception_handler(None)
+
+
+@pytest.mark.timeout(60)
+async def test_without_waiting_for_the_hellos_answer_a_refusal_comes_at_the_first_read():
+    """connect(wait=False) returns before the peer answered (the first message follows the
+    hello at once, saving a round trip): an accepted stream round-trips as before, and a
+    refused one raises ChannelRefused at its first read, with nothing served."""
+    async with EchoServer() as s:
+        ticket = s.server.ticket(ALICE)
+        parts = [peer_pb2.Part(data=os.urandom(n), index=0, count=1) for n in (10, 3 * MIB // 2)]
+        assert await s.echo(ticket, parts, wait=False) == parts
+        forged = peer_pb2.DirectTicket()
+        forged.CopyFrom(ticket)
+        forged.ticket_id = os.urandom(direct.ID_BYTES)
+        with pytest.raises(direct.ChannelRefused):
+            await s.echo(forged, parts, wait=False)
+        with pytest.raises(direct.ChannelRefused):  # a refused hello and no message at all
+            reader, _ = await direct.connect("127.0.0.1", forged, "echo", wait=False)
+            await reader.readexactly(1)
+        assert s.callers == [ALICE]  # only the accepted stream reached the handler
+        assert await s.echo(ticket, parts[:1]) == parts[:1]  # and the server serves on
+
+
+@pytest.mark.timeout(60)
+async def test_an_emulated_link_delays_the_tcp_handshake():
+    """With --link-delay, opening a direct stream pays the TCP handshake's round trip, as a
+    WAN would; a libp2p stream on a connection already open pays none (its protocol is
+    negotiated optimistically)."""
+    from swarm.link import Link
+
+    async with EchoServer() as s:
+        ticket = s.server.ticket(ALICE)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        reader, writer = await direct.connect(
+            "127.0.0.1", ticket, "echo", wait=False, link=Link(0.05)
+        )
+        assert 0.1 <= loop.time() - t0 < 1.0
+        writer.close()
