@@ -20,6 +20,9 @@ from swarm.peer.throughput import BlockThroughput
 
 logger = logging.getLogger(__name__)
 
+WARM_NEXT_HOPS = 4  # nearest next hops whose tickets and push streams are made ready ahead
+NO_NEXT_HOP_RETRY = 5.0  # seconds before looking again when no next hop answered
+
 
 class Announcer:
     """Builds and stores the records of one peer, as Petals' module announcer does.
@@ -110,20 +113,32 @@ class Announcer:
                 logger.exception("announce failed; retrying next period")
 
     async def ping_loop(
-        self, client: PeerClient, fetch: Callable[[], Awaitable[list[SpanRecord]]]
+        self,
+        client: PeerClient,
+        fetch: Callable[[], Awaitable[list[SpanRecord]]],
+        warm: Callable[[list[str]], None] | None = None,
     ) -> None:
         """Each announce period, time the peers serving block `end` (Petals' next-hop pings).
 
-        `fetch` reads the swarm's records; the span is the one last announced online.
+        `fetch` reads the swarm's records; the span is the one last announced online. The
+        nearest WARM_NEXT_HOPS of those that answered get their direct-channel tickets asked
+        for, and are passed to `warm` (the push streams to open ahead), so that a session's
+        first push waits for neither.
         """
         while True:
+            end, measured = self._online_end, {}
             try:
-                end = self._online_end
-                measured = {}
                 if end is not None and end < self.entry.num_blocks:  # the last span has no next hop
                     peers = pings.next_hop_peers(await fetch(), end, self.peer_id)
                     measured = await pings.measure_next_pings(client, peers)
+                    nearest = sorted(measured, key=measured.get)[:WARM_NEXT_HOPS]
+                    client.prefetch_tickets(nearest)
+                    if warm is not None:
+                        warm(nearest)
                 self.next_pings, self.pings_end = measured, end
             except Exception:
                 logger.exception("measuring next-hop pings failed; retrying next period")
-            await asyncio.sleep(self.config.announce_period)
+            period = self.config.announce_period
+            if end is not None and end < self.entry.num_blocks and not measured:
+                period = min(period, NO_NEXT_HOP_RETRY)  # a new swarm: its next hop may be starting
+            await asyncio.sleep(period)

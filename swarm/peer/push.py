@@ -43,8 +43,11 @@ class PushChannel:
     waiting pushes fail at once); the next push opens a new one.
     """
 
-    def __init__(self, open_stream: Callable[..., Awaitable], peer: PeerID, name: str):
+    def __init__(
+        self, open_stream: Callable[..., Awaitable], peer: PeerID, name: str, ahead: bool = False
+    ):
         self._open_stream, self.peer, self.name = open_stream, peer, name
+        self.ahead = ahead  # opened before any push needed it (Pushes.warm)
         self.closed = False
         self._writer: asyncio.StreamWriter | None = None  # set once open
         self._acks: deque[asyncio.Future] = deque()  # sent, unacknowledged, oldest first
@@ -72,7 +75,7 @@ class PushChannel:
             writer.close()
             return
         via = "the direct channel" if isinstance(writer, SealedWriter) else "libp2p"
-        logger.info("push stream to %s opened on %s", self.peer, via)
+        logger.info("push stream to %s opened%s on %s", self.peer, " ahead" * self.ahead, via)
         self._writer = writer
         self._reader = asyncio.ensure_future(self._read(reader))
 
@@ -267,6 +270,24 @@ class Pushes:
         reply = channel.wait(channel.send(msg), self._timeout())
         return await (self._or_again(peer, msg, reply) if again else reply)
 
+    def warm(self, peers) -> None:
+        """Open, in the background, the push streams to `peers` (peer ids) that have none: a
+        session's first push to them then waits for no connection. A stream that fails to open
+        is opened again by the first push, as without this."""
+        if not self.stream_name or self.p2p is None:
+            return
+        for peer in peers:
+            peer = peer if isinstance(peer, PeerID) else PeerID.from_base58(peer)
+            if peer in self._unary_only:
+                continue
+            channel = self._channels.get(peer)
+            if channel is not None and not channel.closed:
+                continue
+            channel = PushChannel(self._open, peer, self.stream_name, ahead=True)
+            self._channels[peer] = channel
+            task = asyncio.ensure_future(channel.open(self._timeout()))
+            task.add_done_callback(_quiet)
+
     async def _open(self, peer: PeerID, name: str):
         if self.opener is not None:
             return await self.opener(peer, name, self._timeout())
@@ -294,3 +315,9 @@ class Pushes:
                 e = PeerUnavailable(f"the next hop did not take the push: {type(e).__name__}: {e}")
             return wire.error_to_wire(e)
         return None
+
+
+def _quiet(task: asyncio.Task) -> None:
+    """A background open's outcome: a failure is logged, and the first push opens again."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("opening a push stream ahead failed: %r", task.exception())

@@ -200,9 +200,9 @@ class Peer:
             self.peer_client = PeerClient(p2p, link=self.link)
             self.handler.pushes.opener = self._open_push_stream
             self.handler.pushes.refused = self.peer_client.refused
-            tasks.append(
-                asyncio.create_task(self.announcer.ping_loop(self.peer_client, self._fetch))
-            )
+            pushes = self.handler.pushes
+            pings = self.announcer.ping_loop(self.peer_client, self._fetch, pushes.warm)
+            tasks.append(asyncio.create_task(pings))
             if self.config.span() is None:
                 tasks.append(asyncio.create_task(self._rebalance_loop()))
             await self._stop.wait()

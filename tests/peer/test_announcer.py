@@ -121,7 +121,8 @@ async def test_next_hop_pings_go_into_records_of_that_span(dhts, tiny_model_dir)
     try:
         await b.announce(b.record("online", 3, 6, SPEED, 0))
         await a.announce(a.record("online", 0, 3, SPEED, 0))
-        tasks.append(asyncio.create_task(a.ping_loop(PeerClient(p2p_a), fetch_a)))
+        warmed: list[list[str]] = []  # the next hops whose push streams a peer opens ahead
+        tasks.append(asyncio.create_task(a.ping_loop(PeerClient(p2p_a), fetch_a, warmed.append)))
         tasks.append(asyncio.create_task(b.ping_loop(PeerClient(p2p_b), fetch_b)))
 
         async def pinged():
@@ -129,11 +130,51 @@ async def test_next_hop_pings_go_into_records_of_that_span(dhts, tiny_model_dir)
 
         await until(pinged)
         assert 0 < a.record("online", 0, 3, SPEED, 0).next_pings[b.peer_id] < 2.0
+        assert [b.peer_id] in warmed
         assert a.record("joining", 1, 4, SPEED, 0).next_pings == {}  # not yet timed for 4
         assert b.pings_end == 6 and b.record("online", 3, 6, SPEED, 0).next_pings == {}
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await handler.remove_p2p_handlers(p2p_b)
+        worker.stop()
+
+
+async def test_a_next_hop_that_starts_later_is_found_before_the_next_period(dhts, tiny_model_dir):
+    """A new swarm's peers start one by one: a peer that found no next hop looks again after
+    NO_NEXT_HOP_RETRY s, not a whole announce period (60 s here), so that its push stream to
+    the next hop is open before the first session's push."""
+    from swarm.peer.announcer import NO_NEXT_HOP_RETRY
+
+    first, second = dhts
+    prefix = "late-next-hop"
+    p2p_a, p2p_b = await first.replicate_p2p(), await second.replicate_p2p()
+    worker = ComputeWorker()
+    backend = SpanBackend(load_span(str(tiny_model_dir), 3, 6, progress=False))
+    handler = PeerHandler(backend, worker, CacheBudget(0), CONFIG, prefix)
+    await handler.add_p2p_handlers(p2p_b)
+    entry = ModelEntry(prefix, num_blocks=6, hidden_size=64)
+    slow = PeerConfig(announce_period=60.0, dht_timeout=5.0, quant="int8")  # records last 120 s
+    a = Announcer(first, slow, entry, first.peer_id.to_base58(), ["/ip4/127.0.0.1/tcp/9"])
+    b = Announcer(second, slow, entry, second.peer_id.to_base58(), ["/ip4/127.0.0.1/tcp/9"])
+    warmed: list[list[str]] = []
+    fetch_a = partial(fetch_swarm_async, first, prefix, 6)
+    task = None
+    try:
+        await a.announce(a.record("online", 0, 3, SPEED, 0))
+        task = asyncio.create_task(a.ping_loop(PeerClient(p2p_a), fetch_a, warmed.append))
+        await asyncio.sleep(1.0)  # its first look found no next hop
+        assert warmed == [[]]
+        await b.announce(b.record("online", 3, 6, SPEED, 0))
+
+        async def found():
+            return [b.peer_id] in warmed
+
+        await until(found, NO_NEXT_HOP_RETRY + 8.0)
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await handler.remove_p2p_handlers(p2p_b)
         worker.stop()
