@@ -25,7 +25,7 @@ from pathlib import Path
 from simulations.cli_help import DefaultsHelpFormatter
 from simulations.progress import Progress
 from simulations.scratch import scratch_dir
-from swarm import loops
+from swarm import loops, trace
 from swarm.dht import make_dht
 from swarm.peer.dht_view import fetch_swarm_async
 from swarm.procs import family, kill_tree
@@ -33,16 +33,53 @@ from swarm.procs import family, kill_tree
 REPO = Path(__file__).resolve().parents[1]
 FORWARD_CODECS = ("none", "int8-block64")
 ROWS = ("1_peers", "2_peers", "3_peers", "2_peers_push", "3_peers_push", "fixed_cost")
+TIMELINE_ROW = "3_peers_push"  # the row --trace breaks down, stage by stage
+# The stages a peer notes (swarm.trace), in the order they happen within a step.
+STAGES = ("request", "push_accepted", "input", "compute_start", "compute_end", "pushed", "replied")
 
 
-def _start_peer(args: list[str], log: Path) -> subprocess.Popen:
+def timeline(steps: list[tuple[float, float]], hops: list[list[tuple[str, float]]]) -> dict:
+    """When each hop reached each stage of the timed steps, in ms after the client sent the step
+    (medians), and the derived costs: per hop its compute, the wait from its input to its
+    compute (a thread hop), from its compute to its push, the push's transit to the next hop,
+    and the last reply's return to the client."""
+    at: dict[str, list[float]] = {}
+    for start, end in steps:
+        for i, events in enumerate(hops, 1):
+            seen = {}
+            for name, t in events:
+                if start <= t <= end and name not in seen:
+                    seen[name] = t
+            for name, t in seen.items():
+                at.setdefault(f"hop{i}_{name}", []).append((t - start) * 1e3)
+        at.setdefault("client_reply", []).append((end - start) * 1e3)
+    med = {k: round(statistics.median(v), 2) for k, v in at.items()}
+    order = {f"hop{i}_{s}": (i, STAGES.index(s)) for i in range(1, 4) for s in STAGES}
+    out = {k: med[k] for k in sorted(med, key=lambda k: order.get(k, (9, 0)))}
+    for i in range(1, len(hops) + 1):
+        h = f"hop{i}_"
+        if {h + "compute_start", h + "compute_end", h + "input"} <= med.keys():
+            out[h + "compute_ms"] = round(med[h + "compute_end"] - med[h + "compute_start"], 2)
+            out[h + "input_to_compute_ms"] = round(med[h + "compute_start"] - med[h + "input"], 2)
+        if i < len(hops) and {h + "compute_end", h + "pushed"} <= med.keys():
+            out[h + "compute_to_push_ms"] = round(med[h + "pushed"] - med[h + "compute_end"], 2)
+            nxt = f"hop{i + 1}_push_accepted"
+            if nxt in med:
+                out[h + "push_transit_ms"] = round(med[nxt] - med[h + "pushed"], 2)
+    last = f"hop{len(hops)}_compute_end"
+    if last in med:
+        out["last_compute_to_client_ms"] = round(med["client_reply"] - med[last], 2)
+    return out
+
+
+def _start_peer(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "swarm.cli.peer", "join", *args],
         stdout=subprocess.PIPE,
         stderr=open(log, "wb"),
         cwd=REPO,
         start_new_session=True,  # its group holds the DHT's fork and p2pd: kill_tree reaps them
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 
@@ -87,10 +124,11 @@ async def _pushed(sessions, x, pos: int):
     return (await asyncio.gather(*steps))[-1]
 
 
-async def _timed_steps(sessions, local, h: int, steps: int, chain=_relayed) -> dict:
+async def _timed_steps(sessions, local, h: int, steps: int, chain=_relayed, sends=None) -> dict:
     """Remote and local steps interleaved (alternating which goes first) on same-shape inputs:
     medians of each and of their per-step differences, so drifting load cancels out.
-    chain: how a step crosses the sessions (_relayed or _pushed)."""
+    chain: how a step crosses the sessions (_relayed or _pushed); sends: a list that gets each
+    timed remote step's (start, end) times (the trace's timeline)."""
     import torch
 
     remote, here = [], []
@@ -103,6 +141,8 @@ async def _timed_steps(sessions, local, h: int, steps: int, chain=_relayed) -> d
             if turn == 0:
                 await chain(sessions, x, pos)
                 remote.append(time.perf_counter() - t0)
+                if sends is not None:
+                    sends.append((t0, t0 + remote[-1]))
             else:
                 local(x, pos)
                 here.append(time.perf_counter() - t0)
@@ -129,7 +169,10 @@ def _local_span(model, first: int, last: int, max_len: int):
     return step
 
 
-async def _bench(dht, model, prefix, spans, peer_ids, steps: int, batch_tokens: int) -> dict:
+async def _bench(
+    dht, model, prefix, spans, peer_ids, steps: int, batch_tokens: int, steps_of: dict
+) -> dict:
+    """The figures; steps_of gets TIMELINE_ROW's timed steps, (start, end) each."""
     import torch
 
     from swarm.peer import PeerClient
@@ -157,7 +200,8 @@ async def _bench(dht, model, prefix, spans, peer_ids, steps: int, batch_tokens: 
                 ]
                 local = _local_span(model, 0, n, steps + 8)
                 row = f"{hops}_peers{name}{suffix}"
-                results[row] = await _timed_steps(sessions, local, h, steps, how)
+                sends = steps_of.setdefault(row, []) if row == TIMELINE_ROW else None
+                results[row] = await _timed_steps(sessions, local, h, steps, how, sends)
     # One block through the first peer vs that block here: transport + software.
     first = _spans(n, 3)[0]
     for suffix, client in clients.items():
@@ -216,6 +260,10 @@ def format_table(results: dict) -> str:
         f"{codec} {results[f'forward_tokens_per_s_{codec}']:.0f}" for codec in FORWARD_CODECS
     )
     lines.append(f"forward of {results['batch_tokens']} tokens through one peer, tokens/s: {rates}")
+    tl = results.get(f"timeline_{TIMELINE_ROW}")
+    if tl:
+        lines.append(f"{TIMELINE_ROW} (direct channel), ms after the client sent the step:")
+        lines += [f"  {k:<28} {v:>8.2f}" for k, v in tl.items()]
     return "\n".join(lines)
 
 
@@ -231,6 +279,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="timed inference steps per chain")
     parser.add_argument("--batch-tokens", type=int, default=512, help="tokens per forward call")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help=f"the peers note each step's stages (swarm.trace): adds the {TIMELINE_ROW} row's "
+        "timeline (ms after the client sent the step)",
+    )
     args = parser.parse_args()
     with Progress("bench_peer") as progress, scratch_dir("bench_peer_") as logs:
         try:
@@ -260,6 +314,10 @@ def main() -> None:
 
 def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
     """Start the peers, measure, stop them (by process group and pid); the figures."""
+    trace_dir = None
+    if args.trace:
+        trace_dir = logs / "trace"
+        trace_dir.mkdir()
 
     from swarm.model.loading import load_config, load_model
 
@@ -272,7 +330,8 @@ def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
         progress.update(f"starting {len(wanted)} peers, one per span: {wanted}")
         common = ["--model", args.model, "--quant", "none", "--announce-period", "30"]
         common += ["--max-request-tokens", "65536"]  # fp32 peers: compared with the local model
-        first = _start_peer(["--stage", "{}:{}".format(*wanted[0]), *common], logs / "p0.log")
+        env = {trace.ENV: str(trace_dir)} if trace_dir is not None else {}
+        first = _start_peer(["--stage", "{}:{}".format(*wanted[0]), *common], logs / "p0.log", env)
         procs.append(first)
         boot = _maddr(first)
         for i, span in enumerate(wanted[1:], 1):
@@ -280,6 +339,7 @@ def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
                 _start_peer(
                     ["--stage", "{}:{}".format(*span), "--initial-peers", boot, *common],
                     logs / f"p{i}.log",
+                    env,
                 )
             )
         ids = {wanted[0]: boot.rsplit("/p2p/", 1)[1]}
@@ -291,7 +351,14 @@ def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
         model = load_model(args.model, progress=False)
         time.sleep(2)
         progress.update("waiting for every peer to serve, then measuring")
-        return loops.run(_wait_and_bench(dht, model, wanted, ids, args))
+        steps_of: dict = {}
+        results = loops.run(_wait_and_bench(dht, model, wanted, ids, args, steps_of))
+        if trace_dir is not None:
+            chain = [dict(zip(wanted, procs, strict=True))[span] for span in _spans(num_layers, 3)]
+            results[f"timeline_{TIMELINE_ROW}"] = timeline(
+                steps_of[TIMELINE_ROW], [trace.read_file(trace_dir, p.pid) for p in chain]
+            )
+        return results
     finally:
         progress.update("stopping the peers")
         if dht is not None:
@@ -300,7 +367,7 @@ def run(args: argparse.Namespace, logs: Path, progress: Progress) -> dict:
             kill_tree(proc, seen)
 
 
-async def _wait_and_bench(dht, model, spans, ids, args) -> dict:
+async def _wait_and_bench(dht, model, spans, ids, args, steps_of: dict) -> dict:
     from swarm.model.loading import resolve_model
     from swarm.peer import PeerClient
 
@@ -315,7 +382,7 @@ async def _wait_and_bench(dht, model, spans, ids, args) -> dict:
                 pass
             await asyncio.sleep(0.5)
     prefix = resolve_model(args.model).name
-    return await _bench(dht, model, prefix, spans, ids, args.steps, args.batch_tokens)
+    return await _bench(dht, model, prefix, spans, ids, args.steps, args.batch_tokens, steps_of)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 
 import kernels
 from proto import peer_pb2
+from swarm import trace
 from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
 from swarm.link import Link
 from swarm.loops import within
@@ -359,6 +360,8 @@ class PeerHandler(ServicerBase):
                     reply, push = await self._step(session, request.step, client)
                     async for part in self._parts(reply):
                         yield part
+                    trace.event("replied")
+                    trace.flush()
                     # The next request cannot come before the pushed output went on anyway.
                     failed = await self.pushes.failure(push)
                     if failed is not None:
@@ -447,6 +450,7 @@ class PeerHandler(ServicerBase):
 
     async def _step(self, session: Session, step: peer_pb2.InferenceStep, client: Hashable):
         """One step: its reply, and the push of its output to the next hop (a task) if asked."""
+        trace.event("request")
         if step.prev_peer:
             self.pushes.set_prev(session.session_id, step.prev_peer)
         if step.push_peer:
@@ -459,6 +463,7 @@ class PeerHandler(ServicerBase):
         else:
             hidden = self._decode(step.hidden, "hidden", batch_size=session.batch_size)
         t = hidden.shape[1]
+        trace.event("input")
         if step.position > session.length:
             raise BadRequest(
                 f"position {step.position} skips ahead: the session holds {session.length} "
@@ -496,6 +501,7 @@ class PeerHandler(ServicerBase):
                 session_id=step.push_session, hidden=encoded, position=step.position
             )
             push = self.pushes.start(next_peer, msg)
+            trace.event("pushed")
         reply = peer_pb2.InferenceResponse(
             hidden=encoded, step_id=step.step_id, length=session.length
         )
@@ -575,6 +581,7 @@ class PeerHandler(ServicerBase):
                     f"unknown session {request.session_id[:64]!r}: nothing to push to"
                 )
             self.pushes.accept(request, context.remote_id, self._owners.get(request.session_id))
+            trace.event("push_accepted")
             return peer_pb2.PushResponse()
         except Exception as e:
             return peer_pb2.PushResponse(error=self._report(e, "push", context))

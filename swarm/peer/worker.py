@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from swarm import trace
 from swarm.peer.backend import SpanBackend, StepItem
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,9 @@ class ComputeWorker:
             try:
                 if batch[0].step is not None:
                     backend: SpanBackend = batch[0].step.session.backend
+                    trace.event("compute_start")
                     results = backend.inference_step([t.step for t in batch])
+                    trace.event("compute_end")
                     self.batches_run += 1
                     self.max_batch_seen = max(self.max_batch_seen, len(batch))
                 else:
