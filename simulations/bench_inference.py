@@ -156,26 +156,37 @@ def run_wan(args, source, spans, local, log) -> list[Row]:
     try:
         for push in (False, True):
             rows += _wan_rows(args.model, boot, prompt, new, d, push, local[quant][0], quant, log)
+        # Pushed again with the client's streams on libp2p (the peers' pushes stay direct): a
+        # direct stream's open pays the TCP handshake, libp2p's none; decode is the other way.
+        rows += _wan_rows(
+            args.model, boot, prompt, new, d, True, local[quant][0], quant, log, direct=False
+        )
     finally:
         swarm.close()
     relay, pushed = (next(r for r in rows if r.name == n) for n in ("wan", "wan-push"))
+    libp2p = next(r for r in rows if r.name == "wan-push-libp2p")
+    libp2p.extra["same_text_as_direct"] = libp2p.extra.pop("text") == pushed.extra["text"]
     pushed.extra["same_text_as_relay"] = pushed.extra.pop("text") == relay.extra["text"]
     for r in rows:
         r.extra.pop("text", None)
     return rows
 
 
-def _wan_rows(model_name, boot, prompt, new, d, push, local_tps, quant, log) -> list[Row]:
+def _wan_rows(
+    model_name, boot, prompt, new, d, push, local_tps, quant, log, direct=True
+) -> list[Row]:
+    """Plain and speculative greedy rows (direct=False: plain only, the client on libp2p)."""
     from petals_like.model import DistributedModelForCausalLM
     from petals_like.router import RouterConfig
 
     rows, plain = [], None
-    name = "wan-push" if push else "wan"
+    name = ("wan-push" if push else "wan") + ("" if direct else "-libp2p")
+    config = RouterConfig(push=push, direct=direct)
     with DistributedModelForCausalLM.from_pretrained(
-        model_name, boot, compression="none", link_delay=d, router_config=RouterConfig(push=push)
+        model_name, boot, compression="none", link_delay=d, router_config=config
     ) as model:
         model.generate(prompt, max_new_tokens=2, stop_on_eos=False)  # routes and dials
-        for spec in (None, "ngram"):
+        for spec in (None, "ngram") if direct else (None,):
             out = model.generate(prompt, max_new_tokens=new, stop_on_eos=False, speculative=spec)
             st = model.last_stats
             toks = out[0, len(prompt) :].tolist()
@@ -207,7 +218,10 @@ def _wan_rows(model_name, boot, prompt, new, d, push, local_tps, quant, log) -> 
                     extra=extra,
                 )
             )
-            log(f"{d * 1000:.0f} ms one way, push {push}, speculative {spec}: {tps:.2f} tok/s")
+            log(
+                f"{d * 1000:.0f} ms one way, push {push}, direct {direct}, speculative {spec}: "
+                f"{tps:.2f} tok/s"
+            )
     return rows
 
 
@@ -396,6 +410,15 @@ def bench(args: argparse.Namespace, progress: Progress) -> None:
         print(json.dumps({**out, "failovers": failovers, "cpus": os.cpu_count()}))
 
 
+WAN_KEYS = {  # row name -> its figures' prefix in the JSON summary
+    "wan": "wan_plain",
+    "wan+ngram": "wan_speculative",
+    "wan-push": "wan_push",
+    "wan-push+ngram": "wan_push_speculative",
+    "wan-push-libp2p": "wan_push_libp2p",
+}
+
+
 def summary(rows: list[Row], failovers: list[dict]) -> dict:
     """The headline figures under names that say what they are (fp32 weights, no codec; the
     WAN rows with the weights they ran, `wan_weights`)."""
@@ -411,18 +434,16 @@ def summary(rows: list[Row], failovers: list[dict]) -> dict:
         elif r.name in ("swarm", "swarm-libp2p"):
             key = r.name.replace("-", "_")
             out[f"{key}_tokens_per_s"], out[f"{key}_vs_local"] = r.tokens_per_s, r.vs_local
-        elif r.name in ("wan", "wan+ngram", "wan-push", "wan-push+ngram"):
-            key = {
-                "wan": "wan_plain",
-                "wan+ngram": "wan_speculative",
-                "wan-push": "wan_push",
-                "wan-push+ngram": "wan_push_speculative",
-            }[r.name]
+        elif r.name in WAN_KEYS:
+            key = WAN_KEYS[r.name]
             out[f"{key}_tokens_per_s"] = r.tokens_per_s
+            out[f"{key}_first_token_ms"] = r.first_token_ms
             if "of_bound_with_compute" in r.extra:
                 out[f"{key}_of_bound_with_compute"] = r.extra["of_bound_with_compute"]
             if "same_text_as_relay" in r.extra:
                 out["wan_push_same_text_as_relay"] = r.extra["same_text_as_relay"]
+            if "same_text_as_direct" in r.extra:
+                out["wan_push_libp2p_same_text"] = r.extra["same_text_as_direct"]
             out["wan_link_delay_ms"] = r.link_delay_ms
             if "tokens_per_round_trip" in r.extra:
                 out[f"{key}_tokens_per_round_trip"] = r.extra["tokens_per_round_trip"]
