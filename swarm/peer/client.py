@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -34,6 +35,11 @@ DIAL_TIMEOUT = 5.0  # seconds to reach a peer at its announced addrs (through re
 MAX_DIAL_ADDRS = 8  # most announced addrs tried per peer
 REDIAL_AFTER = 5.0  # seconds a successful dial is trusted before the next call dials again
 MAX_PREFETCH = 16  # tickets asked for ahead at once (prefetch_tickets)
+# Direct-channel connections kept per peer once their stream ended, and for how long they are
+# reused (the peer keeps them direct.IDLE_TIMEOUT s).
+IDLE_PER_PEER = 2
+CLOSE_LINGER = 1.0  # seconds a closed session's stream waits for the peer's end of it
+IDLE_REUSE_S = direct.IDLE_TIMEOUT / 3
 PREFETCH_TIMEOUT = 10.0
 
 
@@ -104,6 +110,8 @@ class PeerClient:
         self.direct_streams = 0  # streams opened on direct channels (benchmarks, tests)
         self.direct_refusals = 0  # direct channels that failed or refused us (refused())
         self._prefetching: dict[str, asyncio.Task] = {}  # peer id -> its ticket being fetched
+        self._idle: dict[str, list[direct.Connection]] = {}  # peer id -> connections to reuse
+        self.direct_connections = 0  # TCP connections opened for them (benchmarks, tests)
 
     async def _with_adapter(
         self, peer: PeerID, adapter: AdapterPayload | None, call: Callable[[Any], Awaitable[T]]
@@ -154,13 +162,28 @@ class PeerClient:
         was served, and the caller calls refused(peer) and opens again (then on libp2p)."""
         key = peer.to_base58()
         if self.direct_reachable(peer) is not None:
+            while (idle := self._take_idle(key)) is not None:
+                try:  # a connection whose last stream ended cleanly: no handshake
+                    reader, writer = idle.next_stream(name)
+                except ConnectionError:
+                    idle.close()
+                    continue
+                self.direct_streams += 1
+                return reader, writer
             try:
                 ticket = await self._ticket(peer, timeout)
                 wait = min(timeout / 2, direct.CONNECT_TIMEOUT)  # leave libp2p its half
                 reader, writer = await direct.connect(
-                    self.direct[key], ticket, name, wait, wait=False, link=self.link
+                    self.direct[key],
+                    ticket,
+                    name,
+                    wait,
+                    wait=False,
+                    link=self.link,
+                    on_idle=functools.partial(self._keep_idle, key),
                 )
                 self.direct_streams += 1
+                self.direct_connections += 1
                 return reader, writer
             except (SwarmError, *TRANSPORT_ERRORS) as e:  # ChannelBroken is a ConnectionError
                 self.refused(peer, e)
@@ -176,8 +199,29 @@ class PeerClient:
             return None
         return host
 
+    def _keep_idle(self, key: str, connection: direct.Connection) -> None:
+        """Keep a connection whose stream ended cleanly for the peer's next stream."""
+        idle = self._idle.setdefault(key, [])
+        idle.append(connection)
+        while len(idle) > IDLE_PER_PEER:
+            idle.pop(0).close()
+
+    def _take_idle(self, key: str) -> direct.Connection | None:
+        """The newest idle connection to the peer still fresh (IDLE_REUSE_S), or None."""
+        idle = self._idle.get(key, [])
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and connection.idle_since > time.monotonic() - IDLE_REUSE_S:
+                return connection
+            connection.close()
+        return None
+
     def refused(self, peer: PeerID, error: BaseException) -> None:
-        """`peer`'s direct channel failed or refused us: libp2p for direct.DIRECT_RETRY_S."""
+        """`peer`'s direct channel failed or refused us: libp2p for direct.DIRECT_RETRY_S. An
+        idle connection found closed (ChannelStale) only costs a new one."""
+        if isinstance(error, direct.ChannelStale):
+            logger.debug("idle direct connection to %s was closed: opening a new one", peer)
+            return
         key = peer.to_base58()
         self._tickets.pop(key, None)
         self._direct_down[key] = time.monotonic() + direct.DIRECT_RETRY_S
@@ -583,6 +627,7 @@ class InferenceStream:
         self._responses = None
         self._replies: asyncio.Queue = asyncio.Queue()  # filled by _read, in stream order
         self._reader: asyncio.Task | None = None
+        self._writer = None  # the stream's, once open
         self._next_step = 0  # the id of the coming step
         self._watched = -1  # the step whose push failure watch_push() reports
         self._lock = asyncio.Lock()
@@ -622,11 +667,13 @@ class InferenceStream:
         except BaseException as e:
             self._replies.put_nowait(e)
 
-    async def _exchange(self, request: peer_pb2.InferenceRequest, timeout: float):
+    async def _exchange(self, request: peer_pb2.InferenceRequest, timeout: float, end=False):
         if self.closed:
             raise PeerUnavailable(f"the session on peer {self.peer} is closed")
         await self.client.link.send(request.ByteSize())
         self._queue.put_nowait(request)
+        if end:
+            self._queue.put_nowait(None)
         try:
             async with asyncio.timeout(timeout):  # not wait_for: no task per step
                 reply = await self._replies.get()
@@ -664,6 +711,7 @@ class InferenceStream:
         name = PeerHandler._get_handle_name(None, "rpc_inference")
         try:
             reader, writer = await self.client.open_stream(self.peer, name, timeout)
+            self._writer = writer
             self._responses = streams.stream_over(
                 reader, writer, name, self.peer, self._requests(), peer_pb2.Part, PART_MESSAGE_BYTES
             )
@@ -742,18 +790,25 @@ class InferenceStream:
             return
         async with self._lock:
             t0 = time.monotonic()
+            ended = False
             with contextlib.suppress(SwarmError):
                 close = peer_pb2.CloseSession(session_id=self.session_id)
-                await self._exchange(peer_pb2.InferenceRequest(close=close), timeout)
+                # Our request stream ends with the close (the peer then ends its own at once).
+                await self._exchange(peer_pb2.InferenceRequest(close=close), timeout, end=True)
+                ended = True
             logger.debug("closed session on %s in %.3f s", self.peer, time.monotonic() - t0)
-            await self._shutdown()
+            await self._shutdown(CLOSE_LINGER if ended else 0.0)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, linger: float = 0.0) -> None:
+        """End the stream. linger: seconds to wait for the peer's end of it first (a direct
+        channel's connection is then reused for the next stream)."""
         if self.closed:
             return
         self.closed = True
         self._queue.put_nowait(None)  # ends our request stream after the peer has replied
         await asyncio.sleep(0)
+        if linger and self._reader is not None and isinstance(self._writer, direct.SealedWriter):
+            await asyncio.wait({self._reader}, timeout=linger)
         if self._reader is not None:
             self._reader.cancel()
         if self._responses is not None:

@@ -18,6 +18,11 @@ no more, where waiting would add a second. A refused hello is closed without a b
 client's first read then raises ChannelRefused, nothing was served, and the caller sends again
 over libp2p (swarm.peer.client, swarm.peer.push).
 
+A connection carries streams one after another (Connection): a stream ends with a sealed END
+record each way, and the client may open the next one on it with a sealed NEXT record naming
+the handler, so only a peer's first stream pays the TCP handshake. Control records set their
+header's top bit and are sealed with _CONTROL_AAD, so the bit cannot be flipped unnoticed.
+
 A client falls back to libp2p for DIRECT_RETRY_S when a peer's channel fails to open.
 Used by swarm.peer.handler (serving), swarm.peer.client and swarm.peer.push (dialling).
 """
@@ -45,7 +50,7 @@ from swarm.link import NO_LINK, Link
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"SWD1"
+MAGIC = b"SWD2"
 ID_BYTES, NONCE_BYTES, SECRET_BYTES = 16, 16, 32
 TAG_BYTES = 16
 MAX_NAME = 255
@@ -65,6 +70,14 @@ MAX_PENDING = 32
 CONNECT_TIMEOUT = 2.0  # to connect and hear the hello answered; then libp2p is tried
 DIRECT_RETRY_S = 60.0  # a peer whose channel failed is reached over libp2p this long
 _OK = b"ok"
+# Control records (their header's top bit set; sealed with _CONTROL_AAD, so that flipping the
+# bit fails authentication): a stream's END, and NEXT + a handler name on an idle connection.
+CONTROL_BIT = 1 << 31
+MAX_CONTROL = 1 + MAX_NAME
+_CONTROL_AAD = b"control"
+_END, _NEXT = b"E", b"N"
+IDLE_TIMEOUT = 60.0  # seconds a peer keeps an idle connection for a next stream
+DRAIN_BYTES = 1 << 20  # what a peer skips of a stream its handler stopped reading, to its END
 
 # A stream handler as hivemind's binary ones: (info with .peer_id, reader, writer).
 Handle = Callable[[object, object, object], Awaitable[None]]
@@ -76,6 +89,11 @@ class ChannelBroken(ConnectionError):
 
 class ChannelRefused(ChannelBroken):
     """The peer closed the connection before it accepted the hello: nothing was served."""
+
+
+class ChannelStale(ChannelRefused):
+    """An idle connection opened again had been closed by the peer: nothing was served (open a
+    new connection; the channel itself is fine)."""
 
 
 def _keys(secret: bytes, nonce: bytes) -> tuple[AESGCM, AESGCM]:
@@ -92,73 +110,152 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class SealedWriter:
-    """An asyncio.StreamWriter's interface over AES-GCM records: each write seals its bytes."""
+class _Sealer:
+    """One direction of a connection, outwards: records numbered across all its streams."""
 
     def __init__(self, writer: asyncio.StreamWriter, aead: AESGCM):
-        self._w, self._aead, self._count = writer, aead, 0
+        self.w, self._aead, self._count = writer, aead, 0
+
+    def seal(self, data: bytes, control: bool = False) -> None:
+        nonce = self._count.to_bytes(12, "big")
+        self._count += 1
+        sealed = self._aead.encrypt(nonce, data, _CONTROL_AAD if control else None)
+        header = len(sealed) | (CONTROL_BIT if control else 0)
+        self.w.write(header.to_bytes(4, "big") + sealed)
+
+
+class _Opener:
+    """One direction of a connection, inwards: (control?, plaintext) of each record in turn."""
+
+    def __init__(self, reader: asyncio.StreamReader, aead: AESGCM):
+        self._r, self._aead, self._count = reader, aead, 0
+        self.broken = False  # a read was cut between a header and its body: not reusable
+
+    async def record(self) -> tuple[bool, bytes] | None:
+        """The next record, or None where the connection ended between records."""
+        try:
+            return await self._record()
+        except ChannelBroken:
+            self.broken = True  # the connection is dropped, whoever reads it
+            raise
+
+    async def _record(self) -> tuple[bool, bytes] | None:
+        try:
+            header = await self._r.readexactly(4)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise ChannelBroken("the direct channel ended inside a record") from None
+            return None
+        raw = int.from_bytes(header, "big")
+        control, length = bool(raw & CONTROL_BIT), raw & ~CONTROL_BIT
+        limit = (MAX_CONTROL if control else MAX_RECORD) + TAG_BYTES
+        if not TAG_BYTES <= length <= limit:
+            raise ChannelBroken(f"a direct-channel record of {length} bytes (limit {limit})")
+        try:
+            sealed = await self._r.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise ChannelBroken("the direct channel ended inside a record") from None
+        except asyncio.CancelledError:
+            self.broken = True
+            raise
+        nonce = self._count.to_bytes(12, "big")
+        self._count += 1
+        try:
+            plain = self._aead.decrypt(nonce, sealed, _CONTROL_AAD if control else None)
+        except InvalidTag:
+            raise ChannelBroken("a direct-channel record failed authentication") from None
+        return control, plain
+
+
+class SealedWriter:
+    """An asyncio.StreamWriter's interface over AES-GCM records: each write seals its bytes.
+
+    One stream of a connection: close() ends the stream with an END record (the connection may
+    carry another one, Connection), or closes the connection when it cannot."""
+
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter | None,
+        aead: AESGCM | None = None,
+        connection: Connection | None = None,
+    ):
+        self.connection = connection
+        self._sealer = connection.sealer if connection is not None else _Sealer(writer, aead)
+        self._w = self._sealer.w
+        self._closed = False
 
     def write(self, data: bytes) -> None:
+        if self._closed:
+            raise ConnectionResetError("the direct-channel stream is closed")
         view = memoryview(data)
         for i in range(0, max(len(view), 1), MAX_RECORD):
-            nonce = self._count.to_bytes(12, "big")
-            self._count += 1
-            sealed = self._aead.encrypt(nonce, bytes(view[i : i + MAX_RECORD]), None)
-            self._w.write(len(sealed).to_bytes(4, "big") + sealed)
+            self._sealer.seal(bytes(view[i : i + MAX_RECORD]))
 
     async def drain(self) -> None:
         await self._w.drain()
 
     def close(self) -> None:
-        self._w.close()
+        if self._closed:
+            return
+        self._closed = True
+        if self.connection is None:
+            self._w.close()
+        else:
+            self.connection.stream_closed()
 
     def is_closing(self) -> bool:
-        return self._w.is_closing()
+        return self._closed or self._w.is_closing()
 
     async def wait_closed(self) -> None:
-        await self._w.wait_closed()
+        if self.connection is None or self.connection.closed:
+            await self._w.wait_closed()
 
     def get_extra_info(self, name: str, default=None):
         return self._w.get_extra_info(name, default)
 
 
 class SealedReader:
-    """An asyncio.StreamReader's interface (readexactly, read) over AES-GCM records."""
+    """An asyncio.StreamReader's interface (readexactly, read) over AES-GCM records: one
+    stream of a connection, which ends at the other side's END record (or the connection's)."""
 
-    def __init__(self, reader: asyncio.StreamReader, aead: AESGCM, accepted: bool = True):
-        self._r, self._aead, self._count = reader, aead, 0
+    def __init__(
+        self,
+        reader: asyncio.StreamReader | None,
+        aead: AESGCM | None = None,
+        accepted: bool = True,
+        opener: _Opener | None = None,
+        reused: bool = False,
+    ):
+        self._opener = opener if opener is not None else _Opener(reader, aead)
         self._buf = bytearray()
         self._eof = False
+        self.ended = False  # the other side ended this stream with END (the connection lives)
         self._accepted = accepted  # False: the first record must be the hello's answer
+        self._reused = reused  # a stream on a connection that carried one: may be stale
+        self._seen = False  # any record of this stream came
 
     async def _record(self) -> bool:
-        """Read and open one record into the buffer; False at the end of the connection."""
+        """Read and open one record into the buffer; False at the end of the stream."""
         try:
-            header = await self._r.readexactly(4)
-        except asyncio.IncompleteReadError as e:
-            if e.partial:
-                raise ChannelBroken("the direct channel ended inside a record") from None
+            got = await self._opener.record()
+        except ConnectionResetError:  # a refused hello whose first message was left unread
+            got = None
+            if self._accepted and not (self._reused and not self._seen):
+                raise
+        if got is None:
             if not self._accepted:
-                raise ChannelRefused("the peer's direct channel refused the hello") from None
+                raise ChannelRefused("the peer's direct channel refused the hello")
+            if self._reused and not self._seen:
+                raise ChannelStale("the peer closed the idle direct-channel connection")
             self._eof = True
             return False
-        except ConnectionResetError:  # a refused hello whose first message was left unread
-            if not self._accepted:
-                raise ChannelRefused("the peer's direct channel refused the hello") from None
-            raise
-        length = int.from_bytes(header, "big")
-        if not TAG_BYTES <= length <= MAX_RECORD + TAG_BYTES:
-            raise ChannelBroken(f"a direct-channel record of {length} bytes (limit {MAX_RECORD})")
-        try:
-            sealed = await self._r.readexactly(length)
-        except asyncio.IncompleteReadError:
-            raise ChannelBroken("the direct channel ended inside a record") from None
-        nonce = self._count.to_bytes(12, "big")
-        self._count += 1
-        try:
-            plain = self._aead.decrypt(nonce, sealed, None)
-        except InvalidTag:
-            raise ChannelBroken("a direct-channel record failed authentication") from None
+        self._seen = True
+        control, plain = got
+        if control:
+            if plain[:1] != _END or self._eof:
+                raise ChannelBroken(f"an unexpected direct-channel control record {plain[:1]!r}")
+            self._eof = self.ended = True
+            return False
         if not self._accepted:
             if plain != _OK:
                 raise ChannelBroken("the peer's direct channel did not accept the hello")
@@ -166,6 +263,12 @@ class SealedReader:
             return True
         self._buf += plain
         return True
+
+    async def accepted(self) -> None:
+        """Return once the hello's answer came; raise ChannelRefused if the peer refused it."""
+        while not self._accepted:
+            if not await self._record():
+                raise ChannelRefused("the peer's direct channel refused the hello")
 
     async def readexactly(self, n: int) -> bytes:
         while len(self._buf) < n:
@@ -177,12 +280,6 @@ class SealedReader:
         del self._buf[:n]
         return data
 
-    async def accepted(self) -> None:
-        """Return once the hello's answer came; raise ChannelRefused if the peer refused it."""
-        while not self._accepted:
-            if not await self._record():
-                raise ChannelRefused("the peer's direct channel refused the hello")
-
     async def read(self, n: int = -1) -> bytes:
         while not self._buf and not self._eof:
             await self._record()
@@ -190,6 +287,85 @@ class SealedReader:
         data = bytes(self._buf[:n])
         del self._buf[:n]
         return data
+
+    async def to_end(self, max_bytes: int) -> bool:
+        """Skip what is left of the stream up to its END record: True if it came (within
+        `max_bytes` of data), False if the connection ended or went on too long."""
+        left = max_bytes - len(self._buf)
+        self._buf.clear()
+        while not self._eof:
+            if not await self._record():
+                break
+            left -= len(self._buf)
+            self._buf.clear()
+            if left < 0:
+                return False
+        return self.ended
+
+
+class Connection:
+    """One TCP connection of the direct channel, which carries streams one after another: a
+    stream ends with an END record each way, and the client may then open the next one with a
+    NEXT record naming its handler, saving the TCP handshake (a round trip over a WAN).
+
+    The client side gives a connection back for reuse (`on_idle`) only when both sides ended
+    their stream with END; a stream cut short closes it."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        send: AESGCM,
+        receive: AESGCM,
+        on_idle: Callable[[Connection], None] | None = None,
+        client: bool = True,
+    ):
+        self.sealer, self.opener = _Sealer(writer, send), _Opener(reader, receive)
+        self._writer = writer
+        self.on_idle, self.client = on_idle, client
+        self.closed = False
+        self.streams = 0  # streams opened on it
+        self._reader: SealedReader | None = None  # the current stream's
+        self.idle_since = 0.0
+
+    def stream(self, accepted: bool = True) -> tuple[SealedReader, SealedWriter]:
+        reused = self.streams > 0
+        self.streams += 1
+        self._reader = SealedReader(None, accepted=accepted, opener=self.opener, reused=reused)
+        return self._reader, SealedWriter(None, connection=self)
+
+    def next_stream(self, name: str) -> tuple[SealedReader, SealedWriter]:
+        """The next stream, to handler `name` (the connection is idle); raises ConnectionError
+        if it closed. Its first read raises ChannelStale if the peer had closed it meanwhile."""
+        if self.closed or self._writer.is_closing():
+            raise ChannelStale("the idle direct-channel connection is closed")
+        self.sealer.seal(_NEXT + name.encode(), control=True)
+        return self.stream()
+
+    def stream_closed(self) -> None:
+        """The current stream's writer closed: END it; reusable if the other side ended too."""
+        if self.closed:
+            return
+        if self.opener.broken:  # a bad record came: the connection goes at once
+            self.close()
+            return
+        reader = self._reader
+        try:
+            self.sealer.seal(_END, control=True)
+        except Exception:
+            self.close()
+            return
+        if not self.client:
+            return  # the peer waits for the client's END, then for its NEXT (DirectServer)
+        if reader is not None and reader.ended and not self.opener.broken and self.on_idle:
+            self.idle_since = time.monotonic()
+            self.on_idle(self)
+        else:  # nobody to reuse it, or a stream cut short (the peer may still be sending)
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self._writer.close()
 
 
 class _Ticket:
@@ -210,6 +386,7 @@ class DirectServer:
         self._tickets: OrderedDict[bytes, _Ticket] = OrderedDict()
         self._connections: set[asyncio.Task] = set()
         self._pending = 0  # connections yet to say their hello
+        self.streams_served = 0  # streams after a connection's first (reuse; tests)
 
     async def start(self, host: str, port: int = 0) -> int:
         self._server = await asyncio.start_server(self._serve, host, port)
@@ -270,15 +447,35 @@ class DirectServer:
                 return
             ticket.nonces.add(nonce)
             c2s, s2c = _keys(ticket.secret, nonce)
-            sealed_writer = SealedWriter(writer, s2c)
-            sealed_writer.write(_OK)
+            conn = Connection(reader, writer, s2c, c2s, client=False)
+            conn.sealer.seal(_OK)
             info = types.SimpleNamespace(peer_id=ticket.client)
-            await self.handlers[name](info, SealedReader(reader, c2s), sealed_writer)
-        except ChannelBroken as e:
-            logger.debug("direct channel dropped a connection: %s", e)
+            while (name := await self._stream(conn, name, info)) is not None:
+                self.streams_served += 1
+        except (ChannelBroken, TimeoutError, RuntimeError) as e:
+            logger.debug("direct channel dropped a connection: %r", e)
         finally:
             self._connections.discard(task)
             writer.close()
+
+    async def _stream(self, conn: Connection, name: str, info) -> str | None:
+        """Serve one stream of `conn` with handler `name`; the next stream's handler name, or
+        None when the connection is to close (the client went, idled, or misbehaved)."""
+        reader, writer = conn.stream()
+        await self.handlers[name](info, reader, writer)
+        writer.close()  # our END (the handler's own close sent it already)
+        if conn.closed:
+            return None
+        await asyncio.sleep(0)  # the handler's cancelled read lets go of the socket's reader
+        async with asyncio.timeout(HELLO_TIMEOUT):
+            if not await reader.to_end(DRAIN_BYTES):
+                return None
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            got = await conn.opener.record()
+        if got is None or not got[0] or got[1][:1] != _NEXT:
+            return None
+        name = got[1][1:].decode("utf-8", "replace")
+        return name if name in self.handlers else None
 
     async def close(self) -> None:
         if self._server is not None:
@@ -296,11 +493,14 @@ async def connect(
     timeout: float = CONNECT_TIMEOUT,
     wait: bool = True,
     link: Link = NO_LINK,
+    on_idle: Callable[[Connection], None] | None = None,
 ) -> tuple[SealedReader, SealedWriter]:
     """Open a direct-channel stream to handler `name`, or raise (ConnectionError, TimeoutError,
     ChannelBroken). wait: return once the peer answered the hello; else at once, and a refusal
     raises ChannelRefused at the first read. link: an emulated link (--link-delay) also delays
-    the TCP handshake, a round trip the kernel makes."""
+    the TCP handshake, a round trip the kernel makes. on_idle: gets the connection once the
+    stream ended cleanly on both sides (Connection.next_stream opens the next one); without
+    it, the stream's end closes the connection."""
     raw = name.encode()
     if len(raw) > MAX_NAME:
         raise BadRequest(f"stream name {name[:32]!r}... is too long")
@@ -314,10 +514,11 @@ async def connect(
             _nodelay(writer)
             writer.write(MAGIC + ticket.ticket_id + nonce + bytes([len(raw)]) + raw)
             c2s, s2c = _keys(ticket.secret, nonce)
-            sealed_reader = SealedReader(reader, s2c, accepted=False)
+            conn = Connection(reader, writer, c2s, s2c, on_idle)
+            sealed_reader, sealed_writer = conn.stream(accepted=False)
             if wait:
                 await sealed_reader.accepted()
         except BaseException:
             writer.close()
             raise
-    return sealed_reader, SealedWriter(writer, c2s)
+    return sealed_reader, sealed_writer

@@ -96,6 +96,10 @@ def test_scenario_direct_channel_text_equals_libp2p(swarm, tiny_model_dir, local
             texts[direct], pushed = generate(model)
             opened[direct] = model.router.client.direct_streams
             assert len(model.last_stats.route) == 3 and not model.last_stats.failovers
+            if direct:  # a second generation's streams go on the first one's connections
+                assert generate(model) == (texts[direct], pushed)
+                assert model.router.client.direct_streams == 6
+                assert model.router.client.direct_connections == 3
         assert pushed == NEW - 1
     assert texts[True] == texts[False] == want
     assert opened == {True: 3, False: 0}  # one inference stream per hop

@@ -156,6 +156,11 @@ async def test_tampered_replayed_or_oversized_records_drop_the_connection():
             "replayed": lambda aead: record(aead, 0, frame),
             "oversized": lambda aead: (2**32 - 1).to_bytes(4, "big"),
             "too short": lambda aead: (3).to_bytes(4, "big") + b"abc",
+            # A data record passed off as a control one (the header's bit is not sealed, but
+            # a control record's seal covers it).
+            "control bit": lambda aead: (
+                bytes([record(aead, 0, frame)[0] | 0x80]) + record(aead, 0, frame)[1:]
+            ),
         }.items():
             reader, writer, c2s = await opened()
             if what == "replayed":  # the first copy is answered, the second drops the connection
@@ -185,11 +190,14 @@ async def test_sealed_records_hide_and_guard_what_they_carry():
     writer.write(b"second")
     assert plain[:32] not in wire and len(wire) == len(plain) + 6 + 2 * (4 + direct.TAG_BYTES)
 
-    def reader_of(data: bytes) -> direct.SealedReader:
+    def raw_of(data: bytes) -> asyncio.StreamReader:
         raw = asyncio.StreamReader()
         raw.feed_data(data)
         raw.feed_eof()
-        return direct.SealedReader(raw, c2s)
+        return raw
+
+    def reader_of(data: bytes) -> direct.SealedReader:
+        return direct.SealedReader(raw_of(data), c2s)
 
     r = reader_of(bytes(wire))
     assert await r.readexactly(len(plain) + 6) == plain + b"second"
@@ -198,7 +206,7 @@ async def test_sealed_records_hide_and_guard_what_they_carry():
     # The other direction's key, or a cut record, is refused.
     _, s2c = direct._keys(secret, nonce)
     with pytest.raises(direct.ChannelBroken, match="authentication"):
-        await direct.SealedReader(reader_of(bytes(wire))._r, s2c).readexactly(1)
+        await direct.SealedReader(raw_of(bytes(wire)), s2c).readexactly(1)
     with pytest.raises(direct.ChannelBroken, match="inside a record"):
         await reader_of(bytes(wire[:20])).readexactly(1)
 
@@ -278,3 +286,54 @@ async def test_an_emulated_link_delays_the_tcp_handshake():
         )
         assert 0.1 <= loop.time() - t0 < 1.0
         writer.close()
+
+
+async def _echo_on(reader, writer, parts) -> list:
+    replies = streams.stream_over(
+        reader, writer, "echo", PeerID(b"server"), _aiter(parts), peer_pb2.Part, 4 * MIB
+    )
+    return [r async for r in replies]
+
+
+@pytest.mark.timeout(60)
+async def test_a_connection_carries_streams_one_after_another():
+    """A stream that ended cleanly both ways gives its connection back (on_idle), and the next
+    stream goes on it (NEXT record): no TCP handshake, the same keys, numbers going on."""
+    async with EchoServer() as s:
+        ticket = s.server.ticket(ALICE)
+        idle: list = []
+        parts = [peer_pb2.Part(data=os.urandom(n), index=0, count=1) for n in (10, 3 * MIB // 2)]
+        reader, writer = await direct.connect(
+            "127.0.0.1", ticket, "echo", wait=False, on_idle=idle.append
+        )
+        assert await _echo_on(reader, writer, parts) == parts
+        assert idle == [writer.connection] and not writer.connection.closed
+        for _ in range(2):
+            reader, writer = idle.pop().next_stream("echo")
+            assert await _echo_on(reader, writer, parts[:1]) == parts[:1]
+        assert idle == [writer.connection] and writer.connection.streams == 3
+        assert s.server.streams_served == 2 and s.callers == [ALICE] * 3
+        writer.connection.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_stream_cut_short_closes_its_connection_and_an_idle_one_goes_stale(monkeypatch):
+    async with EchoServer() as s:
+        ticket = s.server.ticket(ALICE)
+        idle: list = []
+        part = peer_pb2.Part(data=b"x", index=0, count=1)
+        # Cut short: the client closes before the peer ended the stream. Not reused.
+        reader, writer = await direct.connect("127.0.0.1", ticket, "echo", on_idle=idle.append)
+        await streams.send(part, writer)
+        assert await streams.receive(reader, peer_pb2.Part, MIB) == part
+        writer.close()
+        assert idle == [] and writer.connection.closed
+        # An idle connection the peer closed meanwhile: the next stream's first read says so.
+        monkeypatch.setattr(direct, "IDLE_TIMEOUT", 0.2)
+        reader, writer = await direct.connect("127.0.0.1", ticket, "echo", on_idle=idle.append)
+        assert await _echo_on(reader, writer, [part]) == [part]
+        await asyncio.sleep(0.6)
+        with pytest.raises(direct.ChannelStale):
+            reader, writer = idle.pop().next_stream("echo")
+            await _echo_on(reader, writer, [part])
+        assert await s.echo(ticket, [part]) == [part]  # the server serves on
