@@ -11,11 +11,14 @@ and with both fixed the training scenarios pass on uvloop (9 of 9 under a CPU bu
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from swarm.threads import serial_executor
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -51,6 +54,17 @@ def run(main: Coroutine[Any, Any, T], default: str = "uvloop") -> T:
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def quiet(what: str) -> Callable[[asyncio.Future], None]:
+    """A done-callback for a background task nobody awaits: its failure is logged at DEBUG (as
+    `what`), not as "Task exception was never retrieved"."""
+
+    def done(task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("%s failed: %r", what, task.exception())
+
+    return done
 
 
 async def within(aw: Awaitable[T], timeout: float | None) -> T:

@@ -121,9 +121,9 @@ class Announcer:
         """Each announce period, time the peers serving block `end` (Petals' next-hop pings).
 
         `fetch` reads the swarm's records; the span is the one last announced online. The
-        nearest WARM_NEXT_HOPS of those that answered get their direct-channel tickets asked
-        for, and are passed to `warm` (the push streams to open ahead), so that a session's
-        first push waits for neither.
+        nearest WARM_NEXT_HOPS of those that answered go to `warm` (the push streams to open
+        ahead, with their direct-channel tickets), so that a session's first push waits for
+        neither.
         """
         while True:
             end, measured = self._online_end, {}
@@ -131,10 +131,8 @@ class Announcer:
                 if end is not None and end < self.entry.num_blocks:  # the last span has no next hop
                     peers = pings.next_hop_peers(await fetch(), end, self.peer_id)
                     measured = await pings.measure_next_pings(client, peers)
-                    nearest = sorted(measured, key=measured.get)[:WARM_NEXT_HOPS]
-                    client.prefetch_tickets(nearest)
                     if warm is not None:
-                        warm(nearest)
+                        warm(sorted(measured, key=measured.get)[:WARM_NEXT_HOPS])
                 self.next_pings, self.pings_end = measured, end
             except Exception:
                 logger.exception("measuring next-hop pings failed; retrying next period")

@@ -21,7 +21,7 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from proto import peer_pb2, tensor_pb2
 from swarm.errors import AdapterMissing, BadRequest, PeerTimeout, PeerUnavailable, SwarmError
 from swarm.link import NO_LINK, Link
-from swarm.loops import within
+from swarm.loops import quiet, within
 from swarm.model.lora import AdapterPayload, BlockTensors
 from swarm.peer import direct, streams, wire
 from swarm.peer.handler import PART_MESSAGE_BYTES, PeerHandler
@@ -38,8 +38,8 @@ MAX_PREFETCH = 16  # tickets asked for ahead at once (prefetch_tickets)
 # Direct-channel connections kept per peer once their stream ended, and for how long they are
 # reused (the peer keeps them direct.IDLE_TIMEOUT s).
 IDLE_PER_PEER = 2
-CLOSE_LINGER = 1.0  # seconds a closed session's stream waits for the peer's end of it
 IDLE_REUSE_S = direct.IDLE_TIMEOUT / 3
+CLOSE_LINGER = 1.0  # seconds a closed session's stream waits for the peer's end of it
 PREFETCH_TIMEOUT = 10.0
 
 
@@ -244,12 +244,8 @@ class PeerClient:
                 return
             task = asyncio.ensure_future(self._ticket(peer, PREFETCH_TIMEOUT))
             self._prefetching[key] = task
-            task.add_done_callback(lambda t, k=key: self._prefetched(k, t))
-
-    def _prefetched(self, key: str, task: asyncio.Task) -> None:
-        self._prefetching.pop(key, None)
-        if not task.cancelled() and task.exception() is not None:
-            logger.debug("prefetching the ticket of %s failed: %r", key, task.exception())
+            task.add_done_callback(lambda _, k=key: self._prefetching.pop(k, None))
+            task.add_done_callback(quiet(f"prefetching the ticket of {key}"))
 
     async def _ticket(self, peer: PeerID, timeout: float) -> peer_pb2.DirectTicket:
         """A ticket to the peer's direct channel: the one held while it lasts, else a new one."""
@@ -619,18 +615,23 @@ class InferenceStream:
         self.first, self.last, self.max_length, self.batch_size = first, last, max_length, batch
         self.session_id = session_id or uuid.uuid4().hex
         self.length = 0  # positions the peer's cache holds
-        self.closed = False
         self.supports_push = False  # the peer said so when the session opened
         # Set when the peer reports that pushing a step's output to the next hop failed.
         self.push_failed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._new_stream()
+        self._next_step = 0  # the id of the coming step
+        self._watched = -1  # the step whose push failure watch_push() reports
+        self._lock = asyncio.Lock()
+
+    def _new_stream(self) -> None:
+        """The state of the stream under the session (a fresh one: at first, and when a direct
+        channel refused the first and the session opens on libp2p)."""
+        self.closed = False
         self._queue: asyncio.Queue = asyncio.Queue()
         self._responses = None
         self._replies: asyncio.Queue = asyncio.Queue()  # filled by _read, in stream order
         self._reader: asyncio.Task | None = None
         self._writer = None  # the stream's, once open
-        self._next_step = 0  # the id of the coming step
-        self._watched = -1  # the step whose push failure watch_push() reports
-        self._lock = asyncio.Lock()
 
     async def _requests(self) -> AsyncIterator[peer_pb2.Part]:
         while (msg := await self._queue.get()) is not None:
@@ -700,9 +701,7 @@ class InferenceStream:
             await self._open_once(timeout, adapter, prev_peer)
         except direct.ChannelRefused as e:  # the direct channel refused our hello (a stale
             self.client.refused(self.peer, e)  # ticket: the peer restarted): libp2p
-            self.closed = False
-            self._queue, self._replies = asyncio.Queue(), asyncio.Queue()
-            self._responses = self._reader = None
+            self._new_stream()
             await self._open_once(timeout, adapter, prev_peer)
 
     async def _open_once(

@@ -129,7 +129,8 @@ class _Opener:
 
     def __init__(self, reader: asyncio.StreamReader, aead: AESGCM):
         self._r, self._aead, self._count = reader, aead, 0
-        self.broken = False  # a read was cut between a header and its body: not reusable
+        # A bad record came, or a read was cut between a header and its body: not reusable.
+        self.broken = False
 
     async def record(self) -> tuple[bool, bytes] | None:
         """The next record, or None where the connection ended between records."""
@@ -236,16 +237,19 @@ class SealedReader:
 
     async def _record(self) -> bool:
         """Read and open one record into the buffer; False at the end of the stream."""
+        # Until the peer's first record, it may not have taken this stream: a refused hello, or
+        # an idle connection it had closed (then a reset means the same: our message was unread).
+        unconfirmed = not self._accepted or (self._reused and not self._seen)
         try:
             got = await self._opener.record()
-        except ConnectionResetError:  # a refused hello whose first message was left unread
-            got = None
-            if self._accepted and not (self._reused and not self._seen):
+        except ConnectionResetError:
+            if not unconfirmed:
                 raise
+            got = None
         if got is None:
             if not self._accepted:
                 raise ChannelRefused("the peer's direct channel refused the hello")
-            if self._reused and not self._seen:
+            if unconfirmed:
                 raise ChannelStale("the peer closed the idle direct-channel connection")
             self._eof = True
             return False
@@ -357,7 +361,7 @@ class Connection:
             return
         if not self.client:
             return  # the peer waits for the client's END, then for its NEXT (DirectServer)
-        if reader is not None and reader.ended and not self.opener.broken and self.on_idle:
+        if reader is not None and reader.ended and self.on_idle is not None:
             self.idle_since = time.monotonic()
             self.on_idle(self)
         else:  # nobody to reuse it, or a stream cut short (the peer may still be sending)
@@ -452,7 +456,7 @@ class DirectServer:
             info = types.SimpleNamespace(peer_id=ticket.client)
             while (name := await self._stream(conn, name, info)) is not None:
                 self.streams_served += 1
-        except (ChannelBroken, TimeoutError, RuntimeError) as e:
+        except (ChannelBroken, TimeoutError) as e:
             logger.debug("direct channel dropped a connection: %r", e)
         finally:
             self._connections.discard(task)
@@ -466,7 +470,6 @@ class DirectServer:
         writer.close()  # our END (the handler's own close sent it already)
         if conn.closed:
             return None
-        await asyncio.sleep(0)  # the handler's cancelled read lets go of the socket's reader
         async with asyncio.timeout(HELLO_TIMEOUT):
             if not await reader.to_end(DRAIN_BYTES):
                 return None

@@ -22,7 +22,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from proto import peer_pb2
 from swarm.errors import BadRequest, PeerUnavailable, SessionExpired
 from swarm.link import Link
-from swarm.loops import within
+from swarm.loops import quiet, within
 from swarm.peer import streams, wire
 from swarm.peer.direct import ChannelRefused, SealedWriter
 
@@ -286,7 +286,7 @@ class Pushes:
             channel = PushChannel(self._open, peer, self.stream_name, ahead=True)
             self._channels[peer] = channel
             task = asyncio.ensure_future(channel.open(self._timeout()))
-            task.add_done_callback(_quiet)
+            task.add_done_callback(quiet("opening a push stream ahead"))
 
     async def _open(self, peer: PeerID, name: str):
         if self.opener is not None:
@@ -315,9 +315,3 @@ class Pushes:
                 e = PeerUnavailable(f"the next hop did not take the push: {type(e).__name__}: {e}")
             return wire.error_to_wire(e)
         return None
-
-
-def _quiet(task: asyncio.Task) -> None:
-    """A background open's outcome: a failure is logged, and the first push opens again."""
-    if not task.cancelled() and task.exception() is not None:
-        logger.debug("opening a push stream ahead failed: %r", task.exception())

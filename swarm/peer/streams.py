@@ -103,20 +103,15 @@ def stream_server(
                     ended = request is None
             except Exception:
                 logger.warning("error while receiving on %s", name, exc_info=True)
-            finally:  # also when cancelled (the peer shuts down): the read in flight goes too
-                processing.cancel()
-                if receiving is not None:
+            finally:  # also when cancelled (the peer shuts down): the read in flight goes too,
+                processing.cancel()  # and lets go of the reader (a direct channel's next stream
+                if receiving is not None:  # reads it); its failure is seen, not logged
                     receiving.cancel()
-                    receiving.add_done_callback(_retrieve)
+                    await asyncio.wait({receiving})
+                    if not receiving.cancelled():
+                        receiving.exception()
 
     return handle
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    """Mark a task's outcome as seen, so a read that failed as the handler ended is not logged
-    as "Task exception was never retrieved"."""
-    if not task.cancelled():
-        task.exception()
 
 
 def frame(msg: Message, error: bool = False) -> bytes:

@@ -188,6 +188,14 @@ def _push_msg(session_id: str, x: torch.Tensor, position: int) -> peer_pb2.PushS
     )
 
 
+async def _push_and_step(pushes: Pushes, peer, pushed, plain, x: torch.Tensor, pos: int) -> None:
+    """Push `x` (position `pos`) into session `pushed`, then step it: its output is that of the
+    same step sent to session `plain`, bit for bit."""
+    await pushes.start(peer, _push_msg(pushed.session_id, x, pos))
+    got = await pushed.step(x, pos, timeout=10, pushed=True)
+    assert torch.equal(got, await plain.step(x, pos, timeout=10))
+
+
 async def _stream_pushes(swarm: Swarm, target: str) -> None:
     """The session's client pushes each step's input on one push stream, then steps it: the
     outputs are a plain session's, bit for bit; a foreign peer's pushes on its own push stream
@@ -207,10 +215,7 @@ async def _stream_pushes(swarm: Swarm, target: str) -> None:
     try:
         x = torch.randn(1, 4, 64)
         for pos in range(3):
-            await mine.start(peer, _push_msg(pushed.session_id, x[:, pos : pos + 1], pos))
-            got = await pushed.step(x[:, pos : pos + 1], pos, timeout=10, pushed=True)
-            want = await plain.step(x[:, pos : pos + 1], pos, timeout=10)
-            assert torch.equal(got, want)
+            await _push_and_step(mine, peer, pushed, plain, x[:, pos : pos + 1], pos)
         # The three went on one stream, none unary.
         assert list(mine._channels) == [peer] and mine._channels[peer].ready
         assert not mine._unary_only
@@ -223,9 +228,7 @@ async def _stream_pushes(swarm: Swarm, target: str) -> None:
         with pytest.raises(BadRequest, match="not the previous hop"):
             await old.start(peer, _push_msg(pushed.session_id, x[:, 3:], 3))
         assert peer in old._unary_only and not old._channels[peer].ready
-        await mine.start(peer, _push_msg(pushed.session_id, x[:, 3:], 3))
-        out = await pushed.step(x[:, 3:], 3, timeout=10, pushed=True)
-        assert torch.equal(out, await plain.step(x[:, 3:], 3, timeout=10))
+        await _push_and_step(mine, peer, pushed, plain, x[:, 3:], 3)
     finally:
         for p in (mine, theirs, old):
             p.close()
@@ -260,10 +263,7 @@ async def _warm_push(swarm: Swarm, target: str) -> None:
                 await asyncio.sleep(0.01)
         pushes.warm([target])  # one stream per next hop: an open one is kept
         assert pushes._channels[peer] is channel
-        x = torch.randn(1, 1, 64)
-        await pushes.start(peer, _push_msg(pushed.session_id, x, 0))
-        got = await pushed.step(x, 0, timeout=10, pushed=True)
-        assert torch.equal(got, await plain.step(x, 0, timeout=10))
+        await _push_and_step(pushes, peer, pushed, plain, torch.randn(1, 1, 64), 0)
         assert pushes._channels[peer] is channel and channel.ready  # the push went on it
     finally:
         pushes.close()
@@ -305,9 +305,7 @@ async def _refused_push(swarm: Swarm, target: str) -> None:
     try:
         x = torch.randn(1, 3, 64)
         for pos in range(3):
-            await pushes.start(peer, _push_msg(pushed.session_id, x[:, pos : pos + 1], pos))
-            got = await pushed.step(x[:, pos : pos + 1], pos, timeout=10, pushed=True)
-            assert torch.equal(got, await plain.step(x[:, pos : pos + 1], pos, timeout=10))
+            await _push_and_step(pushes, peer, pushed, plain, x[:, pos : pos + 1], pos)
         # The first push's stream was refused at its first read; it went again on libp2p.
         assert client.direct_streams == 3 and client.direct_refusals == 1
         assert target in client._direct_down and pushes._channels[peer].ready

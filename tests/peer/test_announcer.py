@@ -6,6 +6,7 @@ Tests swarm/peer/announcer.py in one process: two DHTs, the second answering pin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from functools import partial
 
 import hivemind
@@ -42,9 +43,23 @@ def dhts():
     first.shutdown()
 
 
-def announcer(dht: hivemind.DHT, prefix: str) -> Announcer:
+def announcer(dht: hivemind.DHT, prefix: str, config: PeerConfig = CONFIG) -> Announcer:
     entry = ModelEntry(prefix, num_blocks=6, hidden_size=64)
-    return Announcer(dht, CONFIG, entry, dht.peer_id.to_base58(), ["/ip4/127.0.0.1/tcp/9"])
+    return Announcer(dht, config, entry, dht.peer_id.to_base58(), ["/ip4/127.0.0.1/tcp/9"])
+
+
+@contextlib.asynccontextmanager
+async def serving_3_6(p2p, model_dir, prefix: str):
+    """A real handler for blocks 3:6 on `p2p`: it answers pings (an `info` call)."""
+    worker = ComputeWorker()
+    backend = SpanBackend(load_span(str(model_dir), 3, 6, progress=False))
+    handler = PeerHandler(backend, worker, CacheBudget(0), CONFIG, prefix)
+    await handler.add_p2p_handlers(p2p)
+    try:
+        yield handler
+    finally:
+        await handler.remove_p2p_handlers(p2p)
+        worker.stop()
 
 
 async def until(predicate, timeout: float = 10.0):
@@ -109,36 +124,31 @@ async def test_next_hop_pings_go_into_records_of_that_span(dhts, tiny_model_dir)
     first, second = dhts
     prefix = "pinged"
     p2p_a, p2p_b = await first.replicate_p2p(), await second.replicate_p2p()
-    # The second peer serves blocks 3:6 and answers pings (an `info` call) with a real handler.
-    worker = ComputeWorker()
-    backend = SpanBackend(load_span(str(tiny_model_dir), 3, 6, progress=False))
-    handler = PeerHandler(backend, worker, CacheBudget(0), CONFIG, prefix)
-    await handler.add_p2p_handlers(p2p_b)
     a, b = announcer(first, prefix), announcer(second, prefix)
     fetch_a = partial(fetch_swarm_async, first, prefix, 6)
     fetch_b = partial(fetch_swarm_async, second, prefix, 6)
     tasks = []
-    try:
-        await b.announce(b.record("online", 3, 6, SPEED, 0))
-        await a.announce(a.record("online", 0, 3, SPEED, 0))
-        warmed: list[list[str]] = []  # the next hops whose push streams a peer opens ahead
-        tasks.append(asyncio.create_task(a.ping_loop(PeerClient(p2p_a), fetch_a, warmed.append)))
-        tasks.append(asyncio.create_task(b.ping_loop(PeerClient(p2p_b), fetch_b)))
+    async with serving_3_6(p2p_b, tiny_model_dir, prefix):  # the second peer serves 3:6
+        try:
+            await b.announce(b.record("online", 3, 6, SPEED, 0))
+            await a.announce(a.record("online", 0, 3, SPEED, 0))
+            warmed: list[list[str]] = []  # the next hops whose push streams a peer opens ahead
+            loop_a = a.ping_loop(PeerClient(p2p_a), fetch_a, warmed.append)
+            tasks.append(asyncio.create_task(loop_a))
+            tasks.append(asyncio.create_task(b.ping_loop(PeerClient(p2p_b), fetch_b)))
 
-        async def pinged():
-            return b.peer_id in a.record("online", 0, 3, SPEED, 0).next_pings
+            async def pinged():
+                return b.peer_id in a.record("online", 0, 3, SPEED, 0).next_pings
 
-        await until(pinged)
-        assert 0 < a.record("online", 0, 3, SPEED, 0).next_pings[b.peer_id] < 2.0
-        assert [b.peer_id] in warmed
-        assert a.record("joining", 1, 4, SPEED, 0).next_pings == {}  # not yet timed for 4
-        assert b.pings_end == 6 and b.record("online", 3, 6, SPEED, 0).next_pings == {}
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await handler.remove_p2p_handlers(p2p_b)
-        worker.stop()
+            await until(pinged)
+            assert 0 < a.record("online", 0, 3, SPEED, 0).next_pings[b.peer_id] < 2.0
+            assert [b.peer_id] in warmed
+            assert a.record("joining", 1, 4, SPEED, 0).next_pings == {}  # not yet timed for 4
+            assert b.pings_end == 6 and b.record("online", 3, 6, SPEED, 0).next_pings == {}
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_a_next_hop_that_starts_later_is_found_before_the_next_period(dhts, tiny_model_dir):
@@ -150,31 +160,24 @@ async def test_a_next_hop_that_starts_later_is_found_before_the_next_period(dhts
     first, second = dhts
     prefix = "late-next-hop"
     p2p_a, p2p_b = await first.replicate_p2p(), await second.replicate_p2p()
-    worker = ComputeWorker()
-    backend = SpanBackend(load_span(str(tiny_model_dir), 3, 6, progress=False))
-    handler = PeerHandler(backend, worker, CacheBudget(0), CONFIG, prefix)
-    await handler.add_p2p_handlers(p2p_b)
-    entry = ModelEntry(prefix, num_blocks=6, hidden_size=64)
     slow = PeerConfig(announce_period=60.0, dht_timeout=5.0, quant="int8")  # records last 120 s
-    a = Announcer(first, slow, entry, first.peer_id.to_base58(), ["/ip4/127.0.0.1/tcp/9"])
-    b = Announcer(second, slow, entry, second.peer_id.to_base58(), ["/ip4/127.0.0.1/tcp/9"])
+    a, b = announcer(first, prefix, slow), announcer(second, prefix, slow)
     warmed: list[list[str]] = []
     fetch_a = partial(fetch_swarm_async, first, prefix, 6)
     task = None
-    try:
-        await a.announce(a.record("online", 0, 3, SPEED, 0))
-        task = asyncio.create_task(a.ping_loop(PeerClient(p2p_a), fetch_a, warmed.append))
-        await asyncio.sleep(1.0)  # its first look found no next hop
-        assert warmed == [[]]
-        await b.announce(b.record("online", 3, 6, SPEED, 0))
+    async with serving_3_6(p2p_b, tiny_model_dir, prefix):
+        try:
+            await a.announce(a.record("online", 0, 3, SPEED, 0))
+            task = asyncio.create_task(a.ping_loop(PeerClient(p2p_a), fetch_a, warmed.append))
+            await asyncio.sleep(1.0)  # its first look found no next hop
+            assert warmed == [[]]
+            await b.announce(b.record("online", 3, 6, SPEED, 0))
 
-        async def found():
-            return [b.peer_id] in warmed
+            async def found():
+                return [b.peer_id] in warmed
 
-        await until(found, NO_NEXT_HOP_RETRY + 8.0)
-    finally:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await handler.remove_p2p_handlers(p2p_b)
-        worker.stop()
+            await until(found, NO_NEXT_HOP_RETRY + 8.0)
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
