@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from swarm.errors import BadRequest
 
@@ -33,14 +35,25 @@ class Link:
     def emulated(self) -> bool:
         return self.delay > 0 or self.bandwidth_mbps > 0
 
-    async def send(self, nbytes: int) -> None:
-        """Wait as long as sending `nbytes` over this link takes, queueing and delay included."""
+    def send(self, nbytes: int) -> Coroutine[Any, Any, None]:
+        """Send `nbytes` now: awaiting the result waits until they have arrived (queueing and
+        delay included). The uplink is taken at the call, not at the await, so a message sent
+        first arrives first even if its sender gets to wait later (a push ahead of a reply)."""
         if not self.emulated:
-            return
+            return _arrived()
         now = time.monotonic()
         wire_s = nbytes * 8 / (self.bandwidth_mbps * 1e6) if self.bandwidth_mbps else 0.0
         self._free_at = max(now, self._free_at) + wire_s
-        await asyncio.sleep(self._free_at - now + self.delay)
+        return _until(self._free_at + self.delay)
+
+
+async def _arrived() -> None:
+    return None
+
+
+async def _until(deadline: float) -> None:
+    """Sleep until time.monotonic() reaches `deadline` (the event loop's clock too)."""
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
 
 NO_LINK = Link()

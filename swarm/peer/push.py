@@ -224,8 +224,8 @@ class Pushes:
         channel = self._channels.get(peer)
         if channel is not None and channel.ready and not self.link.emulated:
             reply = self._or_again(peer, msg, channel.wait(channel.send(msg), self._timeout()))
-        else:
-            reply = self._send(peer, msg)
+        else:  # an emulated link's time starts now, ahead of the reply to the client
+            reply = self._send(peer, msg, arrival=self.link.send(msg.ByteSize()))
         return asyncio.ensure_future(self._checked(peer, reply))
 
     def _timeout(self) -> float:
@@ -248,11 +248,13 @@ class Pushes:
             return await self._send(peer, msg, again=False)
 
     async def _send(
-        self, peer: PeerID, msg: peer_pb2.PushStep, again: bool = True
+        self, peer: PeerID, msg: peer_pb2.PushStep, again: bool = True, arrival=None
     ) -> peer_pb2.PushResponse:
+        """Push `msg` on a stream (opened if need be) or unary; arrival: the emulated link's
+        send of it, already under way (Link.send), else it is sent now."""
+        await (self.link.send(msg.ByteSize()) if arrival is None else arrival)
         if self.p2p is None:
             raise PeerUnavailable("this peer has no P2P to push through")
-        await self.link.send(msg.ByteSize())
         if not self.stream_name or peer in self._unary_only:
             return await self._unary(peer, msg)
         channel = self._channels.get(peer)
