@@ -6,6 +6,7 @@ has started a team.
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,36 @@ import torch
 
 from swarm import loops
 from swarm.threads import in_own_thread, serial_executor, serial_torch
+
+# In a fresh process allowed 2 CPUs: pin_team on a thread with a team of `threads` (argv[1]);
+# the CPUs it returned, each thread's allowed CPUs after a parallel op, and the CPUs used.
+PIN_PROBE = textwrap.dedent(
+    """
+    import json, os, sys, threading
+    import torch
+    from swarm.threads import pin_team
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(int(sys.argv[1]))
+    out = {"cpus": cpus}
+
+    def main():
+        out["pinned"] = pin_team()
+        out["before"] = len(os.listdir("/proc/self/task"))
+        (torch.randn(1 << 22) * 2.0).sum()  # a parallel op: on the pinned team
+        out["after"] = len(os.listdir("/proc/self/task"))
+        out["me"] = sorted(os.sched_getaffinity(0))
+        out["threads"] = {
+            t: sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")
+        }
+
+    t = threading.Thread(target=main)
+    t.start()
+    t.join()
+    out["main"] = sorted(os.sched_getaffinity(0))
+    print(json.dumps(out))
+    """
+)
 
 # In a fresh process: the OS threads added by a parallel op on a serial thread, on a plain one,
 # and left once a plain thread that ran one has exited.
@@ -126,3 +157,36 @@ def test_serial_torch_changes_only_the_calling_thread():
     t.join()
     assert box["n"] == 1
     assert torch.get_num_threads() == before
+
+
+def _pin_probe(threads: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PIN_PROBE, str(threads)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_pin_team_pins_a_team_that_spans_the_cpus_one_thread_per_cpu():
+    got = _pin_probe(2)
+    c0, c1 = got["cpus"]
+    assert got["pinned"] == [c0, c1]
+    assert got["me"] == [c0]  # the master: the calling thread
+    pinned = sorted(cpus for cpus in got["threads"].values() if len(cpus) == 1)
+    assert pinned == [[c0], [c1]], got  # the master and its one helper, nothing else
+    assert got["main"] == [c0, c1]  # other threads keep every CPU
+    assert got["after"] == got["before"], got  # torch's ops ran on the pinned team
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_pin_team_leaves_one_thread_and_a_team_unlike_the_cpus_alone(threads):
+    got = _pin_probe(threads)
+    assert got["pinned"] == []
+    assert all(cpus == got["cpus"] for cpus in got["threads"].values()), got

@@ -55,6 +55,14 @@ class PeerConfig:
             "machine should split its cores between them (oversubscribed threads spin)"
         },
     )
+    pin_threads: str = field(
+        default="auto",
+        metadata={
+            "choices": ("auto", "off"),
+            "help": "auto: a serving peer pins its compute threads one per CPU when they use "
+            "every CPU it may run on (not with --train); off: the OS places them",
+        },
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
     port: int = field(default=0, metadata={"help": "TCP port to listen on (0: any)"})
     direct_port: int = field(
@@ -243,6 +251,8 @@ class PeerConfig:
             raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
         if not 0 < self.max_lr <= 1:  # NaN fails too
             raise ValueError(f"--max-lr must be in (0, 1], got {self.max_lr}")
+        if self.pin_threads not in ("auto", "off"):
+            raise ValueError(f"--pin-threads must be auto or off, got {self.pin_threads!r}")
         if not 0 <= self.torch_threads <= 1024:
             raise ValueError(f"--torch-threads must be in 0..1024, got {self.torch_threads}")
         if self.num_blocks is not None and self.num_blocks <= 0:

@@ -15,6 +15,7 @@ from typing import Any
 
 from swarm import trace
 from swarm.peer.backend import SpanBackend, StepItem
+from swarm.threads import pin_team
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ class ComputeWorker:
     starves; steps run at once when no call waits), clients take turns within each kind, and
     tasks whose caller gave up are dropped unrun."""
 
-    def __init__(self, name: str = "swarm-compute"):
+    def __init__(self, name: str = "swarm-compute", pin: bool = False):
+        self.pin = pin  # pin the thread's OpenMP team one thread per CPU (swarm.threads.pin_team)
+        self.pinned: list[int] = []  # the CPUs it was pinned to
         self._steps = _Turns()
         self._calls = _Turns()
         self._cv = threading.Condition()
@@ -167,6 +170,10 @@ class ComputeWorker:
             return [self._calls.pop_next()]
 
     def _run(self) -> None:
+        if self.pin:
+            self.pinned = pin_team()
+            if self.pinned:
+                logger.info("compute threads pinned to CPUs %s", self.pinned)
         while (batch := self._take()) is not None:
             try:
                 if batch[0].step is not None:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -132,3 +135,37 @@ def test_identity_keeps_peer_id_across_restart(tiny_model_dir, peer_factory, tmp
     assert second.peer_id == peer_id
     other = peer_factory("join", "--model", str(tiny_model_dir), "--stage", "0:6")
     assert other.peer_id != peer_id  # without the key file, a fresh identity
+
+
+def _single_cpu_threads(pid: int) -> list[list[int]]:
+    """The allowed CPUs of each thread of process `pid` that may run on one CPU only."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        cpus = sorted(os.sched_getaffinity(int(tid)))
+        if len(cpus) == 1:
+            out.append(cpus)
+    return sorted(out)
+
+
+@pytest.mark.timeout(300)
+def test_a_serving_peer_pins_its_compute_threads_one_per_cpu_unless_told_not_to(
+    tiny_model_dir, peer_factory
+):
+    cpus = sorted(os.sched_getaffinity(0))
+    threads = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    if len(cpus) < 2 or int(threads.stdout) != len(cpus):
+        pytest.skip("a peer's default team does not span this machine's CPUs")
+    args = ["join", "--model", str(tiny_model_dir), "--stage", "0:6"]
+    pinned = peer_factory(*args)
+    free = peer_factory(*args, "--pin-threads", "off", "--initial-peers", *pinned.wait_maddrs())
+    for peer in (pinned, free):
+        peer.wait_log("serving blocks", 120)
+    pinned.wait_log("compute threads pinned to CPUs", 10)
+    assert _single_cpu_threads(pinned.pid) == [[c] for c in cpus]  # its team, nothing else
+    assert _single_cpu_threads(free.pid) == []
