@@ -102,8 +102,9 @@ def pin_team() -> list[int]:
     Intel's). Why: a peer computes in bursts after idle waits, and the kernel wakes its team's
     threads onto one CPU (wake-affine) while the other stays idle, so the two time-slice one
     core; teams of several peers on one machine thrash each other's spinning barriers. On this
-    project's 2-core box, 3 SmolLM2 peers, pushed steps (a probe, 4 runs): 4.4-4.8 ms per hop
-    over local unpinned, 3.5-3.7 pinned; two chains at once 355-420 ms a step, 101-106 pinned.
+    project's 2-core box, 3 SmolLM2 peers, pushed steps (alternating runs), a hop's cost over
+    its blocks run locally: 4.4-5.8 ms unpinned, 3.5-3.7 pinned; two chains stepping at once:
+    355-420 ms a step unpinned, 101-120 pinned.
     """
     lib = _openmp()
     allowed = sorted(os.sched_getaffinity(0))
