@@ -148,7 +148,7 @@ def _single_cpu_threads(pid: int) -> list[list[int]]:
 
 
 @pytest.mark.timeout(300)
-def test_a_serving_peer_pins_its_compute_threads_one_per_cpu_unless_told_not_to(
+def test_scenario_a_serving_peer_pins_its_compute_threads_one_per_cpu_unless_told_not_to(
     tiny_model_dir, peer_factory
 ):
     cpus = sorted(os.sched_getaffinity(0))
