@@ -248,7 +248,11 @@ class Pushes:
             return await self._send(peer, msg, again=False)
 
     async def _send(
-        self, peer: PeerID, msg: peer_pb2.PushStep, again: bool = True, arrival=None
+        self,
+        peer: PeerID,
+        msg: peer_pb2.PushStep,
+        again: bool = True,
+        arrival: Awaitable[None] | None = None,
     ) -> peer_pb2.PushResponse:
         """Push `msg` on a stream (opened if need be) or unary; arrival: the emulated link's
         send of it, already under way (Link.send), else it is sent now."""

@@ -104,7 +104,6 @@ class ComputeWorker:
 
     def __init__(self, name: str = "swarm-compute", pin: bool = False):
         self.pin = pin  # pin the thread's OpenMP team one thread per CPU (swarm.threads.pin_team)
-        self.pinned: list[int] = []  # the CPUs it was pinned to
         self._steps = _Turns()
         self._calls = _Turns()
         self._cv = threading.Condition()
@@ -170,10 +169,8 @@ class ComputeWorker:
             return [self._calls.pop_next()]
 
     def _run(self) -> None:
-        if self.pin:
-            self.pinned = pin_team()
-            if self.pinned:
-                logger.info("compute threads pinned to CPUs %s", self.pinned)
+        if self.pin and (cpus := pin_team()):
+            logger.info("compute threads pinned to CPUs %s", cpus)
         while (batch := self._take()) is not None:
             try:
                 if batch[0].step is not None:
